@@ -1,0 +1,40 @@
+"""Latent datasets: WebDataset shards + ``stats.json``, a Lightning DataModule, and preparation tools.
+
+Layout and schema: see ``flowmap_lit/data/format.py``. Create a dataset with
+``python -m flowmap_lit.data.prepare {digits,images,array} ...`` (``prepare.py``) and read it
+with ``LatentDataModule(root=...)``; ``DigitsDataModule`` prepares the digits by itself.
+
+Names are imported lazily, so the preparation CLI does not pay for importing Lightning.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LatentDataModule": "datamodule", "DigitsDataModule": "digits",
+    "ShardError": "pipeline", "DataWarning": "pipeline",
+    "write_shards": "shards", "write_stats": "shards", "write_dataset": "shards",
+    "read_stats": "shards", "channel_stats": "shards", "ShardSink": "shards",
+    "prepare_digits": "prepare", "prepare_images": "prepare", "prepare_array": "prepare",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .datamodule import LatentDataModule
+    from .digits import DigitsDataModule
+    from .pipeline import DataWarning, ShardError
+    from .prepare import prepare_array, prepare_digits, prepare_images
+    from .shards import ShardSink, channel_stats, read_stats, write_dataset, write_shards, write_stats
+
+
+def __getattr__(name: str):
+    """Import the submodule that defines ``name`` on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,185 @@
+"""``LatentDataModule``: class-labelled latents from WebDataset shards (format in ``format.py``).
+
+Batches are dicts ``{"x": FloatTensor (B, C, H, W), "label": LongTensor (B,)}``; with
+``normalize=True`` (default) ``x`` is standardized per channel with the ``stats.json``
+statistics, and ``denormalize(x)`` maps model outputs back (e.g. before a VAE decoder).
+
+Training reads an endless, resampled stream; one "epoch" is
+``train_samples_per_epoch // world_size // batch_size`` batches on EVERY rank, so DDP
+ranks never wait on each other. Validation reads each sample exactly once across
+ranks x workers (ranks may get different batch counts), with deterministic posterior draws.
+"""
+
+import os
+from typing import Literal
+
+import lightning as L
+import torch
+import webdataset as wds
+
+from .format import shard_paths
+from .pipeline import Collate, Decode, ErrorPolicy, ShardList, Shuffle, TarSamples
+from .shards import read_stats
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Latent (or VAE-posterior) shards in ``root``; see the module docstring.
+
+    ``shape`` / ``num_classes`` / ``stats`` read ``stats.json`` lazily, so they work
+    before ``setup()`` (e.g. to size a network); ``setup()`` re-reads the file.
+    """
+
+    def __init__(
+        self,
+        root: str,                                       # shard directory holding stats.json; relative to the cwd
+        batch_size: int = 128,                           # training batch size per rank
+        val_batch_size: int | None = None,               # validation batch size per rank; None: batch_size
+        num_workers: int = 2,                            # DataLoader worker processes per rank (0: main process)
+        train_samples_per_epoch: int | None = None,      # samples per epoch over all ranks; None: train split size
+        shuffle_buffer: int = 1000,                      # shuffle buffer size in samples, per worker
+        seed: int = 0,                                   # base seed; streams derive from (seed, rank, worker, epoch)
+        normalize: bool = True,                          # standardize latents with the per-channel stats.json mean/std
+        expected_shape: list[int] | None = None,         # fail unless the data has this [C, H, W]
+        on_error: Literal["raise", "warn"] = "raise",    # bad shard/sample: raise a clear error, or warn and skip it
+        pin_memory: bool | None = None,                  # pin batches in page-locked memory; None: if CUDA is available
+        val_posterior: Literal["sample", "mean"] = "sample",  # validation posterior: draw seeded by key, or the mean
+        return_keys: bool = False,                       # also put the sample keys (list[str]) in batch["key"]
+        train_split: str = "train",                      # split name used for training
+        val_split: str = "val",                          # split name used for validation
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        if val_posterior not in ("sample", "mean"):
+            raise ValueError(f"val_posterior must be 'sample' or 'mean', got {val_posterior!r}")
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {val_batch_size}")
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.train_samples_per_epoch = num_workers, train_samples_per_epoch
+        self.shuffle_buffer, self.seed, self.normalize = shuffle_buffer, seed, normalize
+        self.expected_shape = None if expected_shape is None else tuple(int(s) for s in expected_shape)
+        self.on_error, self.val_posterior, self.return_keys = on_error, val_posterior, return_keys
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.train_split, self.val_split = train_split, val_split
+        self._stats: dict | None = None
+
+    # ----------------------------------------------------------------- statistics
+    def load_stats(self) -> dict:
+        """Read and check ``stats.json`` (no ``setup()`` needed); caches the result."""
+        return self._checked(read_stats(self.root))
+
+    def _checked(self, stats: dict) -> dict:
+        """Check ``stats`` against ``expected_shape`` and cache it."""
+        shape = tuple(stats["shape"])
+        if self.expected_shape is not None and shape != self.expected_shape:
+            raise ValueError(
+                f"{self.root}/stats.json says the latents have shape {list(shape)}, but expected_shape is "
+                f"{list(self.expected_shape)}: point data.init_args.root at the right dataset or fix expected_shape."
+            )
+        self._stats = stats
+        return stats
+
+    @property
+    def stats(self) -> dict:
+        """Contents of ``stats.json`` (read on first use)."""
+        return self._stats if self._stats is not None else self.load_stats()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Latent shape (C, H, W)."""
+        return tuple(self.stats["shape"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels."""
+        return int(self.stats["num_classes"])
+
+    def setup(self, stage: str | None = None) -> None:
+        """Re-read ``stats.json`` (``prepare_data`` may just have written it)."""
+        self.load_stats()
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo the per-channel normalization of (..., C, H, W) latents; identity if normalize=False."""
+        if not self.normalize:
+            return x
+        mean = torch.tensor(self.stats["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.stats["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return x * std + mean
+
+    # ---------------------------------------------------------------- pipelines
+    def _rank_info(self) -> tuple[int, int]:
+        """(global rank, world size): from the trainer if attached, else torch.distributed, else (0, 1)."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _start_epoch(self) -> int:
+        """Epoch the streams start counting at (the trainer's, so resumed runs see new data)."""
+        return int(self.trainer.current_epoch) if self.trainer is not None else 0
+
+    def _urls(self, split: str) -> list[str]:
+        """Shard paths of ``split`` listed in stats.json; a clear error if any is missing."""
+        splits = self.stats["splits"]
+        num_shards = int(splits.get(split, {}).get("num_shards", 0))
+        urls = shard_paths(self.root, split, num_shards)
+        missing = [u for u in urls if not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} shard(s) listed in {self.root}/stats.json are missing, e.g. {missing[0]}. "
+                f"Re-create the dataset: {self.stats.get('source') or 'python -m flowmap_lit.data.prepare ...'}"
+            )
+        return urls
+
+    def _decoder(self, policy: ErrorPolicy, noise: str, rank: int) -> Decode:
+        stats = self.stats
+        mean, std = (stats["mean"], stats["std"]) if self.normalize else (None, None)
+        return Decode(stats["kind"], tuple(stats["shape"]), policy, mean=mean, std=std, noise=noise,
+                      seed=self.seed, rank=rank, epoch=self._start_epoch())
+
+    def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
+        return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                             persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
+
+    def train_batches_per_epoch(self) -> int:
+        """Batches per training epoch on every rank (at least 1)."""
+        _, world_size = self._rank_info()
+        total = self.train_samples_per_epoch or int(self.stats["splits"][self.train_split]["num_samples"])
+        return max(1, total // world_size // self.batch_size)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        """Endless resampled stream cut into epochs of ``train_batches_per_epoch()`` batches."""
+        rank, world_size = self._rank_info()
+        urls = self._urls(self.train_split)
+        if not urls:
+            raise ValueError(f"{self.root}/stats.json lists no shards for split {self.train_split!r}")
+        policy = ErrorPolicy(self.on_error, urls, self.stats.get("source", ""))
+        epoch = self._start_epoch()
+        pipeline = wds.DataPipeline(
+            ShardList(urls, rank, world_size, resampled=True, seed=self.seed, epoch=epoch),
+            TarSamples(policy),
+            self._decoder(policy, "stream", rank),  # before the shuffle, so errors are counted in read order
+            Shuffle(self.shuffle_buffer, seed=self.seed, rank=rank, epoch=epoch),
+            wds.batched(self.batch_size, collation_fn=Collate(self.return_keys), partial=False),
+        )
+        num_batches = self.train_batches_per_epoch()
+        return self._loader(pipeline).with_epoch(num_batches).with_length(num_batches, silent=True)
+
+    def val_dataloader(self) -> wds.WebLoader | list:
+        """Every validation sample once across ranks x workers, in shard order; [] if no val split."""
+        rank, world_size = self._rank_info()
+        urls = self._urls(self.val_split)
+        if not urls:
+            return []
+        policy = ErrorPolicy(self.on_error, urls, self.stats.get("source", ""))
+        noise = "keyed" if self.val_posterior == "sample" else "mean"
+        pipeline = wds.DataPipeline(
+            ShardList(urls, rank, world_size, resampled=False),
+            TarSamples(policy),
+            self._decoder(policy, noise, rank),
+            wds.batched(self.val_batch_size, collation_fn=Collate(self.return_keys), partial=True),
+        )
+        return self._loader(pipeline)

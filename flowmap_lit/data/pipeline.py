@@ -1,0 +1,293 @@
+"""WebDataset pipeline stages for latent shards: shard lists, seeded shuffling, decoding.
+
+The stages are built from webdataset parts (``wds.DataPipeline``, its tar expander and
+key grouping with a ``handler=`` hook, ``batched``) rather than ``wds.WebDataset``, because
+every random choice must come from an RNG derived from ``(seed, rank, worker, epoch)``:
+``wds.WebDataset(resampled=True)`` seeds its shard sampler with the pid and the clock and
+takes the rank from ``torch.distributed``, so runs would not be reproducible and the rank
+could not come from the Lightning trainer. Python's tarfile also stops silently at a
+truncated header, so shards are checked for completeness before reading (``tar_problem``).
+
+Stages run inside DataLoader workers; each stage counts its own epochs (one ``__iter__`` /
+``__call__`` per epoch, persistent workers keep the counter).
+"""
+
+import io
+import os
+import random
+import warnings
+import zlib
+from typing import Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+_TAG_SHARDS, _TAG_SHUFFLE, _TAG_NOISE = 1, 2, 3  # keep the three RNG streams independent
+
+
+class ShardError(RuntimeError):
+    """A shard or one of its samples cannot be read (corrupt, truncated, wrong shape)."""
+
+
+class DataWarning(UserWarning):
+    """A bad shard or sample was skipped (``on_error="warn"``)."""
+
+
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def derive_seed(*ints: int) -> int:
+    """A 63-bit seed from a tuple of ints (numpy SeedSequence hashing; negatives wrap modulo 2**64)."""
+    return int(np.random.SeedSequence([int(i) % 2**64 for i in ints]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ErrorPolicy:
+    """What to do with a bad shard or sample: raise a ``ShardError`` or warn once per shard and skip.
+
+    ``handler`` is the webdataset exception hook (returns True = skip and continue);
+    ``sample_error`` is called by the decoder. After ``max_consecutive`` shards opened
+    without a single good sample, it raises even in "warn" mode (all shards bad: an endless
+    resampled stream would otherwise spin forever).
+    """
+
+    def __init__(
+        self,
+        mode: Literal["raise", "warn"],  # "raise": fail with a clear error; "warn": skip with a warning
+        urls: list[str],                 # shard paths, to name the bad one in messages
+        source: str = "",                # how the dataset was made (stats.json "source")
+        max_consecutive: int = 0,        # shards in a row without a good sample before giving up; 0: 4 * len(urls) + 16
+    ):
+        if mode not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {mode!r}")
+        self.mode, self.urls, self.source = mode, list(urls), source
+        self.max_consecutive = max_consecutive or 4 * len(urls) + 16
+        self._warned: set[str] = set()
+        self._shards_since_ok = 0
+
+    def fix(self) -> str:
+        """The advice appended to every error."""
+        how = f"`{self.source}`" if self.source else "`python -m flowmap_lit.data.prepare ...`"
+        return (f"Re-create the dataset (it was made with {how}), or set data.init_args.on_error=warn "
+                f"(LatentDataModule(on_error='warn')) to skip bad samples.")
+
+    def ok(self) -> None:
+        """A good sample arrived."""
+        self._shards_since_ok = 0
+
+    def opened(self, url: str) -> None:
+        """A shard is about to be read; give up if too many in a row yielded nothing good."""
+        self._shards_since_ok += 1
+        if self._shards_since_ok > self.max_consecutive:
+            raise ShardError(f"read {self._shards_since_ok - 1} shards in a row without a single good sample "
+                             f"(last: {url}); see the warnings above. {self.fix()}")
+
+    def _report(self, url: str, key: str | None, reason: str) -> None:
+        where = f"shard {url}" + (f", sample {key!r}" if key else "")
+        reason = reason.rstrip(". ")
+        if self.mode == "raise":
+            raise ShardError(f"Cannot read {where}: {reason}. {self.fix()}")
+        if url not in self._warned:  # once per shard (per worker process)
+            self._warned.add(url)
+            warnings.warn(f"Skipping bad data in {where}: {reason} (further errors in this shard are not reported)",
+                          DataWarning, stacklevel=2)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset ``handler=`` hook for tar-level errors (truncated or garbage tar files)."""
+        if isinstance(exn, ShardError):
+            raise exn
+        text = " ".join(str(a) for a in exn.args)
+        url = next((u for u in self.urls if u in text), "<unknown shard>")
+        reason = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        self._report(url, None, reason)
+        return True
+
+    def sample_error(self, url: str, key: str | None, reason: str) -> None:
+        """Report a bad shard (``key=None``) or a sample that cannot be decoded or has the wrong shape."""
+        self._report(url, key, reason)
+
+
+def tar_problem(path: str) -> str | None:
+    """Why the local file ``path`` is not a complete tar archive, or None if it looks complete.
+
+    Python's tarfile stops silently at a truncated header, so truncation is detected here:
+    a complete archive is a whole number of 512-byte blocks ending in two zero blocks.
+    """
+    if not os.path.isfile(path):
+        return None  # not a local file: let the opener report it
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return f"not a complete tar archive (truncated?): {size} bytes is not a whole number of 512-byte blocks"
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        if f.read(1024).strip(b"\0"):
+            return "not a complete tar archive (truncated?): it does not end with the end-of-archive marker"
+    return None
+
+
+class TarSamples:
+    """Stage ``{"url"} -> raw sample dicts`` (webdataset's tar expander and key grouping).
+
+    Checks each shard with ``tar_problem`` first; in "warn" mode a truncated shard is still
+    read, and its incomplete last sample is rejected by ``Decode``. Closes every file it opens.
+    """
+
+    def __init__(self, policy: ErrorPolicy):
+        self.policy = policy
+
+    def _open(self, src):
+        for item in src:
+            url = item["url"]
+            self.policy.opened(url)
+            problem = tar_problem(url)
+            if problem is not None:
+                self.policy.sample_error(url, None, problem)
+            try:
+                stream = open(url, "rb")
+            except OSError as exn:
+                self.policy.handler(exn)
+                continue
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    def __call__(self, src):
+        files = wds.tariterators.tar_file_expander(self._open(src), handler=self.policy.handler)
+        return wds.tariterators.group_by_keys(files, handler=self.policy.handler)
+
+
+class ShardList(IterableDataset):
+    """First pipeline stage: yields ``{"url": path}``.
+
+    ``resampled=True``: an endless stream of shards drawn with replacement, seeded by
+    (seed, rank, worker, epoch); every worker reads from all shards, so any number of
+    workers works. ``resampled=False``: each shard exactly once across ranks x workers
+    (``urls[rank::world_size][worker::num_workers]``); surplus workers get nothing.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],                 # shard paths
+        rank: int = 0,                   # global rank of this process
+        world_size: int = 1,             # number of ranks
+        resampled: bool = False,         # endless sampling with replacement (training)
+        seed: int = 0,                   # base seed
+        epoch: int = 0,                  # first epoch number (e.g. trainer.current_epoch on resume)
+    ):
+        super().__init__()
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.resampled, self.seed, self.epoch = resampled, seed, epoch
+
+    def __iter__(self):
+        worker, num_workers = worker_info()
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.resampled:
+            rng = random.Random(derive_seed(self.seed, self.rank, worker, epoch, _TAG_SHARDS))
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        for url in self.urls[self.rank :: self.world_size][worker::num_workers]:
+            yield {"url": url}
+
+
+class Shuffle:
+    """Shuffle buffer stage with an RNG seeded by (seed, rank, worker, epoch)."""
+
+    def __init__(self, bufsize: int, seed: int = 0, rank: int = 0, epoch: int = 0):
+        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, epoch
+
+    def __call__(self, src):
+        worker, _ = worker_info()
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rng = random.Random(derive_seed(self.seed, self.rank, worker, epoch, _TAG_SHUFFLE))
+        if self.bufsize <= 1:
+            yield from src
+        else:
+            yield from wds.filters._shuffle(src, self.bufsize, initial=self.bufsize, rng=rng)
+
+
+class Decode:
+    """Decode stage: raw tar sample -> ``(latent float32 C x H x W, label, key)``.
+
+    Posterior samples are drawn as ``mean + std * z``; ``noise`` chooses ``z``:
+    "stream": from an RNG seeded by (seed, rank, worker, epoch) (training);
+    "keyed": from an RNG seeded by (seed, crc32(key)), the same on every read and for any
+    number of ranks/workers (validation); "mean": z = 0.
+    """
+
+    def __init__(
+        self,
+        kind: str,                       # "latent" or "posterior" (stats.json)
+        shape: tuple[int, ...],          # expected (C, H, W)
+        policy: ErrorPolicy,             # what to do with bad samples
+        mean: list[float] | None = None, # per-channel mean to subtract; None: no normalization
+        std: list[float] | None = None,  # per-channel std to divide by
+        noise: Literal["stream", "keyed", "mean"] = "stream",  # posterior draw (see class doc)
+        seed: int = 0,                   # base seed
+        rank: int = 0,                   # global rank (for "stream" noise)
+        epoch: int = 0,                  # first epoch number
+    ):
+        self.kind, self.shape, self.policy, self.noise = kind, tuple(shape), policy, noise
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+        c = self.shape[0]
+        self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(c, 1, 1)
+        self.inv_std = None if std is None else (1.0 / np.asarray(std, np.float32)).reshape(c, 1, 1)
+
+    def _array(self, sample: dict, name: str) -> np.ndarray:
+        if name not in sample:
+            raise KeyError(f"member {name!r} missing (has {sorted(k for k in sample if not k.startswith('__'))})")
+        array = np.load(io.BytesIO(sample[name]), allow_pickle=False)
+        if array.shape != self.shape:
+            raise ValueError(f"{name} has shape {tuple(array.shape)} but stats.json says {self.shape}")
+        return array.astype(np.float32, copy=False)
+
+    def _decode(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, int, str]:
+        key = sample["__key__"]
+        if self.kind == "latent":
+            x = self._array(sample, "latent.npy")
+        else:
+            x, std = self._array(sample, "mean.npy"), self._array(sample, "std.npy")
+            if self.noise == "keyed":
+                rng = np.random.default_rng(derive_seed(self.seed, zlib.crc32(key.encode())))
+            if self.noise != "mean":
+                x = x + std * rng.standard_normal(self.shape, dtype=np.float32)
+        if "cls" not in sample:
+            raise KeyError("member 'cls' missing")
+        label = int(sample["cls"].decode("ascii").strip())
+        if self.mean is not None:
+            x = (x - self.mean) * self.inv_std
+        return np.ascontiguousarray(x, dtype=np.float32), label, key
+
+    def __call__(self, src):
+        worker, _ = worker_info()
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rng = np.random.default_rng(derive_seed(self.seed, self.rank, worker, epoch, _TAG_NOISE))
+        for sample in src:
+            try:
+                out = self._decode(sample, rng)
+            except Exception as exn:  # noqa: BLE001 - reported with shard and key by the policy
+                self.policy.sample_error(sample.get("__url__", "<unknown shard>"), sample.get("__key__"),
+                                         f"{type(exn).__name__}: {exn}")
+                continue
+            self.policy.ok()
+            yield out
+
+
+class Collate:
+    """Stack decoded samples into ``{"x": (B, C, H, W) float32, "label": (B,) int64}`` (+ ``"key"``)."""
+
+    def __init__(self, return_keys: bool = False):
+        self.return_keys = return_keys
+
+    def __call__(self, samples: list[tuple[np.ndarray, int, str]]) -> dict:
+        batch = {
+            "x": torch.from_numpy(np.stack([s[0] for s in samples])),
+            "label": torch.tensor([s[1] for s in samples], dtype=torch.int64),
+        }
+        if self.return_keys:
+            batch["key"] = [s[2] for s in samples]
+        return batch

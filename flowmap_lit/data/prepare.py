@@ -1,0 +1,223 @@
+"""Create latent datasets (format in ``format.py``): ``python -m flowmap_lit.data.prepare <source> ...``.
+
+Subcommands::
+
+    digits --out data/digits                          scikit-learn digits, 1 x 8 x 8 in [-1, 1], 1497/300
+    images --src DIR --out OUT --resolution R         DIR/<class>/<image>: center crop, resize, 3 x R x R in [-1, 1]
+    array  --src FILE.npz --out OUT                   x (N,C,H,W) + y (N,), or mean + std + y (VAE posterior)
+
+A new source is one ``add_<name>(subparsers)`` function appended to ``SUBCOMMANDS``,
+whose parser sets ``func`` to a function of the parsed arguments.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from .format import FORMAT_VERSION, PREPARE_CMD, STATS_FILE
+from .shards import ChannelStats, ShardSink, channel_stats, read_stats, remove_stale_shards, write_dataset, write_stats
+
+DIGITS_TRAIN, DIGITS_VAL = 1497, 300                      # fixed digits split (1797 images)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of a seeded permutation; both stay in permuted order so shards mix classes."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return perm[n_val:], perm[:n_val]
+
+
+# --------------------------------------------------------------------------- digits
+def digits_arrays(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn digits as ``{"train": (x, y), "val": (x, y)}``; x is (N, 1, 8, 8) float32 = pixels/8 - 1."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # [0, 16] -> [-1, 1]
+    y = digits.target.astype(np.int64)
+    train, val = split_indices(len(x), DIGITS_VAL / len(x), seed)
+    assert len(train) == DIGITS_TRAIN and len(val) == DIGITS_VAL
+    return {"train": (x[train], y[train]), "val": (x[val], y[val])}
+
+
+def digits_stats(
+    out_dir: str = "data/digits",        # dataset directory (only enters "source")
+    samples_per_shard: int = 750,        # as for prepare_digits
+    seed: int = 0,                       # as for prepare_digits
+) -> dict:
+    """The ``stats.json`` contents ``prepare_digits`` would write, computed in memory (nothing written)."""
+    arrays = digits_arrays(seed)
+    mean, std = channel_stats(arrays["train"][0])
+    splits = {k: {"num_samples": len(y), "num_shards": -(-len(y) // samples_per_shard)} for k, (_, y) in arrays.items()}
+    return {"format": FORMAT_VERSION, "shape": [1, 8, 8], "num_classes": 10, "kind": "latent", "mean": mean,
+            "std": std, "splits": splits, "source": f"{PREPARE_CMD} digits --out {out_dir}"}
+
+
+def prepare_digits(
+    out_dir: str = "data/digits",        # dataset directory to (over)write
+    samples_per_shard: int = 750,        # 750: 2 train shards + 1 val shard
+    seed: int = 0,                       # seed of the fixed train/val permutation
+) -> dict:
+    """Write the digits dataset (1497 train / 300 val, 10 classes) and return its stats."""
+    source = f"{PREPARE_CMD} digits --out {out_dir}"
+    return write_dataset(out_dir, digits_arrays(seed), 10, source, samples_per_shard)
+
+
+# --------------------------------------------------------------------------- images
+def load_image(path: str, resolution: int) -> np.ndarray:
+    """Image file -> (3, R, R) float32 in [-1, 1]: box-halve while >= 2R, bicubic resize, center crop."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        while min(img.size) >= 2 * resolution:
+            img = img.resize(tuple(s // 2 for s in img.size), resample=Image.Resampling.BOX)
+        scale = resolution / min(img.size)
+        img = img.resize(tuple(max(resolution, round(s * scale)) for s in img.size), resample=Image.Resampling.BICUBIC)
+        left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(img, dtype=np.float32)
+    return (array / 127.5 - 1.0).transpose(2, 0, 1).copy()
+
+
+def list_images(src: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(paths, labels, class names) of ``src/<class>/**/<image>``; labels follow sorted class names."""
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not classes:
+        raise ValueError(f"{src} has no class subfolders (expected {src}/<class>/<image>)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(os.path.join(src, name))):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(folder, f))
+                    labels.append(label)
+    if not paths:
+        raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} under {src}")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def prepare_images(
+    src: str,                            # folder of class subfolders of images
+    out_dir: str,                        # dataset directory to (over)write
+    resolution: int,                     # output side length R in pixels
+    samples_per_shard: int = 1000,       # samples per tar file
+    val_fraction: float = 0.1,           # fraction of images held out for validation
+    seed: int = 0,                       # seed of the train/val permutation
+    dtype: str = "float32",              # stored dtype: "float32" or "float16"
+) -> dict:
+    """Center-crop and resize every image, write shards (streaming) and stats; returns the stats."""
+    paths, labels, classes = list_images(src)
+    train, val = split_indices(len(paths), val_fraction, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, STATS_FILE)):
+        os.remove(os.path.join(out_dir, STATS_FILE))
+    acc, infos = ChannelStats(), {}
+    for split, indices in (("train", train), ("val", val)):
+        with ShardSink(out_dir, split, samples_per_shard) as sink:
+            for i in indices:
+                x = load_image(paths[i], resolution)
+                if split == "train":
+                    acc.update(x[None])
+                sink.write({"latent": x.astype(dtype)}, int(labels[i]))
+        remove_stale_shards(out_dir, split, keep=sink.num_shards)
+        infos[split] = sink.info
+    mean, std = acc.result()
+    source = f"{PREPARE_CMD} images --src {src} --out {out_dir} --resolution {resolution}"
+    write_stats(out_dir, shape=(3, resolution, resolution), num_classes=len(classes), kind="latent",
+                mean=mean, std=std, splits=infos, source=source)
+    return read_stats(out_dir)
+
+
+# --------------------------------------------------------------------------- arrays
+def prepare_array(
+    src: str,                            # .npz with x, y (or mean, std, y); optional x_val/mean_val/std_val/y_val
+    out_dir: str,                        # dataset directory to (over)write
+    samples_per_shard: int = 1000,       # samples per tar file
+    val_fraction: float = 0.1,           # held-out fraction when the file has no *_val arrays
+    seed: int = 0,                       # seed of the train/val permutation
+    dtype: str | None = None,            # stored dtype: "float32"/"float16"; None keeps the file's float dtype
+) -> dict:
+    """Write an .npz of latents (or VAE posteriors) as a dataset; returns the stats."""
+    with np.load(src, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    posterior = "mean" in data and "std" in data
+    if not ("y" in data and (posterior or "x" in data)):
+        raise ValueError(f"{src} must hold x (N,C,H,W) and y (N,), or mean, std and y; it has {sorted(data)}")
+
+    def latents(suffix: str, idx=slice(None)):
+        if posterior:
+            return data["mean" + suffix][idx], data["std" + suffix][idx]
+        return data["x" + suffix][idx]
+
+    if "y_val" in data:
+        splits = {"train": (latents(""), data["y"]), "val": (latents("_val"), data["y_val"])}
+    else:
+        train, val = split_indices(len(data["y"]), val_fraction, seed)
+        splits = {"train": (latents("", train), data["y"][train]), "val": (latents("", val), data["y"][val])}
+    if dtype is None:  # keep float16/float32; store anything else (e.g. float64) as float32
+        first = splits["train"][0][0] if posterior else splits["train"][0]
+        dtype = None if first.dtype in (np.float16, np.float32) else "float32"
+    labels = np.concatenate([splits["train"][1], splits["val"][1]]).astype(np.int64)
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    source = f"{PREPARE_CMD} array --src {src} --out {out_dir}"
+    return write_dataset(out_dir, splits, num_classes, source, samples_per_shard, dtype)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_digits(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("digits", help="scikit-learn 8x8 digits (ships with scikit-learn, no download)")
+    p.add_argument("--out", default="data/digits", help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=750, help="samples per tar shard")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fixed train/val split")
+    p.set_defaults(func=lambda a: prepare_digits(a.out, a.samples_per_shard, a.seed))
+
+
+def add_images(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("images", help="a folder of class subfolders of images (pixel-space, 3 x R x R)")
+    p.add_argument("--src", required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resolution", type=int, required=True, help="output side length in pixels")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype")
+    p.set_defaults(func=lambda a: prepare_images(a.src, a.out, a.resolution, a.samples_per_shard,
+                                                 a.val_fraction, a.seed, a.dtype))
+
+
+def add_array(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("array", help="an .npz with x, y (or mean, std, y) arrays")
+    p.add_argument("--src", required=True, help=".npz file: x (N,C,H,W) + y (N,), or mean + std + y; *_val optional")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction if there are no *_val arrays")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="stored dtype (default: keep)")
+    p.set_defaults(func=lambda a: prepare_array(a.src, a.out, a.samples_per_shard, a.val_fraction, a.seed, a.dtype))
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_images, add_array]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (default: sys.argv), prepare the dataset, print a summary, return its stats."""
+    parser = argparse.ArgumentParser(prog=PREPARE_CMD, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for add in SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    stats = args.func(args)
+    splits = ", ".join(f"{k}: {v['num_samples']} samples in {v['num_shards']} shards" for k, v in stats["splits"].items())
+    print(f"wrote {args.out}: {stats['kind']} {stats['shape']}, {stats['num_classes']} classes; {splits}")
+    return stats
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,264 @@
+"""Writing WebDataset latent shards and reading/writing ``stats.json`` (see ``format.py``).
+
+Example::
+
+    info = write_shards("data/toy", "train", x_train, y_train, samples_per_shard=1000)
+    mean, std = channel_stats(x_train)
+    write_stats("data/toy", shape=x_train.shape[1:], num_classes=10, kind="latent",
+                mean=mean, std=std, splits={"train": info}, source="my script")
+"""
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from .format import FORMAT_VERSION, KINDS, PREPARE_CMD, STATS_FILE, sample_key, shard_name
+
+Latents = np.ndarray | tuple[np.ndarray, np.ndarray]  # (N, C, H, W) array, or (means, stds) pair
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    """Serialize one array to ``.npy`` bytes (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class ShardSink:
+    """Streams samples into ``{split}-{index:06d}.tar`` shards, ``samples_per_shard`` each.
+
+    Each shard is written to ``<name>.tar.tmp`` and renamed when complete, so an
+    interrupted writer leaves no truncated ``.tar``. Use as a context manager; on an
+    exception the unfinished shard is deleted. ``info`` gives ``num_samples``/``num_shards``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str,                    # directory receiving the shards (created if missing)
+        split: str,                      # split name, e.g. "train" or "val"
+        samples_per_shard: int = 1000,   # samples per tar file
+    ):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir, self.split, self.samples_per_shard = out_dir, split, samples_per_shard
+        os.makedirs(out_dir, exist_ok=True)
+        self.num_samples, self.num_shards = 0, 0
+        self._tar: tarfile.TarFile | None = None
+        self._tmp_path = ""
+        self._in_shard = 0
+
+    def _open_shard(self) -> None:
+        self._tmp_path = os.path.join(self.out_dir, shard_name(self.split, self.num_shards) + ".tmp")
+        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        self._in_shard = 0
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._tar = None
+        os.replace(self._tmp_path, self._tmp_path[: -len(".tmp")])
+        self.num_shards += 1
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reproducible bytes
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, arrays: dict[str, np.ndarray], label: int, key: str | None = None) -> None:
+        """Add one sample: ``arrays`` maps ``"latent"`` (or ``"mean"``, ``"std"``) to C x H x W."""
+        if self._tar is None:
+            self._open_shard()
+        key = sample_key(self.split, self.num_samples) if key is None else key
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        for name, array in arrays.items():
+            self._add(f"{key}.{name}.npy", _npy_bytes(array))
+        self._add(f"{key}.cls", str(int(label)).encode("ascii"))
+        self.num_samples += 1
+        self._in_shard += 1
+        if self._in_shard == self.samples_per_shard:
+            self._finish_shard()
+
+    def close(self) -> None:
+        """Finish the last (possibly partial) shard."""
+        if self._tar is not None:
+            self._finish_shard()
+
+    @property
+    def info(self) -> dict[str, int]:
+        """``{"num_samples": n, "num_shards": k}`` as stored in ``stats.json`` splits."""
+        return {"num_samples": self.num_samples, "num_shards": self.num_shards}
+
+    def __enter__(self) -> "ShardSink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # interrupted: drop the unfinished shard
+            self._tar.close()
+            self._tar = None
+            os.remove(self._tmp_path)
+
+
+def remove_stale_shards(out_dir: str, split: str, keep: int = 0) -> None:
+    """Delete ``{split}-*.tar`` / ``.tar.tmp`` files with index >= ``keep``."""
+    pattern = re.compile(rf"^{re.escape(split)}-(\d{{6}})\.tar(\.tmp)?$")
+    for path in glob.glob(os.path.join(glob.escape(out_dir), f"{split}-*.tar*")):
+        match = pattern.match(os.path.basename(path))
+        if match and int(match.group(1)) >= keep:
+            os.remove(path)
+
+
+def write_shards(
+    out_dir: str,                        # dataset directory
+    split: str,                          # split name ("train", "val", ...)
+    latents: Latents,                    # (N, C, H, W) latents, or a (means, stds) posterior pair
+    labels: Sequence[int] | np.ndarray,  # (N,) integer class labels
+    samples_per_shard: int = 1000,       # samples per tar file
+    dtype: str | None = None,            # store as "float16"/"float32"; None keeps the input dtype
+) -> dict[str, int]:
+    """Write one split as tar shards; returns ``{"num_samples": N, "num_shards": k}``.
+
+    Older shards of the same split with a higher index are removed afterwards.
+    """
+    posterior = isinstance(latents, tuple)
+    arrays = {"mean": latents[0], "std": latents[1]} if posterior else {"latent": latents}
+    arrays = {k: np.asarray(v) if dtype is None else np.asarray(v, dtype=dtype) for k, v in arrays.items()}
+    labels = np.asarray(labels)
+    n = len(labels)
+    for name, array in arrays.items():
+        if array.ndim != 4 or len(array) != n:
+            raise ValueError(f"{name} must have shape (N, C, H, W) with N = len(labels) = {n}, got {array.shape}")
+        if array.dtype not in (np.float16, np.float32):
+            raise ValueError(f"{name} must be float16 or float32 (or pass dtype=), got {array.dtype}")
+    if posterior and arrays["mean"].shape != arrays["std"].shape:
+        raise ValueError(f"means {arrays['mean'].shape} and stds {arrays['std'].shape} differ in shape")
+    with ShardSink(out_dir, split, samples_per_shard) as sink:
+        for i in range(n):
+            sink.write({k: v[i] for k, v in arrays.items()}, int(labels[i]))
+    remove_stale_shards(out_dir, split, keep=sink.num_shards)
+    return sink.info
+
+
+class ChannelStats:
+    """Streaming per-channel mean/std of latents (float64 sums), for data too big for memory.
+
+    ``update(means, stds)`` with (N, C, H, W) blocks; ``stds`` given for posterior data,
+    where mean = E[mean] and var = Var[mean] + E[std^2] (law of total variance).
+    """
+
+    def __init__(self):
+        self.total, self.total_sq, self.extra_var, self.count = 0.0, 0.0, 0.0, 0
+
+    def update(self, means: np.ndarray, stds: np.ndarray | None = None) -> None:
+        block = np.asarray(means, dtype=np.float64)
+        self.total = self.total + block.sum(axis=(0, 2, 3))
+        self.total_sq = self.total_sq + np.square(block).sum(axis=(0, 2, 3))
+        if stds is not None:
+            self.extra_var = self.extra_var + np.square(np.asarray(stds, dtype=np.float64)).sum(axis=(0, 2, 3))
+        self.count += block.shape[0] * block.shape[2] * block.shape[3]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """(per-channel mean, per-channel std); a constant channel gets std 1."""
+        if self.count == 0:
+            raise ValueError("cannot compute channel statistics of an empty array")
+        mean = self.total / self.count
+        var = np.maximum(self.total_sq / self.count - mean**2, 0.0) + self.extra_var / self.count
+        std = np.sqrt(var)
+        std = np.where(std > 1e-8, std, 1.0)
+        return [float(m) for m in mean], [float(s) for s in std]
+
+
+def channel_stats(latents: Latents, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, C, H, W) latents or of a (means, stds) posterior pair."""
+    means, stds = latents if isinstance(latents, tuple) else (latents, None)
+    acc = ChannelStats()
+    for i in range(0, len(means), chunk):
+        acc.update(means[i : i + chunk], None if stds is None else stds[i : i + chunk])
+    return acc.result()
+
+
+def write_stats(
+    out_dir: str,                        # dataset directory
+    *,
+    shape: Sequence[int],                # (C, H, W) of every sample
+    num_classes: int,                    # number of class labels
+    kind: str,                           # "latent" or "posterior"
+    mean: Sequence[float],               # per-channel mean (see channel_stats)
+    std: Sequence[float],                # per-channel std
+    splits: dict[str, dict[str, int]],   # {"train": {"num_samples": n, "num_shards": k}, ...}
+    source: str = "",                    # how the data was made (the prepare command line)
+) -> str:
+    """Atomically write ``stats.json`` (see ``format.py``); returns its path."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    shape = [int(s) for s in shape]
+    if len(shape) != 3 or len(mean) != shape[0] or len(std) != shape[0]:
+        raise ValueError(f"shape must be [C, H, W] and mean/std have C entries: {shape}, {mean}, {std}")
+    stats = {
+        "format": FORMAT_VERSION, "shape": shape, "num_classes": int(num_classes), "kind": kind,
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "splits": {k: {"num_samples": int(v["num_samples"]), "num_shards": int(v["num_shards"])} for k, v in splits.items()},
+        "source": source,
+    }
+    path = os.path.join(out_dir, STATS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(stats, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_stats(root: str) -> dict:
+    """Read and check ``<root>/stats.json``; a clear error says how to create a missing one."""
+    path = os.path.join(os.path.abspath(os.path.expanduser(root)), STATS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {root!r} is not a prepared flowmap_lit dataset (or it is incomplete). "
+            f"Create it with `{PREPARE_CMD} digits --out {root}` (or the `images` / `array` "
+            f"subcommands; see `{PREPARE_CMD} --help`)."
+        )
+    with open(path) as f:
+        stats = json.load(f)
+    missing = {"format", "shape", "num_classes", "kind", "mean", "std", "splits"} - set(stats)
+    if missing:
+        raise ValueError(f"{path} lacks the keys {sorted(missing)}; re-create it with {PREPARE_CMD}")
+    if stats["format"] != FORMAT_VERSION:
+        raise ValueError(f"{path} has format {stats['format']}, this code reads format {FORMAT_VERSION}")
+    if stats["kind"] not in KINDS:
+        raise ValueError(f"{path}: kind must be one of {KINDS}, got {stats['kind']!r}")
+    return stats
+
+
+def write_dataset(
+    out_dir: str,                        # dataset directory
+    splits: dict[str, tuple[Latents, np.ndarray]],  # {"train": (latents, labels), "val": ...}
+    num_classes: int,                    # number of class labels
+    source: str = "",                    # how the data was made (the prepare command line)
+    samples_per_shard: int = 1000,       # samples per tar file
+    dtype: str | None = None,            # store as "float16"/"float32"; None keeps the input dtype
+) -> dict:
+    """Write all splits and then ``stats.json`` (channel stats of "train"); returns the stats.
+
+    ``stats.json`` is deleted first and written last, so an interrupted run leaves a
+    directory that readers reject (and ``DigitsDataModule.prepare_data`` re-creates).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, STATS_FILE)):
+        os.remove(os.path.join(out_dir, STATS_FILE))
+    infos = {name: write_shards(out_dir, name, x, y, samples_per_shard, dtype) for name, (x, y) in splits.items()}
+    train = splits["train"][0]
+    if dtype is not None:  # statistics of the stored values, as the reader sees them
+        train = tuple(np.asarray(a, dtype) for a in train) if isinstance(train, tuple) else np.asarray(train, dtype)
+    mean, std = channel_stats(train)
+    shape = (train[0] if isinstance(train, tuple) else train).shape[1:]
+    kind = "posterior" if isinstance(train, tuple) else "latent"
+    write_stats(out_dir, shape=shape, num_classes=num_classes, kind=kind, mean=mean, std=std,
+                splits=infos, source=source)
+    return read_stats(out_dir)

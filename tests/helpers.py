@@ -1,0 +1,21 @@
+"""Small networks shared by the tests (same forward signature as the package's backbones)."""
+
+import torch
+from torch import nn
+
+
+class MLPVelocity(nn.Module):
+    """``F(x, t, s)`` on flattened data: an MLP of ``[x, t, t - s]`` (tests only)."""
+
+    def __init__(self, shape=(1, 2, 2), width: int = 64) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        d = int(torch.tensor(shape).prod())
+        self.body = nn.Sequential(nn.Linear(d + 2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, d))
+
+    def forward(self, x, t, s=None, class_labels=None, guidance=None):
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(b)
+        s = t if s is None else torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(b)
+        h = torch.cat([x.reshape(b, -1), t[:, None], (t - s)[:, None]], 1)
+        return self.body(h).reshape(x.shape)

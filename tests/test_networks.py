@@ -1,0 +1,265 @@
+"""Tests for flowmap_lit.networks: shapes, zero-init s-branch, forward-AD, dtypes, presets."""
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from flowmap_lit.networks import (
+    ConditionEmbedding,
+    DiT,
+    EDM2UNet,
+    FourierTimeEmbedding,
+    attention,
+    build_network,
+    forward_ad_safe_attention,
+    math_only_active,
+)
+from flowmap_lit.networks.attention import reference_attention
+from flowmap_lit.networks.mp import MPConv, MPEmbedding
+
+ARCHS = ["unet", "dit"]
+# torch.func.jvp registers its decompositions with torch.jit.script, which warns on this torch.
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+
+
+def make_net(arch, channels=1, resolution=8, **kw):
+    torch.manual_seed(0)
+    return build_network(arch, "tiny", img_channels=channels, img_resolution=resolution, **kw)
+
+
+def is_s_branch(name):
+    return ".mlp_s." in name or ".mlp_g." in name
+
+
+@torch.no_grad()
+def randomize_zero_params_(net, include_s_branch=True, scale=0.5):
+    """Give zero-initialized tensors (output gains, adaLN-Zero, s/guidance branches) random values,
+    so derivatives and the s-dependence are not trivially zero."""
+    gen = torch.Generator().manual_seed(1)
+    for name, p in net.named_parameters():
+        if is_s_branch(name) and not include_s_branch:
+            continue
+        if is_s_branch(name) or not p.any():
+            fan_in = p[0].numel() if p.ndim >= 2 else 1
+            p.copy_(scale / fan_in**0.5 * torch.randn(p.shape, generator=gen))
+    return net
+
+
+def inputs(channels=1, resolution=8, batch=3):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, channels, resolution, resolution, generator=gen)
+    t = torch.rand(batch, generator=gen) * 0.8 + 0.2
+    s = t * torch.rand(batch, generator=gen)
+    labels = torch.tensor([0, 3, 10])[:batch]  # 10 is the null token of the 10-class tiny presets
+    guidance = 1 + 2 * torch.rand(batch, generator=gen)
+    return x, t, s, labels, guidance
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("channels,resolution", [(1, 8), (4, 16)])
+def test_output_shape(arch, channels, resolution):
+    net = randomize_zero_params_(make_net(arch, channels, resolution))
+    x, t, s, labels, guidance = inputs(channels, resolution)
+    outs = [
+        net(x, t),
+        net(x, t, s),
+        net(x, t, class_labels=labels),
+        net(x, t, s, labels, guidance),
+        net(x, 0.5, 0.25, 3, 2.0),  # Python scalars broadcast
+        net(x, torch.tensor(0.5), torch.tensor(0.1)),  # 0-dim tensors broadcast
+    ]
+    for y in outs:
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    assert not torch.equal(outs[0], outs[1])  # s matters once the s-branch is nonzero
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unconditional_mode(arch):
+    net = randomize_zero_params_(make_net(arch, num_classes=0))
+    assert net.emb.class_emb is None
+    x, t, s, _, _ = inputs()
+    assert net(x, t, s).shape == x.shape
+
+
+def test_dit_learned_pos_embed():
+    net = make_net("dit", learn_pos_embed=True)
+    assert "pos_embed" in dict(net.named_parameters())
+    x, t, *_ = inputs()
+    assert net(x, t).shape == x.shape
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_init_s_embedding(arch):
+    x, t, s, labels, guidance = inputs()
+    # Fresh net (other zero-initialized parts randomized so the output is not trivially 0).
+    net = randomize_zero_params_(make_net(arch), include_s_branch=False).eval()
+    ref = net(x, t, class_labels=labels)
+    assert ref.abs().max() > 0
+    assert torch.equal(net(x, t, s, labels), ref)
+    assert torch.equal(net(x, t, s, labels, guidance), ref)
+
+    # A teacher whose s/guidance branches are random: s=None still means s=t exactly.
+    teacher = randomize_zero_params_(make_net(arch)).eval()
+    v = teacher(x, t, class_labels=labels)
+    assert torch.equal(teacher(x, t, t, labels), v)
+    assert not torch.equal(teacher(x, t, s, labels), v)
+    assert not torch.equal(teacher(x, t, class_labels=labels, guidance=guidance), v)
+
+    # Student from the teacher's weights: zero_init_s_embedding really zeros the branches.
+    student = make_net(arch).eval()
+    student.load_state_dict(teacher.state_dict())
+    student.zero_init_s_embedding()
+    assert torch.equal(student(x, t, s, labels, guidance), v)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_jvp_matches_float64_finite_differences(arch):
+    net = randomize_zero_params_(make_net(arch)).eval()
+    x, t, s, labels, _ = inputs(batch=2)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    ones = torch.ones_like(t)
+
+    def jvp(model, dtype):
+        args = [a.to(dtype) for a in (x, t, v, ones)]
+        with forward_ad_safe_attention():
+            f = lambda x_, t_: model(x_, t_, s.to(dtype), labels)  # noqa: E731
+            return torch.func.jvp(f, (args[0], args[1]), (args[2], args[3]))[1]
+
+    net64 = copy.deepcopy(net).double()
+    xd, td, vd, sd, h = x.double(), t.double(), v.double(), s.double(), 1e-6
+    with torch.no_grad():
+        fd = (net64(xd + h * vd, td + h, sd, labels) - net64(xd - h * vd, td - h, sd, labels)) / (2 * h)
+    assert fd.abs().max() > 0
+    assert rel_err(jvp(net64, torch.float64), fd) < 1e-5
+    assert rel_err(jvp(net, torch.float32).double(), fd) < 1e-3
+
+
+def test_attention_helper_forward_ad():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, tq, tk, tv = (torch.randn(2, 3, 16, 8, generator=gen) for _ in range(6))
+    _, expected = torch.func.jvp(reference_attention, (q, k, v), (tq, tk, tv))
+    assert not math_only_active()
+    with forward_ad_safe_attention():
+        assert math_only_active()
+        out, tangent = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+    assert not math_only_active()
+    torch.testing.assert_close(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tangent, expected, rtol=1e-4, atol=1e-5)
+    # Plain SDPA picks a fused kernel without a forward-AD rule on this torch (PITFALLS.md);
+    # if a future torch adds one, it must at least agree.
+    try:
+        _, plain = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+    except (NotImplementedError, RuntimeError):
+        return
+    torch.testing.assert_close(plain, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_ad_safe_flag_is_thread_local_and_nests():
+    seen = []
+    with forward_ad_safe_attention():
+        worker = threading.Thread(target=lambda: seen.append(math_only_active()))
+        worker.start()
+        worker.join()
+        with forward_ad_safe_attention(enabled=False):
+            assert not math_only_active()
+        assert math_only_active()
+    assert seen == [False]
+
+
+def test_time_embedding_float32_under_autocast():
+    t = torch.rand(5)
+    fourier = FourierTimeEmbedding(32)
+    plain_emb = ConditionEmbedding(48, num_classes=10, fourier_channels=32)
+    mp_emb = ConditionEmbedding(48, num_classes=10, fourier_channels=32, magnitude_preserving=True)
+    expected = [m(t) for m in (fourier, plain_emb, mp_emb)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = [fourier(t.bfloat16()), plain_emb(t, 0.5 * t, torch.arange(5)), mp_emb(t)]
+    for g in got:
+        assert g.dtype == torch.float32
+    assert torch.equal(got[2], expected[2])
+    assert fourier.freqs.max().item() == pytest.approx(16.0) and fourier.freqs.min().item() == pytest.approx(0.5)
+    for arch in ARCHS:  # whole networks run under bf16 autocast
+        net = randomize_zero_params_(make_net(arch))
+        x, t, s, labels, _ = inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(x, t, s, labels)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        y = net.to(torch.bfloat16)(x.bfloat16(), t, s, labels)  # bf16 weights ("bf16-true")
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_force_normalize_unet():
+    net = randomize_zero_params_(make_net("unet")).train()
+    with torch.no_grad():  # make the raw weights far from normalized
+        for m in net.modules():
+            if isinstance(m, (MPConv, MPEmbedding)):
+                m.weight.mul_(torch.rand(m.weight.shape[0], *[1] * (m.weight.ndim - 1)) * 3 + 0.1)
+    x, t, s, labels, _ = inputs()
+    before = {k: p.clone() for k, p in net.state_dict().items()}
+    net.eval()
+    y0 = net(x, t, s, labels)
+    for k, p in net.state_dict().items():  # forward never rewrites weights
+        assert torch.equal(p, before[k])
+    net.force_normalize_()
+    torch.testing.assert_close(net(x, t, s, labels), y0, rtol=1e-5, atol=1e-5)
+    for m in net.modules():
+        if isinstance(m, (MPConv, MPEmbedding)):
+            w = m.weight.flatten(1)
+            rms = w.norm(dim=1) / w.shape[1] ** 0.5
+            torch.testing.assert_close(rms, torch.ones_like(rms))
+    DiT().force_normalize_()  # no-op on the DiT, present for a uniform callback
+
+
+def count(arch, preset):
+    with torch.device("meta"):
+        net = build_network(arch, preset)
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    "arch,preset,published",
+    [
+        ("unet", "xs", 125e6),
+        ("unet", "s", 280e6),
+        ("unet", "m", 498e6),
+        ("dit", "s", 33e6),
+        ("dit", "b", 130e6),
+        ("dit", "l", 458e6),
+        ("dit", "xl", 675e6),
+    ],
+)
+def test_preset_parameter_counts(arch, preset, published):
+    assert abs(count(arch, preset) / published - 1) < 0.1
+
+
+def test_tiny_presets_and_build_errors():
+    assert count("unet", "tiny") < 1e6 and count("dit", "tiny") < 1e6
+    assert isinstance(build_network("unet", "tiny"), EDM2UNet)
+    assert isinstance(build_network("dit", "tiny"), DiT)
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_network("mlp", "tiny")
+    with pytest.raises(ValueError, match="unknown dit preset"):
+        build_network("dit", "huge")
+
+
+def test_class_path_instantiation():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--net", type=torch.nn.Module)
+    cfg = parser.parse_object(
+        {
+            "net": {
+                "class_path": "flowmap_lit.networks.EDM2UNet",
+                "init_args": {"model_channels": 16, "channel_mult": [1, 2], "attn_resolutions": [4]},
+            }
+        }
+    )
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    net = instantiate(cfg).net
+    assert isinstance(net, EDM2UNet) and net(torch.randn(2, 1, 8, 8), 0.5).shape == (2, 1, 8, 8)
