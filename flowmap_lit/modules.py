@@ -1,7 +1,8 @@
-"""LightningModules: flow-matching teacher/guide pretraining (DESIGN.md sections 1 and 3)."""
+"""LightningModules: flow-matching pretraining of teachers and guides, and flow-map distillation."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from typing import Literal
@@ -11,8 +12,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from flowmap_lit.interpolant import interpolate, sample_logit_normal, velocity_target
-from flowmap_lit.sampling import ode_sample
+from flowmap_lit.interpolant import edm_schedule, interpolate, sample_logit_normal, uniform_schedule, velocity_target
+from flowmap_lit.objectives import Objective
+from flowmap_lit.sampling import flowmap_sample, ode_sample
+from flowmap_lit.teachers import Teacher, guided_velocity
+from flowmap_lit.time_sampling import TimePairSampler
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -143,3 +147,188 @@ class FlowMatchingModule(pl.LightningModule):
         optimizer = self.optimizer_factory(self.net.parameters())
         scheduler = constant_with_warmup(optimizer, self.lr_warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class FlowMapDistillModule(pl.LightningModule):
+    """Distills a frozen (guided) teacher into a flow map ``f(x, t, s) = x + (s - t) F(x, t, s)``.
+
+    One training step (DESIGN.md sections 1-3): draw ``(t, s)`` from ``time_sampler`` (the
+    objective may pin ``s``), noise the data, ``x_t = (1 - t) x0 + t eps``, draw the guidance scale
+    ``lam`` per sample, and hand ``student(x, t, s)`` and the guided ``teacher(x, t)`` to the
+    objective, with the tangent warmup ``r = min(r_max, step / warmup_steps)``.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,  # frozen velocity model (NetworkTeacher, GMMTeacher, ...)
+        objective: Objective,  # AYFEMD, AYFLMD, SCD, FlowMatching, DiscreteEMD
+        student: nn.Module | None = None,  # F(x, t, s, class_labels, guidance); None: a copy of the teacher's net
+        guide: Teacher | None = None,  # weaker model for autoguidance
+        guidance: Literal["autoguidance", "cfg", "none"] = "none",  # how the teacher velocity is guided
+        guidance_min: float = 1.0,  # lam is drawn per sample from U[guidance_min, guidance_max]
+        guidance_max: float = 1.0,  # (a range needs condition_on_guidance: true)
+        condition_on_guidance: bool = False,  # feed lam to the student, chosen again at sampling time
+        eval_guidance: float | None = None,  # lam used by sample() and evaluation; None: guidance_min
+        num_classes: int = 0,  # classes of the data; 0: unconditional
+        time_sampler: TimePairSampler | None = None,  # (t, s) pairs; None: logit-normal(-0.8, 1)
+        warmup_steps: int = 1000,  # optimizer steps over which r ramps linearly from 0
+        r_max: float = 0.99,  # cap of r (1 - r_max keeps a pull toward the teacher velocity)
+        init_student_from_teacher: bool = True,  # copy the teacher network's weights into the student
+        optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory (class_path/init_args)
+        lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
+        nan_mask: bool = False,  # drop samples with a non-finite loss instead of the whole step
+        max_bad_steps: int = 10,  # consecutive non-finite steps before training stops with an error
+    ) -> None:
+        super().__init__()
+        save_plain_hyperparameters(self)
+        if guidance_max < guidance_min:
+            raise ValueError(f"guidance_max ({guidance_max}) < guidance_min ({guidance_min})")
+        if guidance_max > guidance_min and not condition_on_guidance:
+            raise ValueError(
+                f"lam drawn from [{guidance_min}, {guidance_max}] needs condition_on_guidance: true "
+                "(an unconditioned student cannot know which lam it is distilling); set "
+                "guidance_max = guidance_min for a fixed scale"
+            )
+        if guidance == "autoguidance" and guide is None:
+            raise ValueError("guidance: autoguidance needs a guide model (e.g. a NetworkTeacher of a weaker checkpoint)")
+        self.teacher = teacher.freeze()
+        self.guide = guide.freeze() if guide is not None else None
+        copy_teacher = student is None or init_student_from_teacher
+        if copy_teacher and teacher.network is None:
+            raise ValueError(
+                f"{type(teacher).__name__} has no network weights to initialize the student from: give a "
+                "student network and set init_student_from_teacher: false"
+            )
+        if student is None:
+            student = copy.deepcopy(teacher.network)
+        elif copy_teacher:
+            student.load_state_dict(teacher.network.state_dict())
+        if copy_teacher:  # F(x, t, s) = v(x, t) exactly at step 0 (DESIGN.md section 2)
+            student.zero_init_s_embedding()
+        for p in student.parameters():
+            p.requires_grad_(True)
+        self.student = student.train()
+        self.objective = objective
+        self.guidance = guidance
+        self.guidance_min, self.guidance_max = guidance_min, guidance_max
+        self.condition_on_guidance = condition_on_guidance
+        self.eval_guidance = guidance_min if eval_guidance is None else eval_guidance
+        self.num_classes = num_classes
+        self.time_sampler = time_sampler if time_sampler is not None else TimePairSampler()
+        self.warmup_steps, self.r_max = warmup_steps, r_max
+        self.optimizer_factory = optimizer
+        self.lr_warmup_steps = lr_warmup_steps
+        self.nan_mask, self.max_bad_steps = nan_mask, max_bad_steps
+        self.bad_steps = 0
+
+    # --- the pieces of a step ----------------------------------------------------------------------
+    def ema_network(self) -> nn.Module:
+        return self.student
+
+    def tangent_warmup(self, step: int | None = None) -> float:
+        """``r = min(r_max, step / warmup_steps)`` (regularized tangent warmup, DESIGN.md 3)."""
+        step = self.global_step if step is None else step
+        return self.r_max if self.warmup_steps <= 0 else min(self.r_max, step / self.warmup_steps)
+
+    def _labels(self, labels: Tensor | None) -> Tensor | None:
+        return labels if self.num_classes > 0 else None
+
+    def _guidance(self, n: int, fixed: float | None = None) -> Tensor | None:
+        if self.guidance == "none":
+            return None
+        if fixed is not None:
+            return torch.full((n,), float(fixed), device=self.device)
+        return self.guidance_min + (self.guidance_max - self.guidance_min) * torch.rand(n, device=self.device)
+
+    def student_fn(self, labels: Tensor | None, lam: Tensor | None):
+        """``F(x, t, s)`` with labels and (if the student is conditioned on it) lam bound."""
+        labels = self._labels(labels)
+        lam_in = lam if self.condition_on_guidance else None
+        return lambda x, t, s: self.student(x, t, s, class_labels=labels, guidance=lam_in)
+
+    def teacher_fn(self, labels: Tensor | None, lam: Tensor | None):
+        """Guided teacher velocity ``v(x, t)`` with labels and lam bound (no grad)."""
+        labels = self._labels(labels)
+        return lambda x, t: guided_velocity(self.teacher, self.guide, x, t, labels, lam, self.guidance)
+
+    def step_loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        x0, labels = batch["x"], batch["label"]
+        n = x0.shape[0]
+        t, s = self.time_sampler(n, device=x0.device, generator=generator)
+        s = self.objective.select_s(t, s)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x_t = interpolate(x0, eps, t)
+        lam = self._guidance(n)
+        out = self.objective(self.student_fn(labels, lam), self.teacher_fn(labels, lam), x_t, t, s,
+                             r=self.tangent_warmup())
+        stats = dict(out.stats)
+        if lam is not None:
+            stats["lambda"] = lam.mean()
+        return out.loss, stats
+
+    # --- Lightning hooks ---------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        per_sample, stats = self.step_loss(batch)
+        finite = torch.isfinite(per_sample)
+        if self.nan_mask and not finite.all() and finite.any():
+            stats["nonfinite_fraction"] = 1 - finite.float().mean()
+            per_sample = per_sample[finite]
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            self.bad_steps += 1
+            self.log("train/nonfinite_steps", float(self.bad_steps))
+            if self.bad_steps >= self.max_bad_steps:
+                raise RuntimeError(
+                    f"the loss was non-finite for {self.bad_steps} consecutive steps (last at step "
+                    f"{self.global_step}). Lower the learning rate, lower the time embedding frequencies "
+                    "(time_max_freq), use tangent_norm: l2, or set nan_mask: true to drop bad samples."
+                )
+            return None  # skip this optimizer step
+        self.bad_steps = 0
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/r", self.tangent_warmup())
+        for key, value in stats.items():
+            self.log(f"train/{key}", value)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        gen = torch.Generator(device=batch["x"].device).manual_seed(batch_idx)
+        loss, _ = self.step_loss(batch, generator=gen)
+        self.log("val/loss", loss.mean(), sync_dist=True, batch_size=batch["x"].shape[0])
+
+    def configure_optimizers(self):
+        params = list(self.student.parameters()) + list(self.objective.parameters())
+        optimizer = self.optimizer_factory(params)
+        scheduler = constant_with_warmup(optimizer, self.lr_warmup_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen teacher and guide are rebuilt from their own source; do not duplicate them.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(("teacher.", "guide."))}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(("teacher.", "guide."))})
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def _eval_inputs(self, noise: Tensor, guidance: float | None):
+        lam = self._guidance(noise.shape[0], self.eval_guidance if guidance is None else guidance)
+        return lam
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 1,
+               guidance: float | None = None, schedule: Tensor | None = None) -> Tensor:
+        """k-step flow-map samples from ``noise`` (uniform schedule unless one is given)."""
+        lam = self._eval_inputs(noise, guidance)
+        sched = uniform_schedule(num_steps) if schedule is None else schedule
+        return flowmap_sample(self.student_fn(class_labels, lam), noise, sched)
+
+    @torch.no_grad()
+    def teacher_sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 64,
+                       guidance: float | None = None, solver: Literal["euler", "heun"] = "heun") -> Tensor:
+        """The guided teacher's ODE solution from the same noise (EDM schedule, Heun)."""
+        lam = self._eval_inputs(noise, guidance)
+        return ode_sample(self.teacher_fn(class_labels, lam), noise, num_steps, solver,
+                          schedule=edm_schedule(num_steps))
+

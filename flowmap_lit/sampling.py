@@ -48,3 +48,23 @@ def ode_sample(
         else:
             raise ValueError(f"unknown solver {solver!r}; use 'euler' or 'heun'")
     return x
+
+
+StudentFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # F(x, t, s): average velocity over [s, t]
+
+
+@torch.no_grad()
+def flowmap_sample(student: StudentFn, noise: Tensor, schedule: Tensor) -> Tensor:
+    """Deterministic flow-map chaining ``x <- x + (t_{i+1} - t_i) F(x, t_i, t_{i+1})`` (DESIGN.md 5).
+
+    ``schedule`` is a decreasing list of times ``1 = t_0 > ... > t_N = 0``; N network calls.
+    """
+    times = torch.as_tensor(schedule, dtype=torch.float64)
+    x = noise.to(torch.float32)
+    batch = x.shape[0]
+    for i in range(len(times) - 1):
+        t_cur, t_next = float(times[i]), float(times[i + 1])
+        t_vec = torch.full((batch,), t_cur, device=x.device)
+        s_vec = torch.full((batch,), t_next, device=x.device)
+        x = x + (t_next - t_cur) * student(x, t_vec, s_vec).float()
+    return x

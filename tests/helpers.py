@@ -19,3 +19,21 @@ class MLPVelocity(nn.Module):
         s = t if s is None else torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(b)
         h = torch.cat([x.reshape(b, -1), t[:, None], (t - s)[:, None]], 1)
         return self.body(h).reshape(x.shape)
+
+
+class ExactGaussianStudent(nn.Module):
+    """The closed-form average velocity ``F = (f(x, t, s) - x) / (s - t)`` of Gaussian data,
+    plus ``perturb * sin(3 t) * x`` (0 gives the exact flow map). Needs ``t - s`` bounded away from 0."""
+
+    def __init__(self, data, perturb: float = 0.0) -> None:
+        super().__init__()
+        self.data = data
+        self.perturb = nn.Parameter(torch.tensor(float(perturb), dtype=torch.float64))
+
+    def forward(self, x, t, s=None, class_labels=None, guidance=None):
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=x.dtype).expand(b)
+        s = torch.as_tensor(s, dtype=x.dtype).expand(b)
+        gap = (s - t).reshape(-1, *([1] * (x.ndim - 1)))
+        F = (self.data.flow_map(x, t, s) - x) / gap
+        return F + self.perturb * torch.sin(3 * t).reshape(gap.shape) * x

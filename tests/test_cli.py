@@ -22,7 +22,7 @@ def test_teacher_fit_writes_checkpoint_logs_and_samples(tmp_path):
                  "--data.init_args.root", str(tmp_path / "digits")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "logs/digits/teacher/version_0"
-    ckpt_path = run_dir / "checkpoints/last.ckpt"
+    ckpt_path = tmp_path / "checkpoints/digits/teacher/last.ckpt"
     assert ckpt_path.is_file()
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert list((run_dir / "samples").glob("*.png"))

@@ -19,7 +19,7 @@ from flowmap_lit.networks import (
 from flowmap_lit.networks.attention import reference_attention
 from flowmap_lit.networks.mp import MPConv, MPEmbedding
 
-ARCHS = ["unet", "dit"]
+ARCHS = ["unet", "dit", "mlp"]
 # torch.func.jvp registers its decompositions with torch.jit.script, which warns on this torch.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 
@@ -243,7 +243,7 @@ def test_tiny_presets_and_build_errors():
     assert isinstance(build_network("unet", "tiny"), EDM2UNet)
     assert isinstance(build_network("dit", "tiny"), DiT)
     with pytest.raises(ValueError, match="unknown arch"):
-        build_network("mlp", "tiny")
+        build_network("resnet", "tiny")
     with pytest.raises(ValueError, match="unknown dit preset"):
         build_network("dit", "huge")
 

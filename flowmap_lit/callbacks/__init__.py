@@ -1,6 +1,7 @@
-"""Callbacks: weight EMA, sample grids (evaluation callbacks follow the same pattern)."""
+"""Callbacks: weight EMA, sample grids, flow-map error across step counts."""
 
 from flowmap_lit.callbacks.ema import EMA, ema_state_from_checkpoint
+from flowmap_lit.callbacks.flowmap_error import FlowMapError
 from flowmap_lit.callbacks.sample_grid import SampleGrid, make_grid, save_png, to_images
 
-__all__ = ["EMA", "SampleGrid", "ema_state_from_checkpoint", "make_grid", "save_png", "to_images"]
+__all__ = ["EMA", "FlowMapError", "SampleGrid", "ema_state_from_checkpoint", "make_grid", "save_png", "to_images"]

@@ -162,3 +162,4 @@ class ConditionEmbedding(nn.Module):
         """Re-zero the last layer (or gain) of the s and guidance branches: they become exact no-ops."""
         self.mlp_s.zero_init_()
         self.mlp_g.zero_init_()
+        self.mlp_g.zero_init_()

@@ -9,6 +9,7 @@ table 1). The small extra comes from the zero-initialized t - s and guidance bra
 import torch.nn as nn
 
 from .dit import DiT
+from .mlp import MLP
 from .unet import EDM2UNet
 
 _DIGITS = dict(img_channels=1, img_resolution=8, num_classes=10)  # sklearn digits, 1x8x8, 10 classes
@@ -31,14 +32,20 @@ DIT_PRESETS: dict[str, dict] = {
     "xl": dict(**_LATENT64, patch_size=2, hidden_size=1152, depth=28, num_heads=16),  # DiT-XL/2
 }
 
+MLP_PRESETS: dict[str, dict] = {
+    "tiny": dict(**_DIGITS, width=256, depth=3),
+    "digits": dict(**_DIGITS, width=768, depth=3),  # the DESIGN.md section 8 reference student
+}
+
 ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, dict]]] = {
     "unet": (EDM2UNet, UNET_PRESETS),
     "dit": (DiT, DIT_PRESETS),
+    "mlp": (MLP, MLP_PRESETS),
 }
 
 
 def build_network(arch: str, preset: str, **overrides) -> nn.Module:
-    """Construct `arch` ('unet' or 'dit') with the `preset` keyword arguments, then `overrides`."""
+    """Construct `arch` ('unet', 'dit' or 'mlp') with the `preset` keyword arguments, then `overrides`."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHITECTURES)}")
     cls, presets = ARCHITECTURES[arch]

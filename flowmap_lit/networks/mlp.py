@@ -1,0 +1,58 @@
+"""MLP backbone for small flattened data (the DESIGN.md section 8 reference student: 3 x 768 SiLU).
+
+Each hidden layer adds a projection of the conditioning vector c(t, s, class, guidance):
+``h <- SiLU(W h + U c + b)``. The output layer is zero-initialized (F = 0 at the start).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .embeddings import ConditionEmbedding, batch_vector
+
+
+class MLP(nn.Module):
+    """F(x, t, s) on ``x`` of shape ``(B, C, H, W)`` flattened to ``C * H * W`` features."""
+
+    def __init__(
+        self,
+        img_channels: int = 1,  # channels of x (and of the output)
+        img_resolution: int = 8,  # height = width of x
+        width: int = 768,  # hidden units per layer
+        depth: int = 3,  # hidden layers
+        num_classes: int = 0,  # number of classes; 0 = unconditional
+        emb_dim: int = 256,  # width of the conditioning vector c
+        fourier_channels: int = 128,  # width of each Fourier feature vector
+        time_min_freq: float = 0.5,  # lowest angular frequency of the t, t - s embeddings
+        time_max_freq: float = 16.0,  # highest angular frequency; keep low (DESIGN.md 3, Stability)
+        dropout: float = 0.0,  # dropout after each hidden layer
+    ) -> None:
+        super().__init__()
+        self.img_channels, self.img_resolution = img_channels, img_resolution
+        dim = img_channels * img_resolution**2
+        self.emb = ConditionEmbedding(emb_dim, num_classes, fourier_channels, time_min_freq, time_max_freq)
+        self.inputs = nn.ModuleList([nn.Linear(dim if i == 0 else width, width) for i in range(depth)])
+        self.conds = nn.ModuleList([nn.Linear(emb_dim, width, bias=False) for _ in range(depth)])
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(width, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        for lin in self.conds:
+            nn.init.normal_(lin.weight, std=1 / math.sqrt(emb_dim))
+
+    def forward(self, x, t, s=None, class_labels=None, guidance=None) -> torch.Tensor:
+        t, s = batch_vector(t, x), batch_vector(s, x)
+        labels, guidance = batch_vector(class_labels, x), batch_vector(guidance, x)
+        c = nn.functional.silu(self.emb(t, s, labels, guidance)).to(self.out.weight.dtype)
+        h = x.flatten(1)
+        for lin, cond in zip(self.inputs, self.conds):
+            h = self.drop(nn.functional.silu(lin(h) + cond(c)))
+        return self.out(h).reshape(x.shape)
+
+    def zero_init_s_embedding(self) -> None:
+        """Zero the s and guidance branches (student initialized from a teacher: F(x,t,s) = v(x,t))."""
+        self.emb.zero_init_s_embedding()
+
+    def force_normalize_(self) -> None:
+        """No magnitude-preserving layers here; present so every backbone has the same methods."""

@@ -1,0 +1,208 @@
+"""Frozen teachers and guides behind one interface: ``velocity(x, t, class_labels) -> v``.
+
+- ``NetworkTeacher``: a velocity network from a ``FlowMatchingModule`` checkpoint (EMA weights
+  by default), or any network passed in with its weights.
+- ``GMMTeacher``: the exact velocity of a Gaussian mixture fitted to a dataset (DESIGN.md 6):
+  an instant, exact teacher; a mixture with fewer components or wider covariances is its guide.
+- ``guided_velocity``: autoguidance and classifier-free guidance (DESIGN.md section 1).
+
+Teachers are frozen: eval mode, no grads, never in the optimizer, and their weights are not
+copied into the distillation checkpoints (they are rebuilt from their own source).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowmap_lit.analytic import GaussianMixture
+from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
+
+
+class Teacher(nn.Module):
+    """A frozen velocity model. Subclasses implement ``velocity``."""
+
+    num_classes: int = 0
+
+    def freeze(self) -> "Teacher":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Teacher":  # always stays in eval mode
+        return super().train(False)
+
+    def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.velocity(x, t, class_labels)
+
+    @property
+    def network(self) -> nn.Module | None:
+        """The underlying network a student can be initialized from, if any."""
+        return None
+
+
+def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
+    """``torch.load`` a checkpoint with ``weights_only=True`` unless pickles are allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist. Train it first (e.g. python -m flowmap_lit fit --config "
+            "configs/digits/teacher.yaml) or point the config at an existing file."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as err:  # unpickling errors have many types
+        if allow_pickle:
+            raise
+        raise RuntimeError(
+            f"could not load {path} with weights_only=True ({err}). If you trust this file, set "
+            "allow_pickle: true on the teacher to load arbitrary pickled objects."
+        ) from err
+
+
+def network_from_config(config: dict) -> nn.Module:
+    """Instantiate a network from a ``{"class_path": ..., "init_args": {...}}`` dict."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(nn.Module, "net", fail_untyped=False)
+    cfg = parser.parse_object({"net": config})
+    return parser.instantiate_classes(cfg).net
+
+
+class NetworkTeacher(Teacher):
+    """A trained velocity network, frozen.
+
+    Give ``checkpoint`` (a ``FlowMatchingModule`` checkpoint written by ``python -m flowmap_lit
+    fit``: its network config is read from the checkpoint) and/or ``net`` (the architecture, when
+    the checkpoint lacks it, or a network with weights already loaded when ``checkpoint`` is None).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,  # path to a Lightning checkpoint of a FlowMatchingModule
+        net: nn.Module | None = None,  # architecture (optional with a checkpoint made by the CLI)
+        use_ema: bool = True,  # load the EMA weights when the checkpoint has them
+        num_classes: int | None = None,  # classes of the network; None: from the checkpoint, else 0
+        allow_pickle: bool = False,  # load the checkpoint with weights_only=False (trusted files only)
+    ) -> None:
+        super().__init__()
+        if checkpoint is None and net is None:
+            raise ValueError("NetworkTeacher needs a checkpoint path, a net, or both")
+        hparams = {}
+        if checkpoint is not None:
+            ckpt = load_checkpoint(checkpoint, allow_pickle)
+            hparams = ckpt.get("hyper_parameters", {})
+            if net is None:
+                if not isinstance(hparams.get("net"), dict):
+                    raise ValueError(
+                        f"{checkpoint} does not record its network config; give the architecture as "
+                        "teacher net: {class_path: ..., init_args: ...}"
+                    )
+                net = network_from_config(hparams["net"])
+            state = ema_state_from_checkpoint(ckpt) if use_ema else None
+            if state is None:
+                prefix = "net."
+                state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"{checkpoint} does not match the teacher architecture: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+        self.net = net
+        self.checkpoint = checkpoint
+        self.num_classes = num_classes if num_classes is not None else int(hparams.get("num_classes", 0))
+        self.freeze()
+
+    @property
+    def network(self) -> nn.Module:
+        return self.net
+
+    def velocity(self, x, t, class_labels=None):
+        labels = class_labels if self.num_classes > 0 else None
+        return self.net(x, t, class_labels=labels)
+
+
+def read_split(root: str, split: str = "train", normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """All samples of a split as arrays ``(x (N, C, H, W) float32, labels (N,) int64)``, in order."""
+    from flowmap_lit.data import LatentDataModule
+
+    dm = LatentDataModule(root=root, val_split=split, num_workers=0, val_batch_size=4096,
+                          normalize=normalize, val_posterior="mean")
+    xs, ys = [], []
+    for batch in dm.val_dataloader():
+        xs.append(batch["x"].numpy())
+        ys.append(batch["label"].numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+class GMMTeacher(Teacher):
+    """Exact velocity of a full-covariance Gaussian mixture fitted to a dataset's training split.
+
+    With ``per_class=True`` the mixture has ``num_components`` components per class and is
+    class-conditional (the null label mixes all classes, so CFG works too). The fit is
+    deterministic given ``seed``; it is redone at construction (a second or two for the digits).
+    """
+
+    def __init__(
+        self,
+        data_root: str = "data/digits",  # dataset directory (shards + stats.json), normalized as in training
+        num_components: int = 2,  # components (per class when per_class)
+        per_class: bool = True,  # class-conditional mixture
+        covariance_scale: float = 1.0,  # widen every component (> 1 makes a weaker guide)
+        reg_covar: float = 1e-3,  # added to covariance diagonals (normalized units)
+        split: str = "train",  # split to fit
+        seed: int = 0,  # EM initialization seed
+        prepare_digits_if_missing: bool = True,  # write the digits shards when data_root has none
+    ) -> None:
+        super().__init__()
+        root = Path(data_root)
+        if prepare_digits_if_missing and not (root / "stats.json").is_file():
+            from flowmap_lit.data import prepare_digits
+
+            prepare_digits(str(root))
+        x, y = read_split(str(root), split)
+        self.gmm = GaussianMixture.fit(x, y if per_class else None, num_components, x.shape[1:],
+                                       covariance_scale=covariance_scale, reg_covar=reg_covar, seed=seed)
+        self.num_classes = self.gmm.num_classes
+        self.freeze()
+
+    def velocity(self, x, t, class_labels=None):
+        return self.gmm.velocity(x, t, class_labels)
+
+    def sample(self, n: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        return self.gmm.sample(n, class_labels, generator)
+
+
+def guided_velocity(teacher: Teacher, guide: Teacher | None, x: Tensor, t: Tensor,
+                    class_labels: Tensor | None, lam: Tensor | None, kind: str) -> Tensor:
+    """``lam * v_teacher + (1 - lam) * v_guide`` (DESIGN.md section 1), computed without grad.
+
+    ``kind``: ``"autoguidance"`` (guide = the weaker model, same label), ``"cfg"`` (guide = the
+    teacher with the null label ``num_classes``), or ``"none"`` (the teacher alone).
+    """
+    with torch.no_grad():
+        if kind == "none" or lam is None:
+            return teacher.velocity(x, t, class_labels).float()
+        lam_b = lam.float().reshape(-1, *([1] * (x.ndim - 1)))
+        if kind == "autoguidance":
+            if guide is None:
+                raise ValueError("guidance 'autoguidance' needs a guide model")
+            v_t, v_g = teacher.velocity(x, t, class_labels), guide.velocity(x, t, class_labels)
+        elif kind == "cfg":
+            if teacher.num_classes == 0 or class_labels is None:
+                raise ValueError("classifier-free guidance needs a class-conditional teacher and labels")
+            null = torch.full_like(class_labels, teacher.num_classes)
+            v = teacher.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
+            v_t, v_g = v.chunk(2)
+        else:
+            raise ValueError(f"unknown guidance {kind!r}; use 'autoguidance', 'cfg' or 'none'")
+        return lam_b * v_t.float() + (1 - lam_b) * v_g.float()

@@ -1,0 +1,65 @@
+"""(t, s) pair samplers for flow-map training (DESIGN.md section 3, "(t, s) sampling", open).
+
+Every option is configurable because none is settled: logit-normal or uniform pairs, plus
+fractions of ``s = t`` (flow matching), ``s = 0`` (consistency) and sampling-grid pairs
+``(t_i, t_{i+1})`` of the k-step schedules the student will be sampled with (including ``t = 1``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from flowmap_lit.interpolant import edm_schedule, uniform_schedule
+
+
+class TimePairSampler:
+    """Draws ``(t, s)`` with ``1 >= t >= s >= 0``, all float32 ``(n,)`` tensors."""
+
+    def __init__(
+        self,
+        distribution: Literal["logit_normal", "uniform"] = "logit_normal",  # base pair distribution
+        P_mean: float = -0.8,  # logit-normal location (both times drawn from it; t = the larger)
+        P_std: float = 1.0,  # logit-normal scale
+        diagonal_fraction: float = 0.0,  # fraction of pairs with s = t (flow matching)
+        zero_fraction: float = 0.0,  # fraction of pairs with s = 0 (consistency)
+        grid_fraction: float = 0.0,  # fraction of sampling-grid pairs (t_i, t_{i+1})
+        grid_steps: list[int] = [1, 2, 4, 8],  # step counts whose schedules make the grid pairs
+        grid_schedule: Literal["uniform", "edm"] = "uniform",  # schedule of those grids
+    ) -> None:
+        fractions = (diagonal_fraction, zero_fraction, grid_fraction)
+        if min(fractions) < 0 or sum(fractions) > 1:
+            raise ValueError(f"pair fractions must be >= 0 and sum to <= 1, got {fractions}")
+        if distribution not in ("logit_normal", "uniform"):
+            raise ValueError(f"distribution must be 'logit_normal' or 'uniform', got {distribution!r}")
+        self.distribution = distribution
+        self.P_mean, self.P_std = P_mean, P_std
+        self.fractions = fractions
+        make = uniform_schedule if grid_schedule == "uniform" else edm_schedule
+        pairs = [(float(sch[i]), float(sch[i + 1])) for k in grid_steps for sch in [make(k)] for i in range(k)]
+        self.grid = torch.tensor(pairs, dtype=torch.float32) if pairs else torch.zeros(0, 2)
+
+    def base_pairs(self, n: int, device, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        if self.distribution == "logit_normal":
+            z = torch.randn(2, n, generator=generator, device=device)
+            a = torch.sigmoid(self.P_mean + self.P_std * z)
+        else:
+            a = torch.rand(2, n, generator=generator, device=device)
+        return a.max(0).values, a.min(0).values
+
+    def __call__(self, n: int, device=None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        t, s = self.base_pairs(n, device, generator)
+        u = torch.rand(n, generator=generator, device=device)
+        f_diag, f_zero, f_grid = self.fractions
+        diag = u < f_diag
+        zero = (u >= f_diag) & (u < f_diag + f_zero)
+        grid = (u >= f_diag + f_zero) & (u < f_diag + f_zero + f_grid)
+        s = torch.where(diag, t, torch.where(zero, torch.zeros_like(s), s))
+        if grid.any() and len(self.grid):
+            idx = torch.randint(len(self.grid), (n,), generator=generator, device=device)
+            pairs = self.grid.to(device)[idx]
+            t = torch.where(grid, pairs[:, 0], t)
+            s = torch.where(grid, pairs[:, 1], s)
+        return t, s

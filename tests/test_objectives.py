@@ -1,0 +1,141 @@
+"""The distillation objectives checked against exact answers (DESIGN.md sections 3, 4 and 6)."""
+
+import pytest
+import torch
+
+from flowmap_lit.analytic import GaussianData
+from flowmap_lit.jvp import RNGState, jvp
+from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD, DiscreteEMD, FlowMatching, Weighting
+from tests.helpers import ExactGaussianStudent, MLPVelocity
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+SHAPE = (1, 2, 3)
+
+
+def gaussian():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    c = torch.rand(SHAPE, generator=g, dtype=torch.float64) + 0.3
+    return GaussianData(mu, c)
+
+
+def batch(n=16, seed=1, min_gap=0.1):
+    g = torch.Generator().manual_seed(seed)
+    t = 0.2 + 0.8 * torch.rand(n, generator=g, dtype=torch.float64)
+    s = (t - min_gap) * torch.rand(n, generator=g, dtype=torch.float64)
+    x = torch.randn(n, *SHAPE, generator=g, dtype=torch.float64)
+    return x, t, s
+
+
+def tangent(obj, student, data, x, t, s, r=1.0):
+    F = student(x, t, s).detach()
+    with torch.no_grad():
+        return obj.tangent(student, data.velocity, x, t, s, F, r, RNGState())
+
+
+@pytest.mark.parametrize("objective", [AYFEMD, AYFLMD])
+@pytest.mark.parametrize("backend", ["func", "forward_ad", "finite_difference"])
+def test_exact_flow_map_has_zero_tangent_and_a_perturbed_one_does_not(objective, backend):
+    data = gaussian()
+    x, t, s = batch()
+    obj = objective(jvp_backend=backend, fd_step=1e-5)
+    g_exact = tangent(obj, ExactGaussianStudent(data), data, x, t, s)
+    g_wrong = tangent(obj, ExactGaussianStudent(data, perturb=0.05), data, x, t, s)
+    scale = g_wrong.abs().max().item()
+    tol = 1e-9 if backend != "finite_difference" else 1e-6
+    assert g_exact.abs().max().item() < tol * max(scale, 1.0)
+    assert scale > 1e-2
+    # With r < 1 the exact map keeps a pull (1 - r) toward the teacher velocity: g != 0.
+    assert tangent(obj, ExactGaussianStudent(data), data, x, t, s, r=0.5).abs().max() > 1e-3
+
+
+def test_jvp_backends_agree_with_each_other_and_an_analytic_derivative():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.rand(4, dtype=torch.float64)
+    u = torch.randn(4, 3, dtype=torch.float64)
+
+    def fn(x, t):
+        return torch.sin(t)[:, None] * x**2
+
+    exact = 2 * x * u * torch.sin(t)[:, None] + torch.cos(t)[:, None] * x**2
+    for backend in ("func", "forward_ad", "finite_difference"):
+        d = jvp(fn, (x, t), (u, torch.ones_like(t)), backend=backend, fd_step=1e-6)
+        assert torch.allclose(d, exact, atol=1e-8), backend
+
+    # On a network: forward AD in fp32 vs float64 central differences.
+    torch.manual_seed(0)
+    net = MLPVelocity(SHAPE, 32)
+    x, t, s = batch(8)
+    v = torch.randn_like(x)
+    ref = jvp(lambda a, b: net.double()(a, b, s), (x, t), (v, torch.ones_like(t)), "finite_difference", 1e-6)
+    net = net.float()
+    for backend in ("func", "forward_ad"):
+        d = jvp(lambda a, b: net(a, b, s.float()), (x.float(), t.float()), (v.float(), torch.ones_like(t).float()), backend)
+        assert ((d.double() - ref).norm() / ref.norm()) < 1e-5, backend
+
+
+def test_dropout_masks_match_between_grad_forward_and_jvp():
+    """With dropout, the JVP must differentiate the very F that is trained (forked RNG)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 3)).double()
+    fn = lambda x, t: net(x) * t[:, None]  # noqa: E731
+    x, t = torch.randn(5, 3, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    u = torch.randn_like(x)
+    rng = RNGState()
+    out = fn(x, t)
+    d_func = jvp(fn, (x, t), (u, torch.ones_like(t)), "func", rng=rng)
+    d_fd = jvp(fn, (x, t), (u, torch.ones_like(t)), "finite_difference", fd_step=1e-6, rng=rng)
+    assert torch.allclose(d_func, d_fd, atol=1e-7)
+    rng.restore()
+    assert torch.equal(fn(x, t), out)
+
+
+def grads(objective, student, teacher, x, t, s, r=1.0):
+    student.zero_grad()
+    objective(student, teacher, x, t, objective.select_s(t, s), r=r).loss.mean().backward()
+    return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+
+def test_discrete_emd_gradient_tends_to_the_continuous_one():
+    torch.manual_seed(0)
+    data = gaussian()
+    student = MLPVelocity(SHAPE, 32).double()
+    x, t, s = batch(32)
+    cont = grads(AYFEMD(tangent_norm="none", weighting=Weighting(power=2)), student, data.velocity, x, t, s)
+    errors = []
+    for delta in (1e-2, 1e-3, 1e-4):
+        disc = grads(DiscreteEMD(delta=delta), student, data.velocity, x, t, s) / delta
+        errors.append(((disc - cont).norm() / cont.norm()).item())
+    assert errors[-1] < 1e-3, errors
+    assert errors[0] > 3 * errors[1] > 9 * errors[2], errors  # first order in delta
+
+
+def test_emd_at_s_equal_t_is_flow_matching_and_at_s_zero_is_scd():
+    torch.manual_seed(0)
+    data = gaussian()
+    student = MLPVelocity(SHAPE, 32).double()
+    x, t, s = batch(32)
+    fm = grads(FlowMatching(), student, data.velocity, x, t, s)
+    emd_diag = grads(AYFEMD(tangent_norm="none"), student, data.velocity, x, t, t.clone())
+    assert torch.allclose(fm, emd_diag, rtol=1e-10, atol=1e-12)
+    scd = grads(SCD(), student, data.velocity, x, t, s)
+    emd_zero = grads(AYFEMD(), student, data.velocity, x, t, torch.zeros_like(t))
+    assert torch.allclose(scd, emd_zero, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(scd, grads(AYFEMD(), student, data.velocity, x, t, s))
+
+
+def test_tangent_normalization_and_weighting():
+    obj = AYFEMD(norm_const=0.1)
+    g = torch.randn(4, *SHAPE) * 10
+    gn, norm = obj.normalize(g)
+    assert torch.allclose(norm, g.flatten(1).norm(dim=1))
+    assert torch.allclose(gn.flatten(1).norm(dim=1), norm / (norm + 0.1))
+    rms = AYFEMD(tangent_norm="rms")
+    assert torch.allclose(rms.normalize(g)[1], g.flatten(1).norm(dim=1) / 6**0.5)
+    # Weighting: (t - s)^power, and the adaptive form starts at u = 0 and learns.
+    loss, t, s = torch.rand(4), torch.rand(4) * 0.5 + 0.5, torch.rand(4) * 0.5
+    assert torch.allclose(Weighting(power=2)(loss, t, s), (t - s) ** 2 * loss)
+    adaptive = Weighting(adaptive=True)
+    assert torch.allclose(adaptive(loss, t, s), loss)
+    adaptive(loss, t, s).sum().backward()
+    assert adaptive.u[-1].bias.grad is not None
