@@ -7,8 +7,6 @@ YAML or the command line, and ``--print_config`` prints a complete config that r
 
 from __future__ import annotations
 
-import sys
-
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
@@ -29,4 +27,4 @@ class FlowMapCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> FlowMapCLI:
     """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script."""
-    return FlowMapCLI(args=args if args is not None else sys.argv[1:])
+    return FlowMapCLI(args=args)  # None: parse sys.argv

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from flowmap_lit.interpolant import edm_schedule, interpolate, sample_logit_normal, uniform_schedule, velocity_target
 from flowmap_lit.objectives import Objective
-from flowmap_lit.sampling import flowmap_sample, ode_sample
+from flowmap_lit.sampling import gamma_sample, ode_sample
 from flowmap_lit.teachers import Teacher, guided_velocity
 from flowmap_lit.time_sampling import TimePairSampler
 
@@ -169,6 +169,7 @@ class FlowMapDistillModule(pl.LightningModule):
         guidance_max: float = 1.0,  # (a range needs condition_on_guidance: true)
         condition_on_guidance: bool = False,  # feed lam to the student, chosen again at sampling time
         eval_guidance: float | None = None,  # lam used by sample() and evaluation; None: guidance_min
+        sample_gamma: float = 0.0,  # re-noising of sample(): 0 = flow-map chaining, 1 = consistency multistep
         num_classes: int = 0,  # classes of the data; 0: unconditional
         time_sampler: TimePairSampler | None = None,  # (t, s) pairs; None: logit-normal(-0.8, 1)
         warmup_steps: int = 1000,  # optimizer steps over which r ramps linearly from 0
@@ -213,6 +214,7 @@ class FlowMapDistillModule(pl.LightningModule):
         self.guidance_min, self.guidance_max = guidance_min, guidance_max
         self.condition_on_guidance = condition_on_guidance
         self.eval_guidance = guidance_min if eval_guidance is None else eval_guidance
+        self.sample_gamma = sample_gamma
         self.num_classes = num_classes
         self.time_sampler = time_sampler if time_sampler is not None else TimePairSampler()
         self.warmup_steps, self.r_max = warmup_steps, r_max
@@ -312,17 +314,19 @@ class FlowMapDistillModule(pl.LightningModule):
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(("teacher.", "guide."))})
 
     # --- sampling ----------------------------------------------------------------------------------
-    def _eval_inputs(self, noise: Tensor, guidance: float | None):
-        lam = self._guidance(noise.shape[0], self.eval_guidance if guidance is None else guidance)
-        return lam
+    def _eval_inputs(self, noise: Tensor, guidance: float | None) -> Tensor | None:
+        return self._guidance(noise.shape[0], self.eval_guidance if guidance is None else guidance)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 1,
-               guidance: float | None = None, schedule: Tensor | None = None) -> Tensor:
-        """k-step flow-map samples from ``noise`` (uniform schedule unless one is given)."""
+               guidance: float | None = None, schedule: Tensor | None = None, gamma: float | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """k-step samples from ``noise``: flow-map chaining, or gamma sampling (uniform schedule
+        unless one is given; ``gamma`` defaults to ``sample_gamma``)."""
         lam = self._eval_inputs(noise, guidance)
         sched = uniform_schedule(num_steps) if schedule is None else schedule
-        return flowmap_sample(self.student_fn(class_labels, lam), noise, sched)
+        gamma = self.sample_gamma if gamma is None else gamma
+        return gamma_sample(self.student_fn(class_labels, lam), noise, sched, gamma, generator)
 
     @torch.no_grad()
     def teacher_sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 64,

@@ -74,7 +74,7 @@ def network_from_config(config: dict) -> nn.Module:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(nn.Module, "net", fail_untyped=False)
     cfg = parser.parse_object({"net": config})
-    return parser.instantiate_classes(cfg).net
+    return parser.instantiate(cfg).net
 
 
 class NetworkTeacher(Teacher):
@@ -144,7 +144,24 @@ def read_split(root: str, split: str = "train", normalize: bool = True) -> tuple
     return np.concatenate(xs), np.concatenate(ys)
 
 
-class GMMTeacher(Teacher):
+class MixtureTeacher(Teacher):
+    """The exact velocity of a given ``GaussianMixture`` (DESIGN.md section 6)."""
+
+    def __init__(self, mixture: GaussianMixture) -> None:
+        super().__init__()
+        self.gmm = mixture
+        self.num_classes = mixture.num_classes
+        self.freeze()
+
+    def velocity(self, x, t, class_labels=None):
+        return self.gmm.velocity(x, t, class_labels)
+
+    def sample(self, n: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Exact samples of the data distribution the teacher transports to."""
+        return self.gmm.sample(n, class_labels, generator)
+
+
+class GMMTeacher(MixtureTeacher):
     """Exact velocity of a full-covariance Gaussian mixture fitted to a dataset's training split.
 
     With ``per_class=True`` the mixture has ``num_components`` components per class and is
@@ -163,23 +180,14 @@ class GMMTeacher(Teacher):
         seed: int = 0,  # EM initialization seed
         prepare_digits_if_missing: bool = True,  # write the digits shards when data_root has none
     ) -> None:
-        super().__init__()
         root = Path(data_root)
         if prepare_digits_if_missing and not (root / "stats.json").is_file():
             from flowmap_lit.data import prepare_digits
 
             prepare_digits(str(root))
         x, y = read_split(str(root), split)
-        self.gmm = GaussianMixture.fit(x, y if per_class else None, num_components, x.shape[1:],
-                                       covariance_scale=covariance_scale, reg_covar=reg_covar, seed=seed)
-        self.num_classes = self.gmm.num_classes
-        self.freeze()
-
-    def velocity(self, x, t, class_labels=None):
-        return self.gmm.velocity(x, t, class_labels)
-
-    def sample(self, n: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        return self.gmm.sample(n, class_labels, generator)
+        super().__init__(GaussianMixture.fit(x, y if per_class else None, num_components, x.shape[1:],
+                                             covariance_scale=covariance_scale, reg_covar=reg_covar, seed=seed))
 
 
 def guided_velocity(teacher: Teacher, guide: Teacher | None, x: Tensor, t: Tensor,

@@ -26,10 +26,8 @@ def _ema_target(pl_module: pl.LightningModule) -> nn.Module:
 
 
 def _tracked(module: nn.Module) -> dict[str, Tensor]:
-    """Floating-point parameters and buffers of ``module`` by name."""
-    items = dict(module.named_parameters())
-    items.update({k: b for k, b in module.named_buffers() if b.is_floating_point()})
-    return items
+    """The floating-point tensors of ``module``'s state dict (parameters, persistent buffers)."""
+    return {k: v for k, v in module.state_dict(keep_vars=True).items() if v.is_floating_point()}
 
 
 class EMA(pl.Callback):
