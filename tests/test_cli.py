@@ -48,3 +48,53 @@ def test_print_config_runs_as_is_and_bad_keys_fail_clearly(tmp_path):
     proc = _run(["fit", "--config", str(cfg), "--model.init_args.lable_dropout", "0.2"], cwd=tmp_path)
     assert proc.returncode != 0
     assert "lable_dropout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+SMALL_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: flowmap_lit.callbacks.EMA
+    - class_path: flowmap_lit.callbacks.FlowMapError
+      init_args: {num_samples: 40, reference_steps: 8, batch_size: 40}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: %s, save_last: true}
+"""
+
+
+def test_quickstart_config_runs_and_prints_the_flow_map_error_table(tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text(SMALL_CALLBACKS % (tmp_path / "ckpt"))
+    proc = _run(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(small),
+                 "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                 "--model.init_args.teacher.init_args.data_root", str(tmp_path / "digits"),
+                 "--model.init_args.guide.init_args.data_root", str(tmp_path / "digits"),
+                 "--data.init_args.root", str(tmp_path / "digits")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "Flow-map error at step 4" in out and "relative_error" in out
+    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=True, map_location="cpu")
+    assert not any(k.startswith(("teacher.", "guide.")) for k in ckpt["state_dict"])
+
+
+def test_digits_distillation_configs_run_from_teacher_and_guide_checkpoints(tmp_path):
+    digits = str(tmp_path / "digits")
+    for name in ("teacher", "guide"):
+        proc = _run(["fit", "--config", str(ROOT / f"configs/digits/{name}.yaml"), "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "2", "--trainer.callbacks", "[]",
+                     "--trainer.logger", "false",
+                     "--data.init_args.root", digits, "--trainer.default_root_dir", str(tmp_path / name)],
+                    cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    # Lightning's default checkpoint (no ModelCheckpoint in the list) lands under default_root_dir.
+    teacher = next((tmp_path / "teacher").rglob("*.ckpt"))
+    guide = next((tmp_path / "guide").rglob("*.ckpt"))
+    small = tmp_path / "small.yaml"
+    small.write_text(SMALL_CALLBACKS % (tmp_path / "ckpt"))
+    for objective in ("ayf_emd", "ayf_lmd", "scd"):
+        proc = _run(["fit", "--config", str(ROOT / f"configs/digits/distill_{objective}.yaml"), "--config", str(small),
+                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                     "--model.init_args.teacher.init_args.checkpoint", str(teacher),
+                     "--model.init_args.guide.init_args.checkpoint", str(guide),
+                     "--data.init_args.root", digits], cwd=tmp_path)
+        assert proc.returncode == 0, (objective, proc.stderr[-3000:])
+        assert "Flow-map error at step 2" in proc.stdout + proc.stderr
