@@ -48,6 +48,18 @@ def save_plain_hyperparameters(module: pl.LightningModule) -> None:
         module._hparams_initial.pop(key, None)
 
 
+def data_info(trainer: pl.Trainer | None) -> dict | None:
+    """Shape, classes and normalization of the training data, stored in checkpoints so that
+    samples can be decoded without the dataset (``flowmap_lit.sample``)."""
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    stats = getattr(dm, "stats", None)
+    if not isinstance(stats, dict):
+        return None
+    return {"shape": list(stats["shape"]), "num_classes": int(stats["num_classes"]),
+            "normalize": bool(getattr(dm, "normalize", False)),
+            "mean": list(stats.get("mean", [])), "std": list(stats.get("std", []))}
+
+
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int):
     """Linear learning-rate warmup over ``warmup_steps`` optimizer steps, then constant."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -92,20 +104,20 @@ class FlowMatchingModule(pl.LightningModule):
     def ema_network(self) -> nn.Module:
         return self.net
 
-    def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, cfg_scale: float = 1.0) -> Tensor:
-        """Velocity, optionally with classifier-free guidance ``v_u + w (v_c - v_u)``."""
-        if class_labels is None or self.num_classes == 0 or cfg_scale == 1.0:
+    def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance: float = 1.0) -> Tensor:
+        """Velocity, optionally with classifier-free guidance ``v_u + lam (v_c - v_u)``, ``lam = guidance``."""
+        if class_labels is None or self.num_classes == 0 or guidance == 1.0:
             return self.net(x, t, class_labels=self._labels(class_labels))
         null = torch.full_like(class_labels, self.num_classes)
         v = self.net(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null]))
         v_c, v_u = v.chunk(2)
-        return v_u + cfg_scale * (v_c - v_u)
+        return v_u + guidance * (v_c - v_u)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int | None = None,
-               cfg_scale: float = 1.0, solver: Literal["euler", "heun"] = "heun") -> Tensor:
-        """Samples by integrating the learned ODE from ``noise`` (t = 1) to data (t = 0)."""
-        return ode_sample(lambda x, t: self.velocity(x, t, class_labels, cfg_scale), noise,
+               guidance: float = 1.0, solver: Literal["euler", "heun"] = "heun") -> Tensor:
+        """Samples by integrating the learned ODE from ``noise`` (t = 1) to data (t = 0), CFG scale ``guidance``."""
+        return ode_sample(lambda x, t: self.velocity(x, t, class_labels, guidance), noise,
                           num_steps or self.sample_steps, solver)
 
     def _labels(self, labels: Tensor | None) -> Tensor | None:
@@ -142,6 +154,9 @@ class FlowMatchingModule(pl.LightningModule):
         loss = self.loss(x0, labels, t, eps).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["data_info"] = data_info(self._trainer)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -308,6 +323,7 @@ class FlowMapDistillModule(pl.LightningModule):
         # The frozen teacher and guide are rebuilt from their own source; do not duplicate them.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith(("teacher.", "guide."))}
+        checkpoint["data_info"] = data_info(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         own = self.state_dict()

@@ -55,7 +55,7 @@ def test_label_dropout_and_cfg():
     assert abs(dropped.float().mean().item() - 0.5) < 0.03
     assert (module.net.labels[~dropped] == labels[~dropped]).all()
     # CFG: v_u + w (v_c - v_u) with the recorder's velocity = label value; null label 10.
-    v = module.velocity(torch.zeros(2, 1, 2, 2), torch.rand(2), torch.tensor([3, 4]), cfg_scale=2.0)
+    v = module.velocity(torch.zeros(2, 1, 2, 2), torch.rand(2), torch.tensor([3, 4]), guidance=2.0)
     assert torch.allclose(v[:, 0, 0, 0], torch.tensor([10 + 2 * (3 - 10), 10 + 2 * (4 - 10)]).float())
 
 

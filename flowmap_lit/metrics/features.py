@@ -1,0 +1,154 @@
+"""Frozen feature extractors for FID: images (N, C, H, W) in the data range [-1, 1] -> features (N, d) float64.
+
+- ``DigitsFeatures``: the penultimate activations (128-d) of the digits classifier (``digits_classifier.py``).
+- ``InceptionFeatures``: Inception-v3 pool features (2048-d), torchmetrics' / torch-fidelity's network
+  with weights from a local file. Nothing is ever downloaded.
+
+``build_feature_extractor(kind, path)`` picks one by name. Each extractor has ``num_features``
+(read by torchmetrics instead of a dummy forward pass), ``name`` (used in cache file names) and
+``extractor_id`` (name + hash of the weights file, the key of cached reference statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"   # torch-fidelity's converted TF Inception-v3 weights
+FEATURE_KINDS = ("digits", "inception")
+
+
+def file_digest(path: str | Path, length: int = 12) -> str:
+    """The first ``length`` hex digits of the SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+class FeatureExtractor(nn.Module):
+    """Base class: a frozen network; subclasses implement ``extract`` (images in [-1, 1] -> (N, d)).
+
+    Frozen means eval mode forever (``train()`` is a no-op) and ``requires_grad=False`` on every
+    parameter, so it neither trains nor changes when it sits inside a torchmetrics metric.
+    """
+
+    name: str = "features"                 # short name, used in cache file names
+    num_features: int                      # d, the feature dimension
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extractor_id = self.name      # identity of the weights; subclasses add a file hash
+
+    def freeze(self) -> "FeatureExtractor":
+        """Eval mode and no gradients for every parameter; returns self."""
+        super().train(False)
+        self.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":  # always stays in eval mode
+        return super().train(False)
+
+    def extract(self, images: Tensor) -> Tensor:
+        """Features (N, num_features) of images (N, C, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """``extract`` with its shape checked, as float64 (N, num_features)."""
+        if images.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects images (N, C, H, W), got shape {tuple(images.shape)}")
+        feats = self.extract(images)
+        if feats.shape != (images.shape[0], self.num_features):
+            raise RuntimeError(f"{type(self).__name__} returned {tuple(feats.shape)}, "
+                               f"expected ({images.shape[0]}, {self.num_features})")
+        return feats.to(torch.float64)
+
+
+class DigitsFeatures(FeatureExtractor):
+    """Penultimate (feature-layer) activations of the digits classifier saved at ``path``."""
+
+    name = "digits"
+
+    def __init__(
+        self,
+        path: str | Path = "data/digits/classifier.pt",   # classifier file (python -m flowmap_lit.metrics.digits_classifier)
+    ) -> None:
+        from .digits_classifier import load_digits_classifier
+
+        super().__init__()
+        self.net = load_digits_classifier(path)
+        cfg = self.net.config
+        self.num_features = int(cfg["feature_dim"])
+        self.input_shape = (int(cfg["in_channels"]), int(cfg["image_size"]), int(cfg["image_size"]))
+        self.extractor_id = f"{self.name}-{file_digest(path)}"
+        self.freeze()
+
+    def extract(self, images: Tensor) -> Tensor:
+        if tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"DigitsFeatures expects images of shape (N, {', '.join(map(str, self.input_shape))}) "
+                             f"in [-1, 1], got {tuple(images.shape)}")
+        return self.net.features(images.to(self.net.fc.weight.dtype))
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 pixels 0..255 (``x * 127.5 + 128``, clipped, truncated, as EDM's FID)."""
+    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+class InceptionFeatures(FeatureExtractor):
+    """Inception-v3 2048-d pool features (torch-fidelity's network via torchmetrics), local weights only.
+
+    Images (N, 1 or 3, H, W) in [-1, 1] become uint8 RGB (gray is repeated); the network resizes
+    them to 299 x 299 itself (TF1-compatible bilinear when ``antialias=False``, as torch-fidelity).
+    """
+
+    name = "inception"
+    num_features = 2048
+
+    def __init__(
+        self,
+        weights_path: str | Path | None,   # local pt_inception-2015-12-05-6726825d.pth; None raises (never downloads)
+        antialias: bool = False,           # False: torch-fidelity's TF1-compatible resize (comparable to published FIDs)
+    ) -> None:
+        super().__init__()
+        hint = (f"download {INCEPTION_WEIGHTS} on a machine with internet (pytorch-fid's GitHub release; torch-fidelity "
+                f"names the same 6726825d file weights-inception-2015-12-05-6726825d.pth) and pass its path as "
+                f"weights_path (build_feature_extractor('inception', path))")
+        if weights_path is None:
+            raise FileNotFoundError(f"InceptionFeatures needs local weights and never downloads: {hint}")
+        if not Path(weights_path).is_file():
+            raise FileNotFoundError(f"Inception weights {weights_path} do not exist: {hint}")
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise ModuleNotFoundError("InceptionFeatures needs torch-fidelity: pip install torch-fidelity")
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
+                                      feature_extractor_weights_path=str(weights_path), antialias=antialias)
+        self.extractor_id = f"{self.name}-{file_digest(weights_path)}"
+        self.freeze()
+
+    def extract(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[1] != 3:
+            raise ValueError(f"InceptionFeatures expects 1 or 3 channels, got {images.shape[1]}")
+        return self.net(to_uint8(images)).reshape(images.shape[0], -1)
+
+
+def build_feature_extractor(
+    kind: str,                             # "digits" or "inception"
+    path: str | Path | None = None,        # the classifier file ("digits") or Inception weights file ("inception")
+) -> FeatureExtractor:
+    """The frozen feature extractor ``kind`` with weights from ``path``."""
+    if kind == "digits":
+        return DigitsFeatures(path if path is not None else "data/digits/classifier.pt")
+    if kind == "inception":
+        return InceptionFeatures(path)
+    raise ValueError(f"unknown feature extractor kind {kind!r}; expected one of {FEATURE_KINDS}")

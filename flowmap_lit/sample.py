@@ -1,0 +1,115 @@
+"""Sample from a trained checkpoint: PNG grids and an ``.npz`` per run.
+
+    python -m flowmap_lit.sample --ckpt checkpoints/quickstart/last.ckpt --steps 1 2 4 8 \\
+        --num 100 --guidance 1.5 --seed 0 --out samples/quickstart
+
+Works for ``FlowMapDistillModule`` checkpoints (k-step flow-map or gamma sampling) and for
+``FlowMatchingModule`` checkpoints (k-step Heun ODE; ``--guidance`` is the CFG scale). The module
+is rebuilt from the hyperparameters stored in the checkpoint (so relative paths in it, such as a
+teacher's ``data_root``, resolve against the current directory), with the EMA weights by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
+from flowmap_lit.callbacks.sample_grid import make_grid, save_png, to_images
+from flowmap_lit.teachers import load_checkpoint
+
+
+def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu", allow_pickle: bool = False):
+    """The LightningModule saved in ``ckpt_path``, in eval mode, with EMA weights when present."""
+    ckpt = load_checkpoint(ckpt_path, allow_pickle)
+    class_path = ckpt.get("hyper_parameters", {}).get("_class_path")
+    if class_path is None:
+        raise ValueError(
+            f"{ckpt_path} does not record its module class; it was not written by "
+            "`python -m flowmap_lit fit`. Load it in Python with YourModule.load_from_checkpoint."
+        )
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    module = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=not allow_pickle)
+    shadow = ema_state_from_checkpoint(ckpt) if use_ema else None
+    if shadow is not None:
+        module.ema_network().load_state_dict(shadow, strict=False)
+    module.data_info = ckpt.get("data_info")
+    return module.eval()
+
+
+def denormalize(x: Tensor, info: dict | None) -> Tensor:
+    """Undo the per-channel normalization recorded in the checkpoint (identity without it)."""
+    if not info or not info.get("normalize"):
+        return x
+    mean = torch.tensor(info["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(info["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x * std + mean
+
+
+@torch.no_grad()
+def generate(module, num: int, steps: list[int], guidance: float | None = None, seed: int = 0,
+             labels: Tensor | None = None, shape: tuple[int, ...] | None = None,
+             batch_size: int = 500) -> tuple[Tensor, Tensor | None, dict[int, Tensor]]:
+    """``(noise, labels, {k: samples})``: the same seeded noise and labels for every step count.
+
+    Labels default to ``arange(num) % num_classes`` (one column per class in a grid).
+    """
+    info = getattr(module, "data_info", None) or {}
+    shape = tuple(shape or info.get("shape") or ())
+    if not shape:
+        raise ValueError("the checkpoint records no data shape; pass shape=(C, H, W)")
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num, *shape), generator=gen).to(module.device)
+    k_classes = getattr(module, "num_classes", 0)
+    if labels is None and k_classes:
+        labels = torch.arange(num) % k_classes
+    labels = labels.to(module.device) if labels is not None else None
+    kwargs = {} if guidance is None else {"guidance": guidance}
+    out = {}
+    for k in steps:
+        parts = []
+        for i in range(0, num, batch_size):
+            lab = labels[i:i + batch_size] if labels is not None else None
+            parts.append(module.sample(noise[i:i + batch_size], lab, num_steps=k, **kwargs))
+        out[k] = torch.cat(parts)
+    return noise, labels, out
+
+
+def main(argv: list[str] | None = None) -> dict[int, Path]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by python -m flowmap_lit fit")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (NFE for flow maps)")
+    p.add_argument("--num", type=int, default=100, help="samples per step count")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale lam (default: the module's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (same noise for every step count)")
+    p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--allow-pickle", action="store_true", help="load with weights_only=False (trusted files only)")
+    args = p.parse_args(argv)
+    module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device, allow_pickle=args.allow_pickle)
+    noise, labels, samples = generate(module, args.num, args.steps, args.guidance, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for k, x in samples.items():
+        paths[k] = out / f"samples_{k}step.png"
+        save_png(make_grid(to_images(denormalize(x, module.data_info))), paths[k], upscale=4)
+        print(f"{k} step(s): {paths[k]}")
+    arrays = {f"x_{k}step": denormalize(x, module.data_info).cpu().numpy() for k, x in samples.items()}
+    arrays["noise"] = noise.cpu().numpy()
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    np.savez(out / "samples.npz", **arrays)
+    print(f"arrays: {out / 'samples.npz'} (keys {sorted(arrays)})")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
