@@ -1,10 +1,12 @@
 """End-to-end: ``python -m flowmap_lit fit --config ...`` in a fresh directory, via subprocesses."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,19 +63,56 @@ trainer:
 """
 
 
-def test_quickstart_config_runs_and_prints_the_flow_map_error_table(tmp_path):
+FID_CALLBACK = """
+    - class_path: flowmap_lit.callbacks.FewStepFID
+      init_args: {feature_path: %s, train_if_missing: true, num_samples: 100, teacher_steps: 4}
+"""
+
+
+def make_quickstart_checkpoint(tmp_path, steps=4) -> Path:
+    """A tiny quickstart run (FID and flow-map error callbacks included); returns last.ckpt."""
     small = tmp_path / "small.yaml"
-    small.write_text(SMALL_CALLBACKS % (tmp_path / "ckpt"))
+    small.write_text(SMALL_CALLBACKS % (tmp_path / "ckpt") + FID_CALLBACK % (tmp_path / "digits/classifier.pt"))
     proc = _run(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(small),
-                 "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                 "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2",
                  "--model.init_args.teacher.init_args.data_root", str(tmp_path / "digits"),
                  "--model.init_args.guide.init_args.data_root", str(tmp_path / "digits"),
                  "--data.init_args.root", str(tmp_path / "digits")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout + proc.stderr
+    (tmp_path / "fit.log").write_text(proc.stdout + proc.stderr)
+    return tmp_path / "ckpt/last.ckpt"
+
+
+def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(tmp_path):
+    ckpt_path = make_quickstart_checkpoint(tmp_path)
+    out = (tmp_path / "fit.log").read_text()
     assert "Flow-map error at step 4" in out and "relative_error" in out
-    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=True, map_location="cpu")
+    assert "FID (digits features, 100 samples" in out and "teacher, 4-step Heun ODE: FID" in out
+    assert (tmp_path / "digits/classifier.pt").is_file()
+    assert list((tmp_path / "digits").glob("fid_ref_*_train.pt"))  # cached reference statistics
+    ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
     assert not any(k.startswith(("teacher.", "guide.")) for k in ckpt["state_dict"])
+    assert ckpt["data_info"]["shape"] == [1, 8, 8]
+
+    # The sample command: PNG grids and an npz from the checkpoint.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "flowmap_lit.sample", "--ckpt", str(ckpt_path), "--steps", "1", "2",
+                           "--num", "20", "--out", str(tmp_path / "samples")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arrays = np.load(tmp_path / "samples/samples.npz")
+    assert arrays["x_1step"].shape == (20, 1, 8, 8) and arrays["labels"].tolist() == [i % 10 for i in range(20)]
+    assert (tmp_path / "samples/samples_2step.png").is_file()
+
+    # The evaluation command: one row per step count with NFE, FID, flow-map error and speed.
+    proc = subprocess.run([sys.executable, "-m", "flowmap_lit.evaluate", "--ckpt", str(ckpt_path), "--steps", "1", "2",
+                           "--num", "100", "--reference-steps", "8", "--json", str(tmp_path / "eval.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["nfe"] for r in rows] == [1, 2]
+    assert all(r["fid"] > 0 and 0 < r["flowmap_rel_error"] and r["samples_per_s"] > 0 for r in rows)
+    assert "flowmap_rel_error" in proc.stdout
 
 
 def test_digits_distillation_configs_run_from_teacher_and_guide_checkpoints(tmp_path):

@@ -101,9 +101,14 @@ class FlowMapError(pl.Callback):
             return
         self.results = self.evaluate(trainer, pl_module)
         self._log(trainer, pl_module, self.results)
+        if trainer.state.fn != "fit":
+            self._print(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.results = self.evaluate(trainer, pl_module)
+        self._print(trainer, pl_module)
+
+    def _print(self, trainer, pl_module) -> None:
         if not (self.print_table and trainer.is_global_zero):
             return
         noise, labels, ref = self.reference(trainer, pl_module)

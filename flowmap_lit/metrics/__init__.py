@@ -6,22 +6,38 @@
   ``InceptionFeatures`` (local weights, needs torch-fidelity), ``build_feature_extractor``.
 - ``fid.py``: ``FID`` (torchmetrics with fixed reference statistics), cached reference statistics,
   and ``frechet_distance`` in float64.
+
+Names are imported lazily, so ``python -m flowmap_lit.metrics.digits_classifier`` runs cleanly.
 """
 
-from .digits_classifier import DigitsClassifier, load_digits_classifier, train_digits_classifier
-from .features import DigitsFeatures, FeatureExtractor, InceptionFeatures, build_feature_extractor
-from .fid import (
-    FID,
-    dataset_reference_stats,
-    frechet_distance,
-    load_or_compute_reference_stats,
-    reference_cache_path,
-    reference_stats,
-)
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "DigitsClassifier", "load_digits_classifier", "train_digits_classifier",
-    "FeatureExtractor", "DigitsFeatures", "InceptionFeatures", "build_feature_extractor",
-    "FID", "reference_stats", "load_or_compute_reference_stats", "dataset_reference_stats",
-    "reference_cache_path", "frechet_distance",
-]
+_EXPORTS = {
+    "DigitsClassifier": "digits_classifier", "load_digits_classifier": "digits_classifier",
+    "train_digits_classifier": "digits_classifier",
+    "FeatureExtractor": "features", "DigitsFeatures": "features", "InceptionFeatures": "features",
+    "build_feature_extractor": "features",
+    "FID": "fid", "reference_stats": "fid", "load_or_compute_reference_stats": "fid",
+    "dataset_reference_stats": "fid", "reference_cache_path": "fid", "frechet_distance": "fid",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .digits_classifier import DigitsClassifier, load_digits_classifier, train_digits_classifier
+    from .features import DigitsFeatures, FeatureExtractor, InceptionFeatures, build_feature_extractor
+    from .fid import (FID, dataset_reference_stats, frechet_distance, load_or_compute_reference_stats,
+                      reference_cache_path, reference_stats)
+
+
+def __getattr__(name: str):
+    """Import the submodule that defines ``name`` on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -118,7 +118,8 @@ def train_digits_classifier(
     finally:
         torch.set_num_threads(prev_threads)
     result = dict(accuracy=accuracy(model, xv, yv), train_accuracy=accuracy(model, x, y),
-                  seconds=time.perf_counter() - start, epochs=epochs, out_path=None if out_path is None else str(out_path))
+                  seconds=time.perf_counter() - start, epochs=epochs,
+                  out_path=None if out_path is None else str(out_path))
     if out_path is not None:
         save_digits_classifier(model, out_path, val_accuracy=result["accuracy"],
                                train=dict(data_root=str(data_root), epochs=epochs, batch_size=batch_size, lr=lr,
@@ -149,12 +150,21 @@ def _fit(x: Tensor, y: Tensor, num_classes: int, epochs: int, batch_size: int, l
     return model.eval()
 
 
-def save_digits_classifier(model: DigitsClassifier, path: str | Path, val_accuracy: float, train: dict | None = None) -> None:
-    """Write ``{"format", "kind", "config", "state_dict", "val_accuracy", "train"}`` atomically (weights_only-loadable)."""
+def save_digits_classifier(
+    model: DigitsClassifier,               # the trained classifier
+    path: str | Path,                      # output file
+    val_accuracy: float,                   # its held-out accuracy, stored in the file
+    train: dict | None = None,             # training settings, stored in the file
+) -> None:
+    """Write ``{"format", "kind", "config", "state_dict", "val_accuracy", "train"}`` atomically.
+
+    The file loads with ``torch.load(path, weights_only=True)``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "kind": KIND, "config": dict(model.config), "val_accuracy": float(val_accuracy),
-               "train": dict(train or {}), "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+               "train": dict(train or {}),
+               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -165,7 +175,8 @@ def load_digits_classifier(path: str | Path, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         data_root = path.parent if (path.parent / "stats.json").is_file() else "data/digits"  # the dataset it sits in
-        raise FileNotFoundError(f"digits classifier {path} does not exist. Create it with: {create_command(path, data_root)}")
+        raise FileNotFoundError(f"digits classifier {path} does not exist. "
+                                f"Create it with: {create_command(path, data_root)}")
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("kind") != KIND or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a digits classifier file (format {FORMAT}); recreate it with: "
@@ -180,15 +191,16 @@ def load_digits_classifier(path: str | Path, map_location: str | torch.device = 
 def main(argv: list[str] | None = None) -> dict:
     """CLI: train, save, print the held-out accuracy."""
     parser = argparse.ArgumentParser(description="Train the digits classifier used for digits FID features.")
-    parser.add_argument("--data", default="data/digits", help="dataset directory (python -m flowmap_lit.data.prepare digits)")
+    parser.add_argument("--data", default="data/digits",
+                        help="dataset directory (python -m flowmap_lit.data.prepare digits --out DIR)")
     parser.add_argument("--out", default=None, help="output file (default: DATA/classifier.pt)")
     parser.add_argument("--epochs", type=int, default=40, help="passes over the train split")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(args.data, "classifier.pt")
     result = train_digits_classifier(args.data, out, epochs=args.epochs, seed=args.seed)
-    print(f"held-out (val) accuracy {100 * result['accuracy']:.2f}%  train accuracy {100 * result['train_accuracy']:.2f}%  "
-          f"{result['seconds']:.1f} s  -> {out}")
+    print(f"held-out (val) accuracy {100 * result['accuracy']:.2f}%  "
+          f"train accuracy {100 * result['train_accuracy']:.2f}%  {result['seconds']:.1f} s  -> {out}")
     return result
 
 

@@ -76,7 +76,7 @@ class DigitsFeatures(FeatureExtractor):
 
     def __init__(
         self,
-        path: str | Path = "data/digits/classifier.pt",   # classifier file (python -m flowmap_lit.metrics.digits_classifier)
+        path: str | Path = "data/digits/classifier.pt",   # classifier file (digits_classifier.py CLI)
     ) -> None:
         from .digits_classifier import load_digits_classifier
 
@@ -113,12 +113,12 @@ class InceptionFeatures(FeatureExtractor):
     def __init__(
         self,
         weights_path: str | Path | None,   # local pt_inception-2015-12-05-6726825d.pth; None raises (never downloads)
-        antialias: bool = False,           # False: torch-fidelity's TF1-compatible resize (comparable to published FIDs)
+        antialias: bool = False,           # False: torch-fidelity's TF1-compatible resize (as published FIDs)
     ) -> None:
         super().__init__()
-        hint = (f"download {INCEPTION_WEIGHTS} on a machine with internet (pytorch-fid's GitHub release; torch-fidelity "
-                f"names the same 6726825d file weights-inception-2015-12-05-6726825d.pth) and pass its path as "
-                f"weights_path (build_feature_extractor('inception', path))")
+        hint = (f"download {INCEPTION_WEIGHTS} on a machine with internet (pytorch-fid's GitHub release; "
+                f"torch-fidelity names the same 6726825d file weights-inception-2015-12-05-6726825d.pth) "
+                f"and pass its path as weights_path (build_feature_extractor('inception', path))")
         if weights_path is None:
             raise FileNotFoundError(f"InceptionFeatures needs local weights and never downloads: {hint}")
         if not Path(weights_path).is_file():
@@ -127,7 +127,11 @@ class InceptionFeatures(FeatureExtractor):
 
         if not _TORCH_FIDELITY_AVAILABLE:
             raise ModuleNotFoundError("InceptionFeatures needs torch-fidelity: pip install torch-fidelity")
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except (ImportError, RuntimeError) as err:  # e.g. a torchvision built for another torch
+            raise ModuleNotFoundError(f"torch-fidelity is installed but does not import ({err}); it needs a "
+                                      "torchvision matching torch: pip install torch-fidelity torchvision") from err
 
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
                                       feature_extractor_weights_path=str(weights_path), antialias=antialias)
