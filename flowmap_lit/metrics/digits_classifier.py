@@ -114,7 +114,8 @@ def train_digits_classifier(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        model = _fit(x, y, num_classes, epochs, batch_size, lr, weight_decay, max_shift, seed)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG stream untouched
+            model = _fit(x, y, num_classes, epochs, batch_size, lr, weight_decay, max_shift, seed)
     finally:
         torch.set_num_threads(prev_threads)
     result = dict(accuracy=accuracy(model, xv, yv), train_accuracy=accuracy(model, x, y),
