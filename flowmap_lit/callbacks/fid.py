@@ -84,6 +84,10 @@ class FewStepFID(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            return self._evaluate(trainer, pl_module)  # evaluation never shifts the training RNG stream
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
         self._setup_metric(trainer, pl_module)
         dm = trainer.datamodule
         rank, world = trainer.global_rank, trainer.world_size

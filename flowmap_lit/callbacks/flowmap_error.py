@@ -73,6 +73,10 @@ class FlowMapError(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            return self._evaluate(trainer, pl_module)  # evaluation never shifts the training RNG stream
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
         noise, labels, ref = self.reference(trainer, pl_module)
         ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
         was_training = pl_module.training

@@ -92,6 +92,10 @@ class SampleGrid(pl.Callback):
 
     @torch.no_grad()
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            self._draw(trainer, pl_module)  # drawing never shifts the training RNG stream
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         noise, labels = self._inputs(pl_module, tuple(dm.shape))
         ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)

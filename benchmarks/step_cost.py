@@ -1,0 +1,151 @@
+"""Training-step cost against its parts: are there wasted passes?
+
+    python benchmarks/step_cost.py --arch unet --preset tiny --batch 64
+
+Times (median over interleaved repeats, after warm-up, one process) a flow-matching step and the
+AYF-EMD, AYF-LMD and sCD steps with autoguidance, and each part alone: teacher forward, guide
+forward, student JVP, student forward+backward+optimizer step. Prints a table and one JSON object:
+each distillation step over the flow-matching step, and each step over the sum of its own parts
+(the overhead; 1.0 means no pass is wasted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flowmap_lit.interpolant import interpolate  # noqa: E402
+from flowmap_lit.jvp import jvp  # noqa: E402
+from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule  # noqa: E402
+from flowmap_lit.networks import build_network  # noqa: E402
+from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD  # noqa: E402
+from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
+
+
+def randomize_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill zero-initialized tensors so no branch is trivially zero (timing is then representative)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return net
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="unet", choices=["unet", "dit", "mlp"])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backends", nargs="+", default=["func", "finite_difference"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    net = randomize_(build_network(args.arch, args.preset)).to(dev)
+    teacher = NetworkTeacher(net=net, num_classes=10)  # every tiny preset is the 10-class digits size
+    guide = NetworkTeacher(net=randomize_(build_network(args.arch, args.preset), 1).to(dev), num_classes=10)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    x0 = torch.randn(args.batch, *shape, device=dev)
+    labels = torch.randint(0, 10, (args.batch,), device=dev)
+    batch = {"x": x0, "label": labels}
+    t = torch.rand(args.batch, device=dev)
+    s = t * torch.rand(args.batch, device=dev)
+    x_t = interpolate(x0, torch.randn_like(x0), t)
+
+    fm = FlowMatchingModule(build_network(args.arch, args.preset).to(dev), num_classes=10)
+    fm_opt = torch.optim.Adam(fm.parameters(), lr=1e-4)
+    ops = {}
+
+    def fm_step():
+        loss = fm.training_step(batch, 0)
+        fm_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        fm_opt.step()
+
+    ops["flow_matching_step"] = fm_step
+    modules = {}
+    for backend in args.backends:
+        for name, cls in (("ayf_emd", AYFEMD), ("ayf_lmd", AYFLMD), ("scd", SCD)):
+            m = FlowMapDistillModule(teacher, cls(jvp_backend=backend), guide=guide, guidance="autoguidance",
+                                     guidance_min=1.5, guidance_max=1.5, num_classes=10, warmup_steps=0).to(dev)
+            opt = torch.optim.Adam(m.student.parameters(), lr=1e-4)
+            modules[(name, backend)] = m
+
+            def step(m=m, opt=opt):
+                loss, _ = m.step_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.mean().backward()
+                opt.step()
+
+            ops[f"{name}_step[{backend}]"] = step
+    student = modules[(("ayf_emd", args.backends[0]))].student
+    s_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+
+    def teacher_fwd():
+        teacher.velocity(x_t, t, labels)
+
+    def guide_fwd():
+        guide.velocity(x_t, t, labels)
+
+    def fwd_bwd():
+        out = student(x_t, t, s, class_labels=labels)
+        s_opt.zero_grad(set_to_none=True)
+        out.square().mean().backward()
+        s_opt.step()
+
+    ops["part:teacher_forward"] = teacher_fwd
+    ops["part:guide_forward"] = guide_fwd
+    ops["part:student_forward_backward_step"] = fwd_bwd
+    v = torch.randn_like(x_t)
+    for backend in args.backends:
+        ops[f"part:student_jvp_t[{backend}]"] = lambda b=backend: jvp(
+            lambda x, tt: student(x, tt, s, class_labels=labels), (x_t, t), (v, torch.ones_like(t)), backend=b)
+        ops[f"part:student_jvp_s[{backend}]"] = lambda b=backend: jvp(
+            lambda ss: student(x_t, t, ss, class_labels=labels), (s,), (torch.ones_like(s),), backend=b)
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = {k: [] for k in ops}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in ops.items():  # interleaved: every op sees the same machine state
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    fm_ms = med["flow_matching_step"]
+    parts_common = med["part:teacher_forward"] + med["part:guide_forward"] + med["part:student_forward_backward_step"]
+    rows = []
+    for backend in args.backends:
+        for name, jvp_key in (("ayf_emd", "t"), ("ayf_lmd", "s"), ("scd", "t")):
+            step_ms = med[f"{name}_step[{backend}]"]
+            parts = parts_common + med[f"part:student_jvp_{jvp_key}[{backend}]"]
+            rows.append({"step": name, "jvp_backend": backend, "ms": round(step_ms, 2),
+                         "over_flow_matching": round(step_ms / fm_ms, 2), "sum_of_parts_ms": round(parts, 2),
+                         "over_sum_of_parts": round(step_ms / parts, 3)})
+    result = {"arch": args.arch, "preset": args.preset, "batch": args.batch, "device": str(dev),
+              "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "median_ms": {k: round(v, 2) for k, v in med.items()}, "flow_matching_step_ms": round(fm_ms, 2),
+              "steps": rows}
+    print(f"{'step':<10} {'jvp':<18} {'ms':>8} {'/FM step':>9} {'parts ms':>9} {'/parts':>7}")
+    for r in rows:
+        print(f"{r['step']:<10} {r['jvp_backend']:<18} {r['ms']:>8.2f} {r['over_flow_matching']:>9.2f} "
+              f"{r['sum_of_parts_ms']:>9.2f} {r['over_sum_of_parts']:>7.3f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
