@@ -1,0 +1,111 @@
+"""Samples per second streamed from WebDataset shards, against what a training step consumes.
+
+    python benchmarks/data_throughput.py --num-samples 4000 --shape 4 32 32
+
+Writes synthetic latent shards (or reads ``--root``), then times the training stream of
+``LatentDataModule`` with 0, 1 and 2 workers (after its first batch, so worker start-up is
+reported separately), and the consumption rate of the quickstart's training step (samples/s
+of ``FlowMapDistillModule`` with the exact mixture teacher, when ``--step-rate`` is given).
+Prints a table and one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flowmap_lit.data import LatentDataModule, write_dataset  # noqa: E402
+
+
+def stream_rate(root: str, workers: int, batch: int, batches: int) -> dict:
+    dm = LatentDataModule(root=root, batch_size=batch, num_workers=workers, train_samples_per_epoch=batch * (batches + 1))
+    dm.setup("fit")
+    start = time.perf_counter()
+    it = iter(dm.train_dataloader())
+    next(it)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        n += next(it)["x"].shape[0]
+    seconds = time.perf_counter() - start
+    del it  # stop this loader's workers before the next one forks (else they inherit its iterator)
+    gc.collect()
+    return {"workers": workers, "samples_per_s": round(n / seconds), "first_batch_s": round(first, 3)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=None, help="existing shard directory (default: write synthetic shards)")
+    p.add_argument("--num-samples", type=int, default=4000)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--shape", type=int, nargs=3, default=[4, 32, 32])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batches", type=int, default=25)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--step-rate", action="store_true", help="also time the quickstart step's consumption")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if root is None:
+            root = str(Path(tmp) / "shards")
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((args.num_samples, *args.shape), dtype=np.float32)
+            y = rng.integers(0, 10, args.num_samples)
+            write_dataset(root, {"train": (x, y)}, num_classes=10, source="benchmark",
+                          samples_per_shard=-(-args.num_samples // args.shards))
+        rows = [stream_rate(root, w, args.batch, args.batches) for w in args.workers]
+    result = {"shape": args.shape, "batch": args.batch, "num_samples": args.num_samples, "shards": args.shards,
+              "streams": rows}
+    if args.step_rate:
+        result["quickstart_step_samples_per_s"] = quickstart_step_rate()
+    for r in rows:
+        print(f"workers={r['workers']}: {r['samples_per_s']:>8} samples/s (first batch after {r['first_batch_s']} s)")
+    if args.step_rate:
+        print(f"quickstart training step consumes {result['quickstart_step_samples_per_s']} samples/s")
+    print(json.dumps(result))
+    return result
+
+
+def quickstart_step_rate(steps: int = 20, batch: int = 256) -> int:
+    """Samples/s one AYF-EMD step of the quickstart consumes (exact mixture teacher, MLP student)."""
+    import torch
+
+    from flowmap_lit.analytic import GaussianMixture
+    from flowmap_lit.modules import FlowMapDistillModule
+    from flowmap_lit.networks import MLP
+    from flowmap_lit.objectives import AYFEMD
+    from flowmap_lit.teachers import MixtureTeacher
+
+    torch.manual_seed(0)
+    k, d = 20, 64
+    a = torch.randn(k, d, d, dtype=torch.float64) * 0.1
+    gmm = GaussianMixture(torch.ones(k) / k, torch.randn(k, d), a @ a.transpose(1, 2) + 1e-3 * torch.eye(d),
+                          (1, 8, 8), torch.arange(k) % 10)
+    teacher, guide = MixtureTeacher(gmm), MixtureTeacher(gmm)
+    m = FlowMapDistillModule(teacher, AYFEMD(), student=MLP(num_classes=10), guide=guide, guidance="autoguidance",
+                             guidance_min=1.0, guidance_max=2.0, condition_on_guidance=True, num_classes=10,
+                             init_student_from_teacher=False)
+    opt = torch.optim.Adam(m.student.parameters(), lr=3e-4)
+    batch_data = {"x": torch.randn(batch, 1, 8, 8), "label": torch.randint(0, 10, (batch,))}
+    for i in range(steps + 3):
+        if i == 3:
+            start = time.perf_counter()
+        loss, _ = m.step_loss(batch_data)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        opt.step()
+    return round(steps * batch / (time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+    main()

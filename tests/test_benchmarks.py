@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end with tiny settings and print one JSON object (no timing asserts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_cli import ROOT
+
+
+def run_script(name, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_step_cost(arch):
+    out = run_script("step_cost.py", "--arch", arch, "--batch", "4", "--repeats", "1", "--warmup", "1")
+    assert {r["step"] for r in out["steps"]} == {"ayf_emd", "ayf_lmd", "scd"}
+    assert all(r["ms"] > 0 and r["sum_of_parts_ms"] > 0 for r in out["steps"])
+
+
+def test_data_throughput():
+    out = run_script("data_throughput.py", "--num-samples", "200", "--shards", "2", "--batch", "16", "--batches", "3",
+                     "--workers", "0", "2", "--shape", "2", "8", "8")
+    assert [r["workers"] for r in out["streams"]] == [0, 2] and all(r["samples_per_s"] > 0 for r in out["streams"])
+
+
+def test_sampling():
+    out = run_script("sampling.py", "--num", "16", "--steps", "1", "2", "--teacher-steps", "2", "--repeats", "1")
+    assert [r["nfe"] for r in out["student"]] == [1, 2] and out["teacher"]["nfe"] == 8
