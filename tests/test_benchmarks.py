@@ -34,3 +34,11 @@ def test_data_throughput():
 def test_sampling():
     out = run_script("sampling.py", "--num", "16", "--steps", "1", "2", "--teacher-steps", "2", "--repeats", "1")
     assert [r["nfe"] for r in out["student"]] == [1, 2] and out["teacher"]["nfe"] == 8
+
+
+@pytest.mark.slow
+def test_quality_tiny_budget(tmp_path):
+    """About 2 minutes: every arm and ablation runs, one JSON object and the plot come out."""
+    out = run_script("quality.py", "--budget", "tiny", "--data", str(tmp_path / "digits"), "--out", str(tmp_path / "res"))
+    assert len(out["results"]) == 10 and (tmp_path / "res/quality_tiny.png").is_file()
+    assert all(len(r["fid"]) == 4 and len(r["flowmap_rel_error"]) == 4 for r in out["results"])

@@ -1,0 +1,205 @@
+"""Small-scale reproduction: flow maps vs consistency models across step counts, plus ablations.
+
+    python benchmarks/quality.py --budget small     # under 15 min on 2 CPU cores
+    python benchmarks/quality.py --budget medium    # the quickstart budget per run (about 1 h)
+
+On the digits, every method of an arm gets the same budget (steps, batch, seed, learning rate,
+student); ``--budget small`` gives the exact arm 600 steps and the (slower) neural arm 400:
+
+- exact arm: the class-conditional Gaussian-mixture teacher (``GMMTeacher``) with its weaker
+  mixture as the autoguidance guide, an MLP student: AYF-EMD, AYF-LMD, sCD, and AYF-EMD
+  ablations (no tangent normalization, no tangent warmup, CFG instead of autoguidance, no guidance);
+- neural arm: the digits U-Net teacher and guide (trained here at the budget's size unless
+  ``--teacher-ckpt``/``--guide-ckpt`` are given), student = a copy of the teacher: AYF-EMD,
+  AYF-LMD, sCD.
+
+Each run reports FID (digits classifier features) and the relative flow-map error against the
+teacher's 64-step Heun ODE at 1, 2, 4 and 8 steps, next to the teacher's own FID. Prints a table
+and one JSON object, and writes ``quality.png`` (FID and flow-map error versus steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl  # noqa: E402
+
+from flowmap_lit.callbacks import EMA, FewStepFID, FlowMapError  # noqa: E402
+from flowmap_lit.data import DigitsDataModule  # noqa: E402
+from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule  # noqa: E402
+from flowmap_lit.networks import MLP, build_network  # noqa: E402
+from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD  # noqa: E402
+from flowmap_lit.teachers import GMMTeacher, NetworkTeacher  # noqa: E402
+
+BUDGETS = {  # distillation steps per run (exact / neural arm), batch, warmup, teacher/guide pretraining, eval samples
+    "tiny": dict(steps=20, neural_steps=20, batch=64, warmup=10, teacher_steps=30, guide_steps=10, eval_samples=100),
+    "small": dict(steps=600, neural_steps=400, batch=128, warmup=200, teacher_steps=1000, guide_steps=300,
+                  eval_samples=1000),
+    "medium": dict(steps=2000, neural_steps=2000, batch=256, warmup=700, teacher_steps=3000, guide_steps=600,
+                   eval_samples=2000),
+}
+STEPS = [1, 2, 4, 8]
+
+
+def trainer(max_steps: int, callbacks: list, out: Path) -> pl.Trainer:
+    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      default_root_dir=str(out), accelerator="cpu", devices=1)
+
+
+def evaluate(module, dm, budget, data_root: Path) -> dict:
+    """FID and flow-map error at 1/2/4/8 steps of the module as it is (the caller swaps in EMA weights)."""
+    fme = FlowMapError(step_counts=STEPS, num_samples=budget["eval_samples"], reference_steps=64, print_table=False)
+    fid = FewStepFID(feature_path=str(data_root / "classifier.pt"), train_if_missing=True, step_counts=STEPS,
+                     num_samples=budget["eval_samples"], print_table=False, teacher_steps=64)
+    t = trainer(0, [fme, fid], data_root.parent)
+    t.strategy.connect(module)
+    t.datamodule = dm
+    fid.setup(t, module, "validate")
+    rows_fme, rows_fid = fme.evaluate(t, module), fid.evaluate(t, module)
+    return {"fid": [r["fid"] for r in rows_fid], "flowmap_rel_error": [r["relative_error"] for r in rows_fme],
+            "teacher_fid": fid.teacher_fid}
+
+
+def distill(name: str, module: FlowMapDistillModule, dm, budget, data_root: Path, seed: int, steps: int) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    ema = EMA(decay=0.995)
+    start = time.perf_counter()
+    trainer(steps, [ema], data_root.parent).fit(module, dm)
+    seconds = time.perf_counter() - start
+    with ema.averaged(module):
+        result = evaluate(module, dm, budget, data_root)
+    result.update(method=name, train_seconds=round(seconds, 1))
+    print(f"{name:<34} FID {' '.join(f'{v:7.2f}' for v in result['fid'])}   rel. error "
+          f"{' '.join(f'{v:.4f}' for v in result['flowmap_rel_error'])}   ({seconds:.0f} s)", flush=True)
+    return result
+
+
+def exact_arm(budget, data_root: Path, seed: int, lr: float) -> list[dict]:
+    teacher = GMMTeacher(str(data_root), num_components=2)
+    guide = GMMTeacher(str(data_root), num_components=1, covariance_scale=1.5)
+    dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
+    opt = lambda p: torch.optim.Adam(p, lr=lr)  # noqa: E731
+
+    def module(objective, guidance="autoguidance", warmup=budget["warmup"]):
+        pl.seed_everything(seed, verbose=False)
+        return FlowMapDistillModule(
+            teacher, objective, student=MLP(num_classes=10), guide=guide if guidance == "autoguidance" else None,
+            guidance=guidance, guidance_min=1.0 if guidance != "none" else 1.0,
+            guidance_max=2.0 if guidance != "none" else 1.0, condition_on_guidance=guidance != "none",
+            eval_guidance=1.5 if guidance != "none" else None, num_classes=10, warmup_steps=warmup,
+            init_student_from_teacher=False, optimizer=opt)
+
+    runs = [
+        ("exact: AYF-EMD", module(AYFEMD())),
+        ("exact: AYF-LMD", module(AYFLMD())),
+        ("exact: sCD", module(SCD())),
+        ("exact: AYF-EMD, no tangent norm", module(AYFEMD(tangent_norm="none"))),
+        ("exact: AYF-EMD, no tangent warmup", module(AYFEMD(), warmup=0)),
+        ("exact: AYF-EMD, CFG", module(AYFEMD(), guidance="cfg")),
+        ("exact: AYF-EMD, no guidance", module(AYFEMD(), guidance="none")),
+    ]
+    out = []
+    for name, m in runs:
+        if "sCD" in name:
+            m.sample_gamma = 1.0  # consistency multistep sampling
+        out.append(distill(name, m, dm, budget, data_root, seed, budget["steps"]))
+    return out
+
+
+def train_flow_matching(net, steps: int, dm, data_root: Path, seed: int) -> NetworkTeacher:
+    pl.seed_everything(seed, verbose=False)
+    module = FlowMatchingModule(net, num_classes=10, lr_warmup_steps=min(200, steps // 5),
+                                optimizer=lambda p: torch.optim.Adam(p, lr=2e-3))
+    ema = EMA(decay=0.999)
+    trainer(steps, [ema], data_root.parent).fit(module, dm)
+    with ema.averaged(module):
+        net_copy = {k: v.clone() for k, v in module.net.state_dict().items()}
+    module.net.load_state_dict(net_copy)
+    return NetworkTeacher(net=module.net, num_classes=10)
+
+
+def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher_ckpt: str | None, guide_ckpt: str | None) -> list[dict]:
+    dm_fm = DigitsDataModule(root=str(data_root), batch_size=128, num_workers=1)
+    start = time.perf_counter()
+    teacher = NetworkTeacher(teacher_ckpt) if teacher_ckpt else train_flow_matching(
+        build_network("unet", "tiny"), budget["teacher_steps"], dm_fm, data_root, seed)
+    guide = NetworkTeacher(guide_ckpt) if guide_ckpt else train_flow_matching(
+        build_network("unet", "tiny", model_channels=16), budget["guide_steps"], dm_fm, data_root, seed)
+    print(f"neural teacher and guide ready ({time.perf_counter() - start:.0f} s)", flush=True)
+    dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
+    out = []
+    for name, objective, gamma in (("neural: AYF-EMD", AYFEMD(), 0.0), ("neural: AYF-LMD", AYFLMD(), 0.0),
+                                   ("neural: sCD", SCD(), 1.0)):
+        pl.seed_everything(seed, verbose=False)
+        m = FlowMapDistillModule(teacher, objective, guide=guide, guidance="autoguidance", guidance_min=1.0,
+                                 guidance_max=2.0, condition_on_guidance=True, eval_guidance=1.5, num_classes=10,
+                                 warmup_steps=budget["warmup"], sample_gamma=gamma,
+                                 optimizer=lambda p: torch.optim.Adam(p, lr=lr))
+        out.append(distill(name, m, dm, budget, data_root, seed, budget["neural_steps"]))
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        style = "--" if "sCD" in r["method"] else ":" if "," in r["method"] else "-"
+        axes[0].plot(STEPS, r["fid"], style, marker="o", label=r["method"])
+        axes[1].plot(STEPS, r["flowmap_rel_error"], style, marker="o", label=r["method"])
+    for ax, label in zip(axes, ["FID (digits features)", "relative flow-map error"]):
+        ax.set(xscale="log", xlabel="sampling steps", ylabel=label, yscale="log")
+        ax.minorticks_off()
+        ax.set_xticks(STEPS, [str(k) for k in STEPS])
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
+    p.add_argument("--data", default="data/digits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate (every method)")
+    p.add_argument("--arms", nargs="+", default=["exact", "neural"], choices=["exact", "neural"])
+    p.add_argument("--teacher-ckpt", default=None)
+    p.add_argument("--guide-ckpt", default=None)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    budget = BUDGETS[args.budget]
+    data_root = Path(args.data).resolve()
+    DigitsDataModule(root=str(data_root)).prepare_data()
+    start = time.perf_counter()
+    results = []
+    if "exact" in args.arms:
+        results += exact_arm(budget, data_root, args.seed, args.lr)
+    if "neural" in args.arms:
+        results += neural_arm(budget, data_root, args.seed, args.lr, args.teacher_ckpt, args.guide_ckpt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / f"quality_{args.budget}.png")
+    summary = {"budget": args.budget, **budget, "seed": args.seed, "lr": args.lr, "steps_evaluated": STEPS,
+               "seconds": round(time.perf_counter() - start), "results": results,
+               "plot": str(out / f"quality_{args.budget}.png")}
+    (out / f"quality_{args.budget}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
