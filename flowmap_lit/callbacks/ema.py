@@ -172,3 +172,25 @@ def ema_state_from_checkpoint(checkpoint: dict) -> dict[str, Tensor] | None:
     if not state or not state.get("shadow"):
         return None
     return state["shadow"]
+
+
+@contextmanager
+def evaluation_mode(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Eval mode, the EMA weights when the trainer has an ``EMA`` callback, and a forked RNG.
+
+    Evaluation callbacks run inside it, so they never change the module's weights or mode, nor
+    shift the training RNG stream (adding a callback never changes a training run).
+    """
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    was_training = pl_module.training
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        pl_module.eval()
+        try:
+            if ema is not None:
+                with ema.averaged(pl_module):
+                    yield
+            else:
+                yield
+        finally:
+            pl_module.train(was_training)

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from flowmap_lit.callbacks.ema import EMA
+from flowmap_lit.callbacks.ema import evaluation_mode
 from flowmap_lit.callbacks.flowmap_error import format_table
 
 
@@ -84,10 +84,6 @@ class FewStepFID(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-            return self._evaluate(trainer, pl_module)  # evaluation never shifts the training RNG stream
-
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
         self._setup_metric(trainer, pl_module)
         dm = trainer.datamodule
         rank, world = trainer.global_rank, trainer.world_size
@@ -97,24 +93,13 @@ class FewStepFID(pl.Callback):
         k_classes = getattr(pl_module, "num_classes", 0)
         labels = torch.randint(0, k_classes, (n_local,), generator=gen).to(pl_module.device) if k_classes else None
         kwargs = {} if self.guidance is None else {"guidance": self.guidance}
-        ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-        was_training = pl_module.training
-        pl_module.eval()
-        rows = []
-        try:
-            for k in self.step_counts:
-                if ema is not None:
-                    with ema.averaged(pl_module):
-                        fid = self._fid_of(dm, pl_module.sample, noise, labels, num_steps=k, **kwargs)
-                else:
-                    fid = self._fid_of(dm, pl_module.sample, noise, labels, num_steps=k, **kwargs)
-                rows.append({"steps": k, "fid": fid})
-        finally:
-            pl_module.train(was_training)
+        with evaluation_mode(trainer, pl_module):
+            rows = [{"steps": k, "fid": self._fid_of(dm, pl_module.sample, noise, labels, num_steps=k, **kwargs)}
+                    for k in self.step_counts]
+            if self.teacher_steps and self.teacher_fid is None and hasattr(pl_module, "teacher_sample"):
+                self.teacher_fid = self._fid_of(dm, pl_module.teacher_sample, noise, labels,
+                                                num_steps=self.teacher_steps, **kwargs)
         self._last_step = trainer.global_step
-        if self.teacher_steps and self.teacher_fid is None and hasattr(pl_module, "teacher_sample"):
-            self.teacher_fid = self._fid_of(dm, pl_module.teacher_sample, noise, labels,
-                                            num_steps=self.teacher_steps, **kwargs)
         return rows
 
     def _fid_of(self, dm, sampler, noise, labels, **kwargs) -> float:

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from flowmap_lit.callbacks.ema import EMA
+from flowmap_lit.callbacks.ema import evaluation_mode
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -73,26 +73,13 @@ class FlowMapError(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-            return self._evaluate(trainer, pl_module)  # evaluation never shifts the training RNG stream
-
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
-        noise, labels, ref = self.reference(trainer, pl_module)
-        ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-        was_training = pl_module.training
-        pl_module.eval()
         rows = []
-        try:
+        with evaluation_mode(trainer, pl_module):
+            noise, labels, ref = self.reference(trainer, pl_module)
             for k in self.step_counts:
-                if ema is not None:
-                    with ema.averaged(pl_module):
-                        x = self._batched(pl_module.sample, noise, labels, num_steps=k)
-                else:
-                    x = self._batched(pl_module.sample, noise, labels, num_steps=k)
+                x = self._batched(pl_module.sample, noise, labels, num_steps=k)
                 mse = (x - ref).square().mean().item()
                 rows.append({"steps": k, "flowmap_mse": mse, "relative_error": mse / ref.square().mean().item()})
-        finally:
-            pl_module.train(was_training)
         return rows
 
     def _log(self, trainer, pl_module, rows):

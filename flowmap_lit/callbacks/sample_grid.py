@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowmap_lit.callbacks.ema import EMA
+from flowmap_lit.callbacks.ema import evaluation_mode
 
 
 def to_images(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
@@ -92,28 +92,14 @@ class SampleGrid(pl.Callback):
 
     @torch.no_grad()
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-            self._draw(trainer, pl_module)  # drawing never shifts the training RNG stream
-
-    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm = trainer.datamodule
-        noise, labels = self._inputs(pl_module, tuple(dm.shape))
-        ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-        was_training = pl_module.training
-        pl_module.eval()
+        noise, labels = self._inputs(pl_module, tuple(trainer.datamodule.shape))
         self.last_paths = []
-        try:
+        with evaluation_mode(trainer, pl_module):
             for k in self.num_steps:
-                if ema is not None:
-                    with ema.averaged(pl_module):
-                        x = pl_module.sample(noise, labels, num_steps=k)
-                else:
-                    x = pl_module.sample(noise, labels, num_steps=k)
+                x = pl_module.sample(noise, labels, num_steps=k)
                 grid = make_grid(to_images(decode_for_display(trainer, x), self.value_range))
                 if trainer.is_global_zero:
                     self._write(trainer, grid, k)
-        finally:
-            pl_module.train(was_training)
 
     def _write(self, trainer: pl.Trainer, grid: Tensor, k: int) -> None:
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
