@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flowmap_lit.data import LatentDataModule, write_dataset  # noqa: E402
 
@@ -80,21 +81,9 @@ def quickstart_step_rate(steps: int = 20, batch: int = 256) -> int:
     """Samples/s one AYF-EMD step of the quickstart consumes (exact mixture teacher, MLP student)."""
     import torch
 
-    from flowmap_lit.analytic import GaussianMixture
-    from flowmap_lit.modules import FlowMapDistillModule
-    from flowmap_lit.networks import MLP
-    from flowmap_lit.objectives import AYFEMD
-    from flowmap_lit.teachers import MixtureTeacher
+    from common import quickstart_like_module
 
-    torch.manual_seed(0)
-    k, d = 20, 64
-    a = torch.randn(k, d, d, dtype=torch.float64) * 0.1
-    gmm = GaussianMixture(torch.ones(k) / k, torch.randn(k, d), a @ a.transpose(1, 2) + 1e-3 * torch.eye(d),
-                          (1, 8, 8), torch.arange(k) % 10)
-    teacher, guide = MixtureTeacher(gmm), MixtureTeacher(gmm)
-    m = FlowMapDistillModule(teacher, AYFEMD(), student=MLP(num_classes=10), guide=guide, guidance="autoguidance",
-                             guidance_min=1.0, guidance_max=2.0, condition_on_guidance=True, num_classes=10,
-                             init_student_from_teacher=False)
+    m = quickstart_like_module()
     opt = torch.optim.Adam(m.student.parameters(), lr=3e-4)
     batch_data = {"x": torch.randn(batch, 1, 8, 8), "label": torch.randint(0, 10, (batch,))}
     for i in range(steps + 3):

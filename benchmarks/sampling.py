@@ -21,25 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def quickstart_like_module():
-    from flowmap_lit.analytic import GaussianMixture
-    from flowmap_lit.modules import FlowMapDistillModule
-    from flowmap_lit.networks import MLP
-    from flowmap_lit.objectives import AYFEMD
-    from flowmap_lit.teachers import MixtureTeacher
-
-    torch.manual_seed(0)
-    k, d = 20, 64
-    a = torch.randn(k, d, d, dtype=torch.float64) * 0.1
-    gmm = GaussianMixture(torch.ones(k) / k, torch.randn(k, d), a @ a.transpose(1, 2) + 1e-3 * torch.eye(d),
-                          (1, 8, 8), torch.arange(k) % 10)
-    m = FlowMapDistillModule(MixtureTeacher(gmm), AYFEMD(), student=MLP(num_classes=10), guide=MixtureTeacher(gmm),
-                             guidance="autoguidance", guidance_min=1.0, guidance_max=2.0, condition_on_guidance=True,
-                             eval_guidance=1.5, num_classes=10, init_student_from_teacher=False)
-    m.data_info = {"shape": [1, 8, 8]}
-    return m.eval()
+from common import quickstart_like_module  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -66,7 +50,7 @@ def main(argv=None) -> dict:
 
         module = load_module(args.ckpt, map_location=args.device)
     else:
-        module = quickstart_like_module().to(args.device)
+        module = quickstart_like_module().eval().to(args.device)
     shape = tuple(module.data_info["shape"])
     noise = torch.randn((args.num, *shape), device=module.device)
     labels = torch.arange(args.num, device=module.device) % max(module.num_classes, 1) if module.num_classes else None

@@ -1,7 +1,5 @@
 """The exploration notebook runs end to end on a tiny checkpoint made here."""
 
-from pathlib import Path
-
 import pytest
 
 from tests.test_cli import ROOT, make_quickstart_checkpoint
