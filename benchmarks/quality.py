@@ -55,11 +55,20 @@ def trainer(max_steps: int, callbacks: list, out: Path) -> pl.Trainer:
                       default_root_dir=str(out), accelerator="cpu", devices=1)
 
 
-def evaluate(module, dm, budget, data_root: Path) -> dict:
-    """FID and flow-map error at 1/2/4/8 steps of the module as it is (the caller swaps in EMA weights)."""
-    fme = FlowMapError(step_counts=STEPS, num_samples=budget["eval_samples"], reference_steps=64, print_table=False)
-    fid = FewStepFID(feature_path=str(data_root / "classifier.pt"), train_if_missing=True, step_counts=STEPS,
-                     num_samples=budget["eval_samples"], print_table=False, teacher_steps=64)
+def evaluate(module, dm, budget, data_root: Path, cache: dict) -> dict:
+    """FID and flow-map error at 1/2/4/8 steps of the module as it is (the caller swaps in EMA weights).
+
+    The teacher's reference ODE and its FID depend only on the teacher, the guide and the evaluation
+    guidance, so the callbacks that hold them are kept in ``cache`` under that key and reused by
+    every run that shares it (their noises and labels are seeded, so reuse changes no number).
+    """
+    key = (id(module.teacher), id(module.guide), module.guidance, module.eval_guidance)
+    if key not in cache:
+        cache[key] = (
+            FlowMapError(step_counts=STEPS, num_samples=budget["eval_samples"], reference_steps=64, print_table=False),
+            FewStepFID(feature_path=str(data_root / "classifier.pt"), train_if_missing=True, step_counts=STEPS,
+                       num_samples=budget["eval_samples"], print_table=False, teacher_steps=64))
+    fme, fid = cache[key]
     t = trainer(0, [fme, fid], data_root.parent)
     t.strategy.connect(module)
     t.datamodule = dm
@@ -69,14 +78,15 @@ def evaluate(module, dm, budget, data_root: Path) -> dict:
             "teacher_fid": fid.teacher_fid}
 
 
-def distill(name: str, module: FlowMapDistillModule, dm, budget, data_root: Path, seed: int, steps: int) -> dict:
+def distill(name: str, module: FlowMapDistillModule, dm, budget, data_root: Path, seed: int, steps: int,
+            cache: dict) -> dict:
     pl.seed_everything(seed, verbose=False)
     ema = EMA(decay=0.995)
     start = time.perf_counter()
     trainer(steps, [ema], data_root.parent).fit(module, dm)
     seconds = time.perf_counter() - start
     with ema.averaged(module):
-        result = evaluate(module, dm, budget, data_root)
+        result = evaluate(module, dm, budget, data_root, cache)
     result.update(method=name, train_seconds=round(seconds, 1))
     print(f"{name:<34} FID {' '.join(f'{v:7.2f}' for v in result['fid'])}   rel. error "
           f"{' '.join(f'{v:.4f}' for v in result['flowmap_rel_error'])}   ({seconds:.0f} s)", flush=True)
@@ -107,11 +117,11 @@ def exact_arm(budget, data_root: Path, seed: int, lr: float) -> list[dict]:
         ("exact: AYF-EMD, CFG", module(AYFEMD(), guidance="cfg")),
         ("exact: AYF-EMD, no guidance", module(AYFEMD(), guidance="none")),
     ]
-    out = []
+    out, cache = [], {}
     for name, m in runs:
         if "sCD" in name:
             m.sample_gamma = 1.0  # consistency multistep sampling
-        out.append(distill(name, m, dm, budget, data_root, seed, budget["steps"]))
+        out.append(distill(name, m, dm, budget, data_root, seed, budget["steps"], cache))
     return out
 
 
@@ -136,7 +146,7 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher_ckpt: str 
         build_network("unet", "tiny", model_channels=16), budget["guide_steps"], dm_fm, data_root, seed)
     print(f"neural teacher and guide ready ({time.perf_counter() - start:.0f} s)", flush=True)
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
-    out = []
+    out, cache = [], {}
     for name, objective, gamma in (("neural: AYF-EMD", AYFEMD(), 0.0), ("neural: AYF-LMD", AYFLMD(), 0.0),
                                    ("neural: sCD", SCD(), 1.0)):
         pl.seed_everything(seed, verbose=False)
@@ -144,7 +154,7 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher_ckpt: str 
                                  guidance_max=2.0, condition_on_guidance=True, eval_guidance=1.5, num_classes=10,
                                  warmup_steps=budget["warmup"], sample_gamma=gamma,
                                  optimizer=lambda p: torch.optim.Adam(p, lr=lr))
-        out.append(distill(name, m, dm, budget, data_root, seed, budget["neural_steps"]))
+        out.append(distill(name, m, dm, budget, data_root, seed, budget["neural_steps"], cache))
     return out
 
 

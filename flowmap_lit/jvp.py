@@ -11,7 +11,8 @@ passes draw the same dropout masks). Backends:
   forwards) for kernels or wrappers without forward AD (e.g. FSDP); inputs are cast to
   ``fd_dtype`` when given (float64 needs a float64 ``fn``), else kept in the primals' dtype.
 
-All attention inside runs on the SDPA math kernel (flash kernels have no forward-AD rule).
+All attention inside runs on the SDPA math kernel (flash kernels have no forward-AD rule), and
+autocast is switched off inside, so the JVP is computed in the parameters' precision (fp32).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def jvp(
             rng.restore()
             return inner(*args)
 
-    with torch.no_grad(), forward_ad_safe_attention():
+    # The tangent pass always runs in full precision: under bf16 autocast (``precision: bf16-mixed``)
+    # the grad forward/backward stay in bf16 while the JVP, whose error bf16 would amplify, does not.
+    with torch.no_grad(), forward_ad_safe_attention(), torch.autocast(primals[0].device.type, enabled=False):
         if backend == "func":
             return torch.func.jvp(fn, primals, tangents)[1]
         if backend == "forward_ad":

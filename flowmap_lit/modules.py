@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import warnings
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from flowmap_lit.distributed import apply_activation_checkpointing, is_sharded, shard_network
 from flowmap_lit.interpolant import edm_schedule, interpolate, sample_logit_normal, uniform_schedule, velocity_target
 from flowmap_lit.objectives import Objective
 from flowmap_lit.sampling import gamma_sample, ode_sample
@@ -60,6 +63,35 @@ def data_info(trainer: pl.Trainer | None) -> dict | None:
             "mean": list(stats.get("mean", [])), "std": list(stats.get("std", []))}
 
 
+def step_seed(base: int, *counters: int) -> int:
+    """A 63-bit seed from the run's base seed and step counters (numpy SeedSequence hashing)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(c) % 2**64 for c in (base, *counters)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def resolve_noise_seed(noise_seed: int | None) -> int:
+    """``noise_seed``, or the run's ``seed_everything`` seed (``PL_GLOBAL_SEED``), or 0."""
+    if noise_seed is not None:
+        return int(noise_seed)
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+@contextmanager
+def seeded_rng(module: pl.LightningModule, seed: int) -> Iterator[None]:
+    """Runs the body on the global RNG seeded with ``seed``, then restores the RNG as it was.
+
+    Training and validation steps draw their noise (times, eps, lam, dropout) inside it with a
+    seed derived from ``(noise_seed, global_step, micro-batch[, rank])``, so a step's noise depends
+    only on where it is in the run: a resumed run draws exactly what the uninterrupted run drew,
+    ranks draw different noise, and nothing else (data workers, evaluation callbacks) can shift it.
+    """
+    device = module.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int):
     """Linear learning-rate warmup over ``warmup_steps`` optimizer steps, then constant."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -87,6 +119,7 @@ class FlowMatchingModule(pl.LightningModule):
         lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
         val_times: int = 8,  # validation loss is averaged over this many fixed t in (0, 1)
         sample_steps: int = 32,  # ODE steps (Heun) used by sample()
+        noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
@@ -99,6 +132,7 @@ class FlowMatchingModule(pl.LightningModule):
         self.lr_warmup_steps = lr_warmup_steps
         self.val_times = val_times
         self.sample_steps = sample_steps
+        self.noise_seed = resolve_noise_seed(noise_seed)
 
     # --- pieces used by callbacks ----------------------------------------------------------------
     def ema_network(self) -> nn.Module:
@@ -137,10 +171,11 @@ class FlowMatchingModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, labels = batch["x"], batch["label"]
-        if self.num_classes > 0 and self.label_dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        loss = self.loss(x0, labels, self._sample_t(x0.shape[0]), torch.randn_like(x0)).mean()
+        with seeded_rng(self, step_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
+            if self.num_classes > 0 and self.label_dropout > 0:
+                drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            loss = self.loss(x0, labels, self._sample_t(x0.shape[0]), torch.randn_like(x0)).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -194,6 +229,9 @@ class FlowMapDistillModule(pl.LightningModule):
         lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
         nan_mask: bool = False,  # drop samples with a non-finite loss instead of the whole step
         max_bad_steps: int = 10,  # consecutive non-finite steps before training stops with an error
+        noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
+        activation_checkpointing: bool = False,  # recompute the student's block activations in backward
+        shard_teacher: bool = True,  # under ModelParallelStrategy (FSDP2) shard the frozen teacher and guide too
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
@@ -237,6 +275,8 @@ class FlowMapDistillModule(pl.LightningModule):
         self.lr_warmup_steps = lr_warmup_steps
         self.nan_mask, self.max_bad_steps = nan_mask, max_bad_steps
         self.bad_steps = 0
+        self.noise_seed = resolve_noise_seed(noise_seed)
+        self.activation_checkpointing, self.shard_teacher = activation_checkpointing, shard_teacher
 
     # --- the pieces of a step ----------------------------------------------------------------------
     def ema_network(self) -> nn.Module:
@@ -250,12 +290,13 @@ class FlowMapDistillModule(pl.LightningModule):
     def _labels(self, labels: Tensor | None) -> Tensor | None:
         return labels if self.num_classes > 0 else None
 
-    def _guidance(self, n: int, fixed: float | None = None) -> Tensor | None:
+    def _guidance(self, n: int, fixed: float | None = None, generator: torch.Generator | None = None) -> Tensor | None:
         if self.guidance == "none":
             return None
         if fixed is not None:
             return torch.full((n,), float(fixed), device=self.device)
-        return self.guidance_min + (self.guidance_max - self.guidance_min) * torch.rand(n, device=self.device)
+        u = torch.rand(n, device=self.device, generator=generator)
+        return self.guidance_min + (self.guidance_max - self.guidance_min) * u
 
     def student_fn(self, labels: Tensor | None, lam: Tensor | None):
         """``F(x, t, s)`` with labels and (if the student is conditioned on it) lam bound."""
@@ -268,14 +309,28 @@ class FlowMapDistillModule(pl.LightningModule):
         labels = self._labels(labels)
         return lambda x, t: guided_velocity(self.teacher, self.guide, x, t, labels, lam, self.guidance)
 
-    def step_loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        x0, labels = batch["x"], batch["label"]
+    def draw_noise(self, x0: Tensor, generator: torch.Generator | None = None, rank: int = 0,
+                   world_size: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(t, s, eps, lam)`` for this rank's samples ``x0``.
+
+        They are drawn for the global batch of ``world_size`` equal parts and this rank's part is
+        kept, so with the same data a run draws the same noise per sample on any number of ranks
+        (a 2-process step equals the single-process step on the global batch).
+        """
         n = x0.shape[0]
-        t, s = self.time_sampler(n, device=x0.device, generator=generator)
+        total, part = n * world_size, slice(rank * n, (rank + 1) * n)
+        t, s = self.time_sampler(total, device=x0.device, generator=generator)
         s = self.objective.select_s(t, s)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        eps = torch.randn((total, *x0.shape[1:]), device=x0.device, generator=generator, dtype=x0.dtype)
+        lam = self._guidance(total, generator=generator)
+        return t[part], s[part], eps[part], (lam[part] if lam is not None else None)
+
+    def step_loss(self, batch: dict, generator: torch.Generator | None = None, rank: int = 0,
+                  world_size: int = 1) -> tuple[Tensor, dict]:
+        """Per-sample loss and stats of one batch (noise from ``draw_noise``)."""
+        x0, labels = batch["x"], batch["label"]
+        t, s, eps, lam = self.draw_noise(x0, generator, rank, world_size)
         x_t = interpolate(x0, eps, t)
-        lam = self._guidance(n)
         out = self.objective(self.student_fn(labels, lam), self.teacher_fn(labels, lam), x_t, t, s,
                              r=self.tangent_warmup())
         stats = dict(out.stats)
@@ -285,7 +340,11 @@ class FlowMapDistillModule(pl.LightningModule):
 
     # --- Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        per_sample, stats = self.step_loss(batch)
+        # The noise is seeded by (step, micro-batch) alone (every rank draws the global batch's noise and
+        # keeps its part); anything else random in the step (dropout) also by the rank.
+        gen = torch.Generator(device=self.device).manual_seed(step_seed(self.noise_seed, self.global_step, batch_idx))
+        with seeded_rng(self, step_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
+            per_sample, stats = self.step_loss(batch, gen, rank=self.global_rank, world_size=self._trainer.world_size if self._trainer is not None else 1)
         finite = torch.isfinite(per_sample)
         if self.nan_mask and not finite.all() and finite.any():
             stats["nonfinite_fraction"] = 1 - finite.float().mean()
@@ -309,9 +368,24 @@ class FlowMapDistillModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        gen = torch.Generator(device=batch["x"].device).manual_seed(batch_idx)
-        loss, _ = self.step_loss(batch, generator=gen)
+        with seeded_rng(self, step_seed(self.noise_seed, -1, batch_idx, self.global_rank)):
+            loss, _ = self.step_loss(batch)
         self.log("val/loss", loss.mean(), sync_dist=True, batch_size=batch["x"].shape[0])
+
+    def configure_model(self) -> None:
+        """Activation checkpointing, and FSDP2 sharding under ``ModelParallelStrategy`` (its device
+        mesh): the student block by block, and the frozen teacher and guide if ``shard_teacher``."""
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(self.student)
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        shard_network(self.student, dp_mesh)
+        if self.shard_teacher:
+            for frozen in (self.teacher, self.guide):
+                if frozen is not None and frozen.network is not None:
+                    shard_network(frozen.network, dp_mesh)
 
     def configure_optimizers(self):
         params = list(self.student.parameters()) + list(self.objective.parameters())
@@ -321,11 +395,15 @@ class FlowMapDistillModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen teacher and guide are rebuilt from their own source; do not duplicate them.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith(("teacher.", "guide."))}
+        # (Sharded checkpoints keep them: the distributed loader restores the model strictly.)
+        if not any(is_sharded(v) for v in checkpoint["state_dict"].values()):
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith(("teacher.", "guide."))}
         checkpoint["data_info"] = data_info(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" not in checkpoint:  # sharded checkpoint: the strategy loads the weights itself
+            return
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(("teacher.", "guide."))})
 

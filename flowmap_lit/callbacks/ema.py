@@ -1,7 +1,8 @@
 """Exponential moving average of the trained network's weights, as a Lightning callback.
 
 The averaged weights live in the callback (on the module's device, one copy of each trained
-tensor) and are saved in checkpoints under ``callbacks["EMA"]``. Validation, sampling callbacks
+tensor, sharded like the parameters under FSDP2: each rank averages its own shard) and are saved
+in checkpoints under ``callbacks["EMA"]`` (gathered to whole tensors only while saving). Validation, sampling callbacks
 and teacher loading use them; training always steps the raw weights.
 """
 
@@ -13,6 +14,8 @@ from typing import Iterator
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+
+from flowmap_lit.distributed import full_tensor, like
 
 
 def _ema_target(pl_module: pl.LightningModule) -> nn.Module:
@@ -72,7 +75,7 @@ class EMA(pl.Callback):
                     f"the checkpoint's EMA state lacks {sorted(missing)[:5]}; was it saved for a "
                     "different network? Remove the EMA callback state or use a matching config."
                 )
-            self.shadow = {k: self._pending[k].to(v.device, v.dtype).clone() for k, v in tracked.items()}
+            self.shadow = {k: like(self._pending[k], v.detach()) for k, v in tracked.items()}
             self._pending = None
         else:
             self.shadow = {k: v.detach().clone() for k, v in tracked.items()}
@@ -85,7 +88,7 @@ class EMA(pl.Callback):
         return {
             "decay": self.decay,
             "num_updates": self.num_updates,
-            "shadow": {k: v.detach().cpu() for k, v in (shadow or {}).items()},
+            "shadow": {k: full_tensor(v.detach()).cpu() for k, v in (shadow or {}).items()},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -6,7 +6,11 @@ statistics, and ``denormalize(x)`` maps model outputs back (e.g. before a VAE de
 
 Training reads an endless, resampled stream; one "epoch" is
 ``train_samples_per_epoch // world_size // batch_size`` batches on EVERY rank, so DDP
-ranks never wait on each other. Validation reads each sample exactly once across
+ranks never wait on each other. The stream of epoch ``e`` depends only on
+``(seed, rank, worker, e)``, so a run resumed from a checkpoint taken after ``b`` batches of
+epoch ``e`` rebuilds that epoch's stream and skips its first ``b`` batches: it continues with
+exactly the batches the uninterrupted run would have read (the skipped batches are read and
+dropped, so resuming costs at most one epoch of reading). Validation reads each sample exactly once across
 ranks x workers (ranks may get different batch counts), with deterministic posterior draws.
 """
 
@@ -166,7 +170,16 @@ class LatentDataModule(L.LightningDataModule):
             wds.batched(self.batch_size, collation_fn=Collate(self.return_keys), partial=False),
         )
         num_batches = self.train_batches_per_epoch()
-        return self._loader(pipeline).with_epoch(num_batches).with_length(num_batches, silent=True)
+        loader = self._loader(pipeline).with_epoch(num_batches).with_length(num_batches, silent=True)
+        return ResumingLoader(loader, num_batches, self._batches_done(num_batches))
+
+    def _batches_done(self, num_batches: int) -> int:
+        """Batches of the current epoch that the restored run had already trained on (0 on a fresh start)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return min(max(int(done), 0), num_batches)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Every validation sample once across ranks x workers, in shard order; [] if no val split."""
@@ -183,3 +196,25 @@ class LatentDataModule(L.LightningDataModule):
             wds.batched(self.val_batch_size, collation_fn=Collate(self.return_keys), partial=True),
         )
         return self._loader(pipeline)
+
+
+class ResumingLoader:
+    """The training loader of ``LatentDataModule``: ``len()`` batches per epoch; its first epoch
+    skips ``skip`` batches (those a resumed run had already trained on)."""
+
+    def __init__(self, loader, num_batches: int, skip: int = 0):
+        self.loader, self.num_batches, self.skip = loader, num_batches, skip
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+
+        def batches():  # skips on the first next(): iterators Lightning creates and drops keep the skip
+            skip, self.skip = self.skip, 0
+            for _ in range(skip):
+                next(iterator)
+            yield from iterator
+
+        return batches()

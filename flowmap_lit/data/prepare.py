@@ -5,12 +5,14 @@ Subcommands::
     digits --out data/digits                          scikit-learn digits, 1 x 8 x 8 in [-1, 1], 1497/300
     images --src DIR --out OUT --resolution R         DIR/<class>/<image>: center crop, resize, 3 x R x R in [-1, 1]
     array  --src FILE.npz --out OUT                   x (N,C,H,W) + y (N,), or mean + std + y (VAE posterior)
+    imagenet --src DIR|TAR --vae VAE_DIR --out OUT    center crop 512, SD-VAE posterior (float16); see imagenet.py
 
 A new source is one ``add_<name>(subparsers)`` function appended to ``SUBCOMMANDS``,
 whose parser sets ``func`` to a function of the parsed arguments.
 """
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -70,20 +72,26 @@ def prepare_digits(
 
 
 # --------------------------------------------------------------------------- images
-def load_image(path: str, resolution: int) -> np.ndarray:
-    """Image file -> (3, R, R) float32 in [-1, 1]: box-halve while >= 2R, bicubic resize, center crop."""
+def center_crop(data: bytes, resolution: int) -> np.ndarray:
+    """Encoded image -> (3, R, R) float32 in [-1, 1]: box-halve while >= 2R, bicubic resize, center crop
+    (the ADM/EDM2 recipe)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         while min(img.size) >= 2 * resolution:
             img = img.resize(tuple(s // 2 for s in img.size), resample=Image.Resampling.BOX)
         scale = resolution / min(img.size)
         img = img.resize(tuple(max(resolution, round(s * scale)) for s in img.size), resample=Image.Resampling.BICUBIC)
         left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(img, dtype=np.float32)
+        array = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
     return (array / 127.5 - 1.0).transpose(2, 0, 1).copy()
+
+
+def load_image(path: str, resolution: int) -> np.ndarray:
+    """Image file -> (3, R, R) float32 in [-1, 1] (``center_crop``)."""
+    with open(path, "rb") as f:
+        return center_crop(f.read(), resolution)
 
 
 def list_images(src: str) -> tuple[list[str], np.ndarray, list[str]]:
@@ -203,10 +211,16 @@ def add_array(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: prepare_array(a.src, a.out, a.samples_per_shard, a.val_fraction, a.seed, a.dtype))
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_images, add_array]
+def add_imagenet(sub: argparse._SubParsersAction) -> None:
+    from .imagenet import add_imagenet as add  # imports torch; only this subcommand needs it
+
+    add(sub)
 
 
-def main(argv: list[str] | None = None) -> dict:
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_images, add_array, add_imagenet]
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     """Parse ``argv`` (default: sys.argv), prepare the dataset, print a summary, return its stats."""
     parser = argparse.ArgumentParser(prog=PREPARE_CMD, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -214,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         add(sub)
     args = parser.parse_args(argv)
     stats = args.func(args)
+    if stats is None:  # a parallel writer whose peers are still running
+        return None
     splits = ", ".join(f"{k}: {v['num_samples']} samples in {v['num_shards']} shards" for k, v in stats["splits"].items())
     print(f"wrote {args.out}: {stats['kind']} {stats['shape']}, {stats['num_classes']} classes; {splits}")
     return stats

@@ -43,12 +43,13 @@ class ShardSink:
         out_dir: str,                    # directory receiving the shards (created if missing)
         split: str,                      # split name, e.g. "train" or "val"
         samples_per_shard: int = 1000,   # samples per tar file
+        first_shard: int = 0,            # index of the first shard written (parallel writers)
     ):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir, self.split, self.samples_per_shard = out_dir, split, samples_per_shard
         os.makedirs(out_dir, exist_ok=True)
-        self.num_samples, self.num_shards = 0, 0
+        self.num_samples, self.num_shards, self.first_shard = 0, first_shard, first_shard
         self._tar: tarfile.TarFile | None = None
         self._tmp_path = ""
         self._in_shard = 0
@@ -93,7 +94,7 @@ class ShardSink:
     @property
     def info(self) -> dict[str, int]:
         """``{"num_samples": n, "num_shards": k}`` as stored in ``stats.json`` splits."""
-        return {"num_samples": self.num_samples, "num_shards": self.num_shards}
+        return {"num_samples": self.num_samples, "num_shards": self.num_shards - self.first_shard}
 
     def __enter__(self) -> "ShardSink":
         return self
@@ -174,6 +175,20 @@ class ChannelStats:
         std = np.sqrt(var)
         std = np.where(std > 1e-8, std, 1.0)
         return [float(m) for m in mean], [float(s) for s in std]
+
+    def to_dict(self) -> dict:
+        """The running sums as plain lists (JSON), e.g. one file per shard of a parallel writer."""
+        as_list = lambda v: np.atleast_1d(np.asarray(v, dtype=np.float64)).tolist()  # noqa: E731
+        return {"total": as_list(self.total), "total_sq": as_list(self.total_sq),
+                "extra_var": as_list(self.extra_var), "count": int(self.count)}
+
+    def merge(self, other: "ChannelStats | dict") -> None:
+        """Add another accumulator's sums (or its ``to_dict()``) to this one."""
+        d = other.to_dict() if isinstance(other, ChannelStats) else other
+        self.total = self.total + np.asarray(d["total"])
+        self.total_sq = self.total_sq + np.asarray(d["total_sq"])
+        self.extra_var = self.extra_var + np.asarray(d["extra_var"])
+        self.count += int(d["count"])
 
 
 def channel_stats(latents: Latents, chunk: int = 4096) -> tuple[list[float], list[float]]:

@@ -80,7 +80,7 @@ class _Branch(nn.Module):
         self.gated, self.mp = gated, mp
         if mp:
             self.fc0, self.fc1 = MPConv(in_dim, dim), MPConv(dim, dim)
-            self.gain = nn.Parameter(torch.zeros([]) if gated else torch.ones([]))
+            self.gain = nn.Parameter(torch.zeros([1]) if gated else torch.ones([1]))  # 1-D: FSDP2 shards no scalars
         else:
             self.fc0 = _Linear(in_dim, dim, bias=not gated)
             self.fc1 = _Linear(dim, dim, bias=not gated)

@@ -49,7 +49,7 @@ class UNetBlock(nn.Module):
         self.flavor, self.resample_mode = flavor, resample_mode
         self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
         self.out_channels = out_channels
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.emb_gain = nn.Parameter(torch.zeros([1]))  # 1-D: FSDP2 shards no scalars
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
         self.emb_linear = MPConv(emb_dim, out_channels)
         self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
@@ -152,7 +152,7 @@ class EDM2UNet(nn.Module):
                 attn = res in attn_resolutions
                 self.dec[f"{res}x{res}_block{i}"] = UNetBlock(cin, cout, flavor="dec", attention=attn, **kw)
         self.out_conv = MPConv(cout, img_channels, (3, 3))
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # 1-D: FSDP2 shards no scalars
 
     def forward(self, x, t, s=None, class_labels=None, guidance=None) -> torch.Tensor:
         """F(x, t, s): x (B, C, H, W); t, s, guidance (B,) or scalars; class_labels (B,) long."""
@@ -161,8 +161,8 @@ class EDM2UNet(nn.Module):
         c = mp_silu(self.emb(t, s, labels, guidance))
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
-        for block in self.enc.values():
-            h = block(h) if isinstance(block, MPConv) else block(h, c)
+        for name, block in self.enc.items():
+            h = block(h) if name.endswith("_conv") else block(h, c)  # by name: blocks may be wrapped (checkpointing)
             skips.append(h)
         for name, block in self.dec.items():
             if "block" in name:

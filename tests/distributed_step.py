@@ -1,0 +1,106 @@
+"""One AYF-EMD training step under a Lightning strategy, for the distributed parity tests.
+
+    python tests/distributed_step.py {single,ddp,fsdp} OUT_DIR [BACKEND ...]
+
+For each JVP backend it builds the same tiny U-Net teacher, guide and student (seeded), trains one
+SGD step on a fixed global batch of 8 (rank r of w gets samples [r * 8/w, (r+1) * 8/w)), and rank 0
+writes the student's weights before and after, and the EMA weights, to OUT_DIR/{strategy}_{backend}.pt.
+``test_distributed.py`` runs it as a subprocess (Lightning launches the second rank by running
+this file again) and compares with the single-process step in its own process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl  # noqa: E402
+
+from flowmap_lit.callbacks import EMA  # noqa: E402
+from flowmap_lit.distributed import full_tensor, is_sharded  # noqa: E402
+from flowmap_lit.modules import FlowMapDistillModule  # noqa: E402
+from flowmap_lit.networks import build_network  # noqa: E402
+from flowmap_lit.objectives import AYFEMD  # noqa: E402
+from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
+
+GLOBAL_BATCH = 8
+BACKENDS = ["func", "forward_ad", "finite_difference"]
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
+
+
+class FixedBatch(pl.LightningDataModule):
+    """This rank's contiguous part of the fixed global batch, as a one-batch loader."""
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        n = GLOBAL_BATCH // world
+        x, y = global_batch()
+        batch = {"x": x[rank * n:(rank + 1) * n], "label": y[rank * n:(rank + 1) * n]}
+        return torch.utils.data.DataLoader([batch], batch_size=None)
+
+
+def perturbed(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``net`` with seeded noise on every weight (the zero-initialized output gain included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def build_module(backend: str) -> FlowMapDistillModule:
+    torch.manual_seed(0)
+    teacher = NetworkTeacher(net=perturbed(build_network("unet", "tiny", num_classes=10), 2), num_classes=10)
+    guide = NetworkTeacher(net=perturbed(build_network("unet", "tiny", num_classes=10, model_channels=16), 3),
+                           num_classes=10)
+    return FlowMapDistillModule(
+        teacher, AYFEMD(jvp_backend=backend), guide=guide, guidance="autoguidance", guidance_min=1.0,
+        guidance_max=2.0, condition_on_guidance=True, num_classes=10, warmup_steps=0, noise_seed=0,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+def strategy_for(name: str):
+    if name == "single":
+        return "auto", 1
+    if name == "ddp":
+        return "ddp", 2
+    if name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+    raise ValueError(name)
+
+
+def one_step(strategy_name: str, backend: str) -> dict | None:
+    """Train one step; returns {before, after, ema} (whole tensors), whether the student was sharded
+    and the world size on rank 0; None elsewhere."""
+    module = build_module(backend)
+    before = {k: v.detach().clone() for k, v in module.student.state_dict().items()}
+    strategy, devices = strategy_for(strategy_name)
+    ema = EMA(decay=0.9, warmup=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, use_distributed_sampler=False, callbacks=[ema])
+    trainer.fit(module, FixedBatch())
+    sharded = any(is_sharded(v) for v in module.student.state_dict().values())
+    after = {k: full_tensor(v.detach()).clone() for k, v in module.student.state_dict().items()}
+    shadow = ema.state_dict()["shadow"]
+    result = {"before": before, "after": after, "ema": shadow, "sharded": sharded, "world_size": trainer.world_size}
+    return result if trainer.is_global_zero else None
+
+
+if __name__ == "__main__":
+    name, out = sys.argv[1], Path(sys.argv[2])
+    for backend in sys.argv[3:] or BACKENDS:
+        result = one_step(name, backend)
+        if result is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(result, out / f"{name}_{backend}.pt")
