@@ -38,8 +38,9 @@ class TimePairSampler:
         self.P_mean, self.P_std = P_mean, P_std
         self.fractions = fractions
         make = uniform_schedule if grid_schedule == "uniform" else edm_schedule
-        pairs = [(float(sch[i]), float(sch[i + 1])) for k in grid_steps for sch in [make(k)] for i in range(k)]
-        self.grid = torch.tensor(pairs, dtype=torch.float32) if pairs else torch.zeros(0, 2)
+        with torch.device("cpu"):  # a small table (moved to the batch's device when used), also under meta init
+            pairs = [(float(sch[i]), float(sch[i + 1])) for k in grid_steps for sch in [make(k)] for i in range(k)]
+            self.grid = torch.tensor(pairs, dtype=torch.float32) if pairs else torch.zeros(0, 2)
 
     def base_pairs(self, n: int, device, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         if self.distribution == "logit_normal":

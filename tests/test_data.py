@@ -152,7 +152,17 @@ def test_rank_split(toy, monkeypatch, num_workers):
         val_keys.append(read_all(dm.val_dataloader())["key"])
         train.append(read_all(dm.train_dataloader()))
     assert not set(val_keys[0]) & set(val_keys[1])
+    assert len(val_keys[0]) == len(val_keys[1]) == 20  # equal shares: equal batch counts under DDP/FSDP
     assert sorted(val_keys[0] + val_keys[1]) == [f"val_{i:08d}" for i in range(40)]
+    # an uneven split drops the remainder rather than give one rank an extra batch
+    three = []
+    for rank in range(3):
+        dm = dm_for(root, num_workers=num_workers)
+        monkeypatch.setattr(dm, "_rank_info", lambda rank=rank: (rank, 3))
+        loader = dm.val_dataloader()
+        three.append((read_all(loader)["key"], sum(1 for _ in loader)))
+    assert [len(k) for k, _ in three] == [13, 13, 13] and len({n for _, n in three}) == 1
+    assert len(set().union(*(set(k) for k, _ in three))) == 39
     assert len(train[0]["key"]) == len(train[1]["key"]) == 64 // 2 // 8 * 8
     assert train[0]["key"] != train[1]["key"]
 

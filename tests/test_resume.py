@@ -92,3 +92,65 @@ def test_a_killed_run_resumes_exactly(digits_checkpoints, tmp_path):
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10, 9, 10, 11]
     for r in got:  # every step, also the replayed ones, is exactly the uninterrupted run's step
         assert r == expected[r["step"]], (r["step"], r, expected[r["step"]])
+
+
+SMALL_EVAL = """\
+trainer:
+  max_steps: 3
+  val_check_interval: 3
+  limit_val_batches: 1
+  logger: false
+  callbacks:
+    - class_path: flowmap_lit.callbacks.EMA
+    - class_path: flowmap_lit.callbacks.FlowMapError
+      init_args: {num_samples: 16, reference_steps: 4, batch_size: 16, step_counts: [1, 2]}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: %s, save_last: true}
+data:
+  init_args: {batch_size: 16, num_workers: 1}
+"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_digits_distillation_fits_with_two_processes(strategy, digits_checkpoints, tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text(SMALL_EVAL % (tmp_path / "ckpt"))
+    proc = _run(distill_args(digits_checkpoints, "--config", str(ROOT / f"configs/strategies/{strategy}.yaml"),
+                             "--config", str(small), "--trainer.devices", "2", "--trainer.accelerator", "cpu"),
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout + proc.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    assert "Flow-map error at step 3" in out
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_dir() if strategy == "fsdp2" else last.is_file()
+    # and it resumes from its own (sharded) checkpoint
+    proc = _run(distill_args(digits_checkpoints, "--config", str(ROOT / f"configs/strategies/{strategy}.yaml"),
+                             "--config", str(small), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                             "--trainer.max_steps", "4", "--ckpt_path", "last"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+
+
+def test_a_crash_while_saving_never_corrupts_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Lightning writes single-file checkpoints through an fsspec transaction (a temporary file that is
+    moved into place when complete), so a crash while saving leaves the old last.ckpt intact."""
+    import fsspec.implementations.local as local
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    io, path = TorchCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+
+    write = local.LocalFileOpener.write
+
+    def crash(self, data):  # write part of the new checkpoint, then die
+        write(self, data[: len(data) // 2])
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(1000))

@@ -100,8 +100,9 @@ class FlowMapError(pl.Callback):
         self._print(trainer, pl_module)
 
     def _print(self, trainer, pl_module) -> None:
-        if not (self.print_table and trainer.is_global_zero):
+        if not self.print_table:
             return
+        # Every rank runs the teacher (a sharded teacher needs all ranks in each forward); rank 0 prints.
         noise, labels, ref = self.reference(trainer, pl_module)
         for row in self.results:
             euler = self._batched(pl_module.teacher_sample, noise, labels, num_steps=row["steps"], solver="euler")

@@ -10,8 +10,11 @@ ranks never wait on each other. The stream of epoch ``e`` depends only on
 ``(seed, rank, worker, e)``, so a run resumed from a checkpoint taken after ``b`` batches of
 epoch ``e`` rebuilds that epoch's stream and skips its first ``b`` batches: it continues with
 exactly the batches the uninterrupted run would have read (the skipped batches are read and
-dropped, so resuming costs at most one epoch of reading). Validation reads each sample exactly once across
-ranks x workers (ranks may get different batch counts), with deterministic posterior draws.
+dropped, so resuming costs at most one epoch of reading).
+
+Validation reads each sample at most once across ranks x workers, the same number on every
+rank (``EvenSplit``: the last ``num_samples % world_size`` are dropped, so ranks run equal
+batch counts and DDP/FSDP collectives never wait), with deterministic posterior draws.
 """
 
 import os
@@ -22,7 +25,7 @@ import torch
 import webdataset as wds
 
 from .format import shard_paths
-from .pipeline import Collate, Decode, ErrorPolicy, ShardList, Shuffle, TarSamples
+from .pipeline import Collate, Decode, ErrorPolicy, EvenSplit, ShardList, Shuffle, TarSamples
 from .shards import read_stats
 
 
@@ -182,16 +185,18 @@ class LatentDataModule(L.LightningDataModule):
         return min(max(int(done), 0), num_batches)
 
     def val_dataloader(self) -> wds.WebLoader | list:
-        """Every validation sample once across ranks x workers, in shard order; [] if no val split."""
+        """Equal shares of the validation samples per rank (``EvenSplit``), in shard order; [] if no val split."""
         rank, world_size = self._rank_info()
         urls = self._urls(self.val_split)
         if not urls:
             return []
         policy = ErrorPolicy(self.on_error, urls, self.stats.get("source", ""))
         noise = "keyed" if self.val_posterior == "sample" else "mean"
+        num_samples = int(self.stats["splits"][self.val_split]["num_samples"])
         pipeline = wds.DataPipeline(
-            ShardList(urls, rank, world_size, resampled=False),
+            ShardList(urls, resampled=False, split_workers=False),
             TarSamples(policy),
+            EvenSplit(rank, world_size, num_samples),
             self._decoder(policy, noise, rank),
             wds.batched(self.val_batch_size, collation_fn=Collate(self.return_keys), partial=True),
         )

@@ -178,10 +178,12 @@ class ShardList(IterableDataset):
         resampled: bool = False,         # endless sampling with replacement (training)
         seed: int = 0,                   # base seed
         epoch: int = 0,                  # first epoch number (e.g. trainer.current_epoch on resume)
+        split_workers: bool = True,      # resampled=False: split the shards across workers (else all in each)
     ):
         super().__init__()
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
         self.resampled, self.seed, self.epoch = resampled, seed, epoch
+        self.split_workers = split_workers
 
     def __iter__(self):
         worker, num_workers = worker_info()
@@ -190,8 +192,37 @@ class ShardList(IterableDataset):
             rng = random.Random(derive_seed(self.seed, self.rank, worker, epoch, _TAG_SHARDS))
             while True:
                 yield {"url": rng.choice(self.urls)}
-        for url in self.urls[self.rank :: self.world_size][worker::num_workers]:
+        urls = self.urls[self.rank :: self.world_size]
+        for url in urls[worker::num_workers] if self.split_workers else urls:
             yield {"url": url}
+
+
+class EvenSplit:
+    """Validation stage: every rank gets the same number of samples, and every worker its share.
+
+    Every worker of every rank reads the whole split in shard order (``ShardList`` with
+    ``world_size=1`` and all shards per worker); sample ``i`` goes to rank ``i % world_size``,
+    and the last ``num_samples % world_size`` samples are dropped, so every rank holds exactly
+    ``num_samples // world_size`` samples and runs the same number of batches (uneven counts
+    hang DDP and FSDP collectives). Within a rank, its ``j``-th sample goes to worker
+    ``j % num_workers``. Validation sets are small, so reading them once per worker is cheap.
+    """
+
+    def __init__(self, rank: int, world_size: int, num_samples: int):
+        self.rank, self.world_size = rank, world_size
+        self.limit = (num_samples // world_size) * world_size
+
+    def __call__(self, src):
+        worker, num_workers = worker_info()
+        mine = 0
+        for i, sample in enumerate(src):
+            if i >= self.limit:
+                break
+            if i % self.world_size != self.rank:
+                continue
+            if mine % num_workers == worker:
+                yield sample
+            mine += 1
 
 
 class Shuffle:
