@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .format import PREPARE_CMD, STATS_FILE, shard_name
-from .prepare import IMAGE_EXTENSIONS, center_crop, split_indices
+from .prepare import IMAGE_EXTENSIONS, center_crop, list_images, split_indices
 from .shards import ChannelStats, ShardSink, read_stats, write_stats
 
 SIDECAR = ".stats.json"  # appended to a shard's file name: its channel sums, written once it is complete
@@ -69,17 +69,8 @@ class ImageSource:
 
     @staticmethod
     def _scan_folder(src: str):
-        classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
-        if not classes:
-            raise ValueError(f"{src} has no class subfolders (expected {src}/<class>/<image>)")
-        refs, labels = [], []
-        for label, name in enumerate(classes):
-            for folder, _, files in sorted(os.walk(os.path.join(src, name))):
-                for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
-                        refs.append(ImageRef(os.path.join(folder, f)))
-                        labels.append(label)
-        return refs, labels, classes
+        paths, labels, classes = list_images(src)
+        return [ImageRef(p) for p in paths], [int(v) for v in labels], classes
 
     def _scan_tar(self):
         by_class: dict[str, list[ImageRef]] = {}
