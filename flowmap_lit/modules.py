@@ -18,6 +18,7 @@ from flowmap_lit.distributed import apply_activation_checkpointing, is_sharded, 
 from flowmap_lit.interpolant import edm_schedule, interpolate, sample_logit_normal, uniform_schedule, velocity_target
 from flowmap_lit.objectives import Objective
 from flowmap_lit.sampling import gamma_sample, ode_sample
+from flowmap_lit.seeding import derive_seed
 from flowmap_lit.teachers import Teacher, guided_velocity
 from flowmap_lit.time_sampling import TimePairSampler
 
@@ -63,13 +64,6 @@ def data_info(trainer: pl.Trainer | None) -> dict | None:
             "mean": list(stats.get("mean", [])), "std": list(stats.get("std", []))}
 
 
-def step_seed(base: int, *counters: int) -> int:
-    """A 63-bit seed from the run's base seed and step counters (numpy SeedSequence hashing)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(c) % 2**64 for c in (base, *counters)]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def resolve_noise_seed(noise_seed: int | None) -> int:
     """``noise_seed``, or the run's ``seed_everything`` seed (``PL_GLOBAL_SEED``), or 0."""
     if noise_seed is not None:
@@ -84,7 +78,7 @@ def seeded_rng(module: pl.LightningModule, seed: int) -> Iterator[None]:
     Training and validation steps draw their noise (times, eps, lam, dropout) inside it with a
     seed derived from ``(noise_seed, global_step, micro-batch[, rank])``, so a step's noise depends
     only on where it is in the run: a resumed run draws exactly what the uninterrupted run drew,
-    ranks draw different noise, and nothing else (data workers, evaluation callbacks) can shift it.
+    and nothing else (data workers, evaluation callbacks) can shift it.
     """
     device = module.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -171,7 +165,7 @@ class FlowMatchingModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, labels = batch["x"], batch["label"]
-        with seeded_rng(self, step_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
+        with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
             if self.num_classes > 0 and self.label_dropout > 0:
                 drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -342,9 +336,10 @@ class FlowMapDistillModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         # The noise is seeded by (step, micro-batch) alone (every rank draws the global batch's noise and
         # keeps its part); anything else random in the step (dropout) also by the rank.
-        gen = torch.Generator(device=self.device).manual_seed(step_seed(self.noise_seed, self.global_step, batch_idx))
-        with seeded_rng(self, step_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
-            per_sample, stats = self.step_loss(batch, gen, rank=self.global_rank, world_size=self._trainer.world_size if self._trainer is not None else 1)
+        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.noise_seed, self.global_step, batch_idx))
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
+            per_sample, stats = self.step_loss(batch, gen, rank=self.global_rank, world_size=world_size)
         finite = torch.isfinite(per_sample)
         if self.nan_mask and not finite.all() and finite.any():
             stats["nonfinite_fraction"] = 1 - finite.float().mean()
@@ -368,7 +363,7 @@ class FlowMapDistillModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with seeded_rng(self, step_seed(self.noise_seed, -1, batch_idx, self.global_rank)):
+        with seeded_rng(self, derive_seed(self.noise_seed, -1, batch_idx, self.global_rank)):
             loss, _ = self.step_loss(batch)
         self.log("val/loss", loss.mean(), sync_dist=True, batch_size=batch["x"].shape[0])
 

@@ -24,6 +24,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from flowmap_lit.seeding import derive_seed
+
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_NOISE = 1, 2, 3  # keep the three RNG streams independent
 
 
@@ -39,11 +41,6 @@ def worker_info() -> tuple[int, int]:
     """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def derive_seed(*ints: int) -> int:
-    """A 63-bit seed from a tuple of ints (numpy SeedSequence hashing; negatives wrap modulo 2**64)."""
-    return int(np.random.SeedSequence([int(i) % 2**64 for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class ErrorPolicy:
