@@ -52,6 +52,12 @@ def apply_activation_checkpointing(net: nn.Module) -> nn.Module:
     return net
 
 
+def data_parallel_mesh(mesh):
+    """The data-parallel dimension of Lightning's ``ModelParallelStrategy`` mesh (or the mesh itself)."""
+    names = mesh.mesh_dim_names or ()
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
 def shard_network(net: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2 ``fully_shard`` of every block of ``net``, then of ``net`` itself, over ``mesh``."""
     from torch.distributed.fsdp import FSDPModule, fully_shard

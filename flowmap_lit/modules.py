@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from flowmap_lit.distributed import apply_activation_checkpointing, is_sharded, shard_network
+from flowmap_lit.distributed import apply_activation_checkpointing, data_parallel_mesh, is_sharded, shard_network
 from flowmap_lit.interpolant import edm_schedule, interpolate, sample_logit_normal, uniform_schedule, velocity_target
 from flowmap_lit.objectives import Objective
 from flowmap_lit.sampling import gamma_sample, ode_sample
@@ -186,6 +186,12 @@ class FlowMatchingModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["data_info"] = data_info(self._trainer)
+
+    def configure_model(self) -> None:
+        """FSDP2 sharding of the network, block by block, under ``ModelParallelStrategy``."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            shard_network(self.net, data_parallel_mesh(mesh))
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -375,7 +381,7 @@ class FlowMapDistillModule(pl.LightningModule):
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:
             return
-        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        dp_mesh = data_parallel_mesh(mesh)
         shard_network(self.student, dp_mesh)
         if self.shard_teacher:
             for frozen in (self.teacher, self.guide):

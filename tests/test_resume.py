@@ -154,3 +154,14 @@ def test_a_crash_while_saving_never_corrupts_the_previous_checkpoint(tmp_path, m
     monkeypatch.undo()
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(1000))
+
+
+def test_teacher_pretraining_fits_with_fsdp2(tmp_path):
+    proc = _run(["fit", "--config", str(ROOT / "configs/digits/guide.yaml"), "--config",
+                 str(ROOT / "configs/strategies/fsdp2.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                 "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.callbacks", "[]", "--trainer.logger", "false", "--data.init_args.root",
+                 str(tmp_path / "digits"), "--trainer.default_root_dir", str(tmp_path / "guide")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert list((tmp_path / "guide").rglob("*.ckpt"))  # a sharded checkpoint directory
