@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from flowmap_lit.analytic import GaussianMixture
 from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
+from flowmap_lit.interpolant import edm_inputs, eps_to_velocity, x0_to_velocity
 
 
 class Teacher(nn.Module):
@@ -129,6 +130,54 @@ class NetworkTeacher(Teacher):
     def velocity(self, x, t, class_labels=None):
         labels = class_labels if self.num_classes > 0 else None
         return self.net(x, t, class_labels=labels)
+
+
+class ConvertedTeacher(Teacher):
+    """A network of another parameterization, converted exactly to the velocity of DESIGN.md section 1.
+
+    ``prediction`` says what ``net`` returns:
+
+    - ``"velocity"``: ``v = eps - x0`` at ``net(x_t, t, class_labels=...)`` (our own convention);
+    - ``"eps"``: the noise, ``v = (eps_hat - x_t) / (1 - t)``, called as ``net(x_t, t, ...)``;
+    - ``"x0"``: the clean data, ``v = (x_t - x0_hat) / t``, called as ``net(x_t, t, ...)``;
+    - ``"edm"``: an EDM/EDM2 denoiser ``D(x_sigma; sigma)`` (x0-prediction with sigma conditioning),
+      called as ``net(x_t / (1 - t), sigma, class_labels=...)`` with ``sigma = t / (1 - t)``,
+      then ``v = (x_t - D) / t``.
+
+    Divisions by ``t`` or ``1 - t`` clamp ``t`` to ``[T_MIN, T_MAX]`` (``flowmap_lit.interpolant``).
+    Only a ``"velocity"`` network can initialize a student (``network``); for the others, give the
+    student explicitly.
+    """
+
+    PREDICTIONS = ("velocity", "eps", "x0", "edm")
+
+    def __init__(
+        self,
+        net: nn.Module,  # the network, weights loaded
+        prediction: str = "velocity",  # "velocity" | "eps" | "x0" | "edm" (see the class docstring)
+        num_classes: int = 0,  # classes of the network; 0: unconditional
+    ) -> None:
+        super().__init__()
+        if prediction not in self.PREDICTIONS:
+            raise ValueError(f"prediction must be one of {self.PREDICTIONS}, got {prediction!r}")
+        self.net, self.prediction, self.num_classes = net, prediction, num_classes
+
+    @property
+    def network(self) -> nn.Module | None:
+        return self.net if self.prediction == "velocity" else None
+
+    def velocity(self, x, t, class_labels=None):
+        labels = class_labels if self.num_classes > 0 else None
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        if self.prediction == "edm":
+            x_sigma, sigma = edm_inputs(x, t)
+            return x0_to_velocity(self.net(x_sigma, sigma, class_labels=labels), x, t)
+        out = self.net(x, t, class_labels=labels)
+        if self.prediction == "eps":
+            return eps_to_velocity(out, x, t)
+        if self.prediction == "x0":
+            return x0_to_velocity(out, x, t)
+        return out
 
 
 def read_split(root: str, split: str = "train", normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
