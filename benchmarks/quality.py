@@ -1,7 +1,7 @@
 """Small-scale reproduction: flow maps vs consistency models across step counts, plus ablations.
 
     python benchmarks/quality.py --budget small     # under 15 min on 2 CPU cores
-    python benchmarks/quality.py --budget medium    # the quickstart budget per run (about 1 h)
+    python benchmarks/quality.py --budget medium    # the quickstart budget per run (not timed; several times --budget small)
 
 On the digits, every method of an arm gets the same budget (steps, batch, seed, learning rate,
 student); ``--budget small`` gives the exact arm 600 steps and the (slower) neural arm 400:
