@@ -212,7 +212,7 @@ class FlowMapDistillModule(pl.LightningModule):
         self,
         teacher: Teacher,  # frozen velocity model (NetworkTeacher, GMMTeacher, ...)
         objective: Objective,  # AYFEMD, AYFLMD, SCD, FlowMatching, DiscreteEMD
-        student: nn.Module | None = None,  # F(x, t, s, class_labels, guidance); None: a copy of the teacher's net
+        student: nn.Module | None = None,  # F(x, t, s, class_labels, guidance, **cond); None: copy of the teacher's net
         guide: Teacher | None = None,  # weaker model for autoguidance
         guidance: Literal["autoguidance", "cfg", "none"] = "none",  # how the teacher velocity is guided
         guidance_min: float = 1.0,  # lam is drawn per sample from U[guidance_min, guidance_max]
@@ -224,7 +224,8 @@ class FlowMapDistillModule(pl.LightningModule):
         time_sampler: TimePairSampler | None = None,  # (t, s) pairs; None: logit-normal(-0.8, 1)
         warmup_steps: int = 1000,  # optimizer steps over which r ramps linearly from 0
         r_max: float = 0.99,  # cap of r (1 - r_max keeps a pull toward the teacher velocity)
-        init_student_from_teacher: bool = True,  # copy the teacher network's weights into the student
+        init_student_from_teacher: bool = True,  # copy the teacher network's weights into the student (a student
+                                                 # with shares_teacher_weights wraps the teacher's network instead)
         optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory (class_path/init_args)
         lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
         nan_mask: bool = False,  # drop samples with a non-finite loss instead of the whole step
@@ -247,21 +248,26 @@ class FlowMapDistillModule(pl.LightningModule):
             raise ValueError("guidance: autoguidance needs a guide model (e.g. a NetworkTeacher of a weaker checkpoint)")
         self.teacher = teacher.freeze()
         self.guide = guide.freeze() if guide is not None else None
-        copy_teacher = student is None or init_student_from_teacher
+        self.shared_student = bool(getattr(student, "shares_teacher_weights", False))
+        copy_teacher = not self.shared_student and (student is None or init_student_from_teacher)
         if copy_teacher and teacher.network is None:
             raise ValueError(
                 f"{type(teacher).__name__} has no network weights to initialize the student from: give a "
                 "student network and set init_student_from_teacher: false"
             )
-        if student is None:
+        if self.shared_student:  # adapters on the teacher's own network (no copy); it sets what trains
+            student.attach(teacher)
+        elif student is None:
             student = copy.deepcopy(teacher.network)
         elif copy_teacher:
             student.load_state_dict(teacher.network.state_dict())
         if copy_teacher:  # F(x, t, s) = v(x, t) exactly at step 0 (DESIGN.md section 2)
             student.zero_init_s_embedding()
-        for p in student.parameters():
-            p.requires_grad_(True)
+        if not self.shared_student:
+            for p in student.parameters():
+                p.requires_grad_(True)
         self.student = student.train()
+        self.null_cond: dict[str, Tensor] | None = None  # CFG null of keyword conditioning (from the data, setup())
         self.objective = objective
         self.guidance = guidance
         self.guidance_min, self.guidance_max = guidance_min, guidance_max
@@ -298,16 +304,20 @@ class FlowMapDistillModule(pl.LightningModule):
         u = torch.rand(n, device=self.device, generator=generator)
         return self.guidance_min + (self.guidance_max - self.guidance_min) * u
 
-    def student_fn(self, labels: Tensor | None, lam: Tensor | None):
-        """``F(x, t, s)`` with labels and (if the student is conditioned on it) lam bound."""
+    def student_fn(self, labels: Tensor | None, lam: Tensor | None, cond: dict[str, Tensor] | None = None):
+        """``F(x, t, s)`` with labels, (if the student is conditioned on it) lam, and the keyword
+        conditioning ``cond`` (``batch["cond"]``, e.g. text embeddings) bound."""
         labels = self._labels(labels)
         lam_in = lam if self.condition_on_guidance else None
-        return lambda x, t, s: self.student(x, t, s, class_labels=labels, guidance=lam_in)
+        kw = cond or {}
+        return lambda x, t, s: self.student(x, t, s, class_labels=labels, guidance=lam_in, **kw)
 
-    def teacher_fn(self, labels: Tensor | None, lam: Tensor | None):
-        """Guided teacher velocity ``v(x, t)`` with labels and lam bound (no grad)."""
+    def teacher_fn(self, labels: Tensor | None, lam: Tensor | None, cond: dict[str, Tensor] | None = None):
+        """Guided teacher velocity ``v(x, t)`` with labels, lam and ``cond`` bound (no grad); CFG of
+        keyword conditioning guides with ``null_cond`` (the dataset's empty-prompt embedding)."""
         labels = self._labels(labels)
-        return lambda x, t: guided_velocity(self.teacher, self.guide, x, t, labels, lam, self.guidance)
+        return lambda x, t: guided_velocity(self.teacher, self.guide, x, t, labels, lam, self.guidance,
+                                            cond=cond, null_cond=self.null_cond)
 
     def draw_noise(self, x0: Tensor, generator: torch.Generator | None = None, rank: int = 0,
                    world_size: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -327,11 +337,12 @@ class FlowMapDistillModule(pl.LightningModule):
 
     def step_loss(self, batch: dict, generator: torch.Generator | None = None, rank: int = 0,
                   world_size: int = 1) -> tuple[Tensor, dict]:
-        """Per-sample loss and stats of one batch (noise from ``draw_noise``)."""
-        x0, labels = batch["x"], batch["label"]
+        """Per-sample loss and stats of one batch (noise from ``draw_noise``; ``batch["cond"]``, if
+        present, is passed to the student and the teacher as keyword arguments)."""
+        x0, labels, cond = batch["x"], batch["label"], batch.get("cond")
         t, s, eps, lam = self.draw_noise(x0, generator, rank, world_size)
         x_t = interpolate(x0, eps, t)
-        out = self.objective(self.student_fn(labels, lam), self.teacher_fn(labels, lam), x_t, t, s,
+        out = self.objective(self.student_fn(labels, lam, cond), self.teacher_fn(labels, lam, cond), x_t, t, s,
                              r=self.tangent_warmup())
         stats = dict(out.stats)
         if lam is not None:
@@ -339,6 +350,12 @@ class FlowMapDistillModule(pl.LightningModule):
         return out.loss, stats
 
     # --- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Takes the CFG null condition of keyword-conditioned (text) data from the data module."""
+        null = getattr(getattr(self._trainer, "datamodule", None), "null_cond", None)
+        if null is not None:
+            self.null_cond = null
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         # The noise is seeded by (step, micro-batch) alone (every rank draws the global batch's noise and
         # keeps its part); anything else random in the step (dropout) also by the rank.
@@ -389,7 +406,7 @@ class FlowMapDistillModule(pl.LightningModule):
                     shard_network(frozen.network, dp_mesh)
 
     def configure_optimizers(self):
-        params = list(self.student.parameters()) + list(self.objective.parameters())
+        params = [p for p in self.student.parameters() if p.requires_grad] + list(self.objective.parameters())
         optimizer = self.optimizer_factory(params)
         scheduler = constant_with_warmup(optimizer, self.lr_warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -397,16 +414,32 @@ class FlowMapDistillModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen teacher and guide are rebuilt from their own source; do not duplicate them.
         # (Sharded checkpoints keep them: the distributed loader restores the model strictly.)
+        # A student sharing the teacher's weights stores only its own (adapter) weights.
         if not any(is_sharded(v) for v in checkpoint["state_dict"].values()):
+            shared = self._shared_student_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith(("teacher.", "guide."))}
+                                        if not k.startswith(("teacher.", "guide.")) and k not in shared}
         checkpoint["data_info"] = data_info(self._trainer)
+        if self.null_cond is not None:
+            checkpoint["null_cond"] = {k: v.cpu() for k, v in self.null_cond.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("null_cond") is not None:
+            self.null_cond = checkpoint["null_cond"]
         if "state_dict" not in checkpoint:  # sharded checkpoint: the strategy loads the weights itself
             return
-        own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(("teacher.", "guide."))})
+        own, shared, state = self.state_dict(keep_vars=True), self._shared_student_keys(), checkpoint["state_dict"]
+        # A teacher entry that is a (trained) student tensor too takes the student's saved value.
+        student_key = {id(v): k for k, v in own.items() if k.startswith("student.") and k in state}
+        for k, v in own.items():
+            if k.startswith(("teacher.", "guide.")) or k in shared:
+                state[k] = state[student_key[id(v)]] if id(v) in student_key else v.detach()
+
+    def _shared_student_keys(self) -> set[str]:
+        """State-dict keys of the student that are the teacher's (frozen, shared) weights."""
+        if not self.shared_student:
+            return set()
+        return {f"student.{k}" for k in self.student.shared_state_keys()}
 
     # --- sampling ----------------------------------------------------------------------------------
     def _eval_inputs(self, noise: Tensor, guidance: float | None) -> Tensor | None:
@@ -415,19 +448,20 @@ class FlowMapDistillModule(pl.LightningModule):
     @torch.no_grad()
     def sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 1,
                guidance: float | None = None, schedule: Tensor | None = None, gamma: float | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, cond: dict[str, Tensor] | None = None) -> Tensor:
         """k-step samples from ``noise``: flow-map chaining, or gamma sampling (uniform schedule
-        unless one is given; ``gamma`` defaults to ``sample_gamma``)."""
+        unless one is given; ``gamma`` defaults to ``sample_gamma``); ``cond``: keyword conditioning."""
         lam = self._eval_inputs(noise, guidance)
         sched = uniform_schedule(num_steps) if schedule is None else schedule
         gamma = self.sample_gamma if gamma is None else gamma
-        return gamma_sample(self.student_fn(class_labels, lam), noise, sched, gamma, generator)
+        return gamma_sample(self.student_fn(class_labels, lam, cond), noise, sched, gamma, generator)
 
     @torch.no_grad()
     def teacher_sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 64,
-                       guidance: float | None = None, solver: Literal["euler", "heun"] = "heun") -> Tensor:
+                       guidance: float | None = None, solver: Literal["euler", "heun"] = "heun",
+                       cond: dict[str, Tensor] | None = None) -> Tensor:
         """The guided teacher's ODE solution from the same noise (EDM schedule, Heun)."""
         lam = self._eval_inputs(noise, guidance)
-        return ode_sample(self.teacher_fn(class_labels, lam), noise, num_steps, solver,
+        return ode_sample(self.teacher_fn(class_labels, lam, cond), noise, num_steps, solver,
                           schedule=edm_schedule(num_steps))
 

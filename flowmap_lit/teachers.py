@@ -4,7 +4,8 @@
   by default), or any network passed in with its weights.
 - ``GMMTeacher``: the exact velocity of a Gaussian mixture fitted to a dataset (DESIGN.md 6):
   an instant, exact teacher; a mixture with fewer components or wider covariances is its guide.
-- ``guided_velocity``: autoguidance and classifier-free guidance (DESIGN.md section 1).
+- ``guided_velocity``: autoguidance and classifier-free guidance (DESIGN.md section 1), for class
+  labels or keyword conditioning (text embeddings; CFG's null is the empty prompt's embedding).
 
 Teachers are frozen: eval mode, no grads, never in the optimizer, and their weights are not
 copied into the distillation checkpoints (they are rebuilt from their own source).
@@ -37,11 +38,13 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> "Teacher":  # always stays in eval mode
         return super().train(False)
 
-    def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, **cond: Tensor) -> Tensor:
+        """``v(x, t)``; ``cond``: extra conditioning by keyword (text embeddings, ``batch["cond"]``),
+        accepted by text-conditioned teachers only."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        return self.velocity(x, t, class_labels)
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, **cond: Tensor) -> Tensor:
+        return self.velocity(x, t, class_labels, **cond)
 
     @property
     def network(self) -> nn.Module | None:
@@ -240,26 +243,48 @@ class GMMTeacher(MixtureTeacher):
 
 
 def guided_velocity(teacher: Teacher, guide: Teacher | None, x: Tensor, t: Tensor,
-                    class_labels: Tensor | None, lam: Tensor | None, kind: str) -> Tensor:
+                    class_labels: Tensor | None, lam: Tensor | None, kind: str,
+                    cond: dict[str, Tensor] | None = None, null_cond: dict[str, Tensor] | None = None) -> Tensor:
     """``lam * v_teacher + (1 - lam) * v_guide`` (DESIGN.md section 1), computed without grad.
 
-    ``kind``: ``"autoguidance"`` (guide = the weaker model, same label), ``"cfg"`` (guide = the
-    teacher with the null label ``num_classes``), or ``"none"`` (the teacher alone).
+    ``kind``: ``"autoguidance"`` (guide = the weaker model, same label and ``cond``), ``"cfg"``
+    (guide = the teacher with the null label ``num_classes``, or, for text conditioning, with
+    ``null_cond``: the empty prompt's embeddings, one per key without batch dimension; zeros when
+    None), or ``"none"`` (the teacher alone). ``cond``: keyword conditioning of the teacher
+    (``batch["cond"]``, e.g. ``encoder_hidden_states``); None for class/unconditional teachers.
     """
+    kw = cond or {}
     with torch.no_grad():
         if kind == "none" or lam is None:
-            return teacher.velocity(x, t, class_labels).float()
+            return teacher.velocity(x, t, class_labels, **kw).float()
         lam_b = lam.float().reshape(-1, *([1] * (x.ndim - 1)))
         if kind == "autoguidance":
             if guide is None:
                 raise ValueError("guidance 'autoguidance' needs a guide model")
-            v_t, v_g = teacher.velocity(x, t, class_labels), guide.velocity(x, t, class_labels)
+            v_t, v_g = teacher.velocity(x, t, class_labels, **kw), guide.velocity(x, t, class_labels, **kw)
+        elif kind == "cfg" and cond:
+            both = {k: torch.cat([v, null_condition(null_cond, k, v)]) for k, v in cond.items()}
+            labels = None if class_labels is None else torch.cat([class_labels, class_labels])
+            v = teacher.velocity(torch.cat([x, x]), torch.cat([t, t]), labels, **both)
+            v_t, v_g = v.chunk(2)
         elif kind == "cfg":
             if teacher.num_classes == 0 or class_labels is None:
-                raise ValueError("classifier-free guidance needs a class-conditional teacher and labels")
+                raise ValueError("classifier-free guidance needs a class-conditional teacher and labels "
+                                 "(or text conditioning, batch['cond'])")
             null = torch.full_like(class_labels, teacher.num_classes)
             v = teacher.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
             v_t, v_g = v.chunk(2)
         else:
             raise ValueError(f"unknown guidance {kind!r}; use 'autoguidance', 'cfg' or 'none'")
         return lam_b * v_t.float() + (1 - lam_b) * v_g.float()
+
+
+def null_condition(null_cond: dict[str, Tensor] | None, key: str, like: Tensor) -> Tensor:
+    """The null (empty-prompt) value of conditioning ``key``, broadcast to the batch of ``like``;
+    zeros when ``null_cond`` has none (a dataset without a stored empty-prompt embedding)."""
+    if null_cond is None or key not in null_cond:
+        return torch.zeros_like(like)
+    null = null_cond[key].to(device=like.device, dtype=like.dtype)
+    if tuple(null.shape) != tuple(like.shape[1:]):
+        raise ValueError(f"null condition {key!r} has shape {tuple(null.shape)}, the batch has {tuple(like.shape[1:])}")
+    return null.expand_as(like)

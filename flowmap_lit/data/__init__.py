@@ -1,7 +1,7 @@
 """Latent datasets: WebDataset shards + ``stats.json``, a Lightning DataModule, and preparation tools.
 
 Layout and schema: see ``flowmap_lit/data/format.py``. Create a dataset with
-``python -m flowmap_lit.data.prepare {digits,images,array} ...`` (``prepare.py``) and read it
+``python -m flowmap_lit.data.prepare {digits,images,array,text-array} ...`` (``prepare.py``) and read it
 with ``LatentDataModule(root=...)``; ``DigitsDataModule`` prepares the digits by itself.
 
 Names are imported lazily, so the preparation CLI does not pay for importing Lightning.
@@ -16,6 +16,7 @@ _EXPORTS = {
     "write_shards": "shards", "write_stats": "shards", "write_dataset": "shards",
     "read_stats": "shards", "channel_stats": "shards", "ShardSink": "shards",
     "prepare_digits": "prepare", "prepare_images": "prepare", "prepare_array": "prepare",
+    "prepare_text_array": "prepare", "read_null_text": "shards", "write_null_text": "shards",
 }
 __all__ = list(_EXPORTS)
 
@@ -23,8 +24,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .datamodule import LatentDataModule
     from .digits import DigitsDataModule
     from .pipeline import DataWarning, ShardError
-    from .prepare import prepare_array, prepare_digits, prepare_images
-    from .shards import ShardSink, channel_stats, read_stats, write_dataset, write_shards, write_stats
+    from .prepare import prepare_array, prepare_digits, prepare_images, prepare_text_array
+    from .shards import (
+        ShardSink, channel_stats, read_null_text, read_stats, write_dataset, write_null_text, write_shards, write_stats,
+    )
 
 
 def __getattr__(name: str):

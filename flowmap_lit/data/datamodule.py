@@ -1,6 +1,8 @@
 """``LatentDataModule``: class-labelled latents from WebDataset shards (format in ``format.py``).
 
-Batches are dicts ``{"x": FloatTensor (B, C, H, W), "label": LongTensor (B,)}``; with
+Batches are dicts ``{"x": FloatTensor (B, C, H, W), "label": LongTensor (B,)}``, plus, for
+text-conditioned data (``format.py``), ``"cond": {"encoder_hidden_states": (B, L, D),
+"pooled_projections": (B, D')}`` (float32; ``null_cond`` holds the empty prompt's); with
 ``normalize=True`` (default) ``x`` is standardized per channel with the ``stats.json``
 statistics, and ``denormalize(x)`` maps model outputs back (e.g. before a VAE decoder).
 
@@ -21,12 +23,13 @@ import os
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 
-from .format import shard_paths
+from .format import COND_KEYS, shard_paths
 from .pipeline import Collate, Decode, ErrorPolicy, EvenSplit, ShardList, Shuffle, TarSamples
-from .shards import read_stats
+from .shards import read_null_text, read_stats
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -103,6 +106,24 @@ class LatentDataModule(L.LightningDataModule):
         """Number of class labels."""
         return int(self.stats["num_classes"])
 
+    @property
+    def text(self) -> dict | None:
+        """The stats.json ``"text"`` entry (shapes of the text embeddings), or None."""
+        return self.stats.get("text")
+
+    @property
+    def null_cond(self) -> dict[str, torch.Tensor] | None:
+        """Empty-prompt embeddings by batch key (``{"encoder_hidden_states": (L, D), ...}``) for
+        classifier-free guidance; zeros if the dataset stored none; None for data without text."""
+        text = self.text
+        if text is None:
+            return None
+        arrays = read_null_text(self.root, self.stats)
+        if arrays is None:
+            shapes = {"text_emb": text["emb_shape"], "text_pooled": text.get("pooled_shape")}
+            arrays = {k: np.zeros(v, np.float32) for k, v in shapes.items() if v is not None}
+        return {COND_KEYS[k]: torch.from_numpy(v) for k, v in arrays.items()}
+
     def setup(self, stage: str | None = None) -> None:
         """Re-read ``stats.json`` (``prepare_data`` may just have written it)."""
         self.load_stats()
@@ -145,7 +166,7 @@ class LatentDataModule(L.LightningDataModule):
         stats = self.stats
         mean, std = (stats["mean"], stats["std"]) if self.normalize else (None, None)
         return Decode(stats["kind"], tuple(stats["shape"]), policy, mean=mean, std=std, noise=noise,
-                      seed=self.seed, rank=rank, epoch=self._start_epoch())
+                      seed=self.seed, rank=rank, epoch=self._start_epoch(), text=stats.get("text"))
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
         return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,

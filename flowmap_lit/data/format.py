@@ -21,6 +21,24 @@ or, for VAE posteriors (``kind == "posterior"``), instead of ``latent.npy``::
 
 A posterior sample is drawn as ``mean + std * N(0, 1)`` every time the sample is read.
 
+Text-conditioned datasets (optional; ``stats.json`` has a ``"text"`` entry) add to every sample
+the precomputed output of any text encoder (CLIP, T5, ...; the reader never runs one)::
+
+    train_00000000.text_emb.npy     per-token embeddings, L x D (float16 or float32); for SD3 the
+                                    joint CLIP-L/G + T5 sequence the pipeline's encode_prompt returns
+    train_00000000.text_pooled.npy  pooled embedding, D' (optional: only if "pooled_shape" is set)
+
+and the dataset directory holds the embedding of the EMPTY prompt once, the null condition of
+classifier-free guidance::
+
+    null_text.npz                   arrays "text_emb" (L x D) and, if pooled, "text_pooled" (D')
+
+Every sample has the same ``L`` (pad or truncate to a fixed length when encoding, as diffusers
+pipelines do). ``LatentDataModule`` puts them in the batch as
+``batch["cond"] = {"encoder_hidden_states": (B, L, D), "pooled_projections": (B, D')}`` (float32),
+the keyword arguments of diffusers transformers; datasets without ``"text"`` have no ``"cond"``.
+Class labels are still stored (``cls``, 0 for text data with ``num_classes: 0``).
+
 ``stats.json`` (``FORMAT_VERSION == 1``)::
 
     {
@@ -31,7 +49,13 @@ A posterior sample is drawn as ``mean + std * N(0, 1)`` every time the sample is
       "mean": [m_0, ..., m_{C-1}],        per-channel mean of the train latents
       "std":  [s_0, ..., s_{C-1}],        per-channel std of the train latents
       "splits": {"train": {"num_samples": n, "num_shards": k}, "val": {...}},
-      "source": "python -m flowmap_lit.data.prepare digits --out data/digits"
+      "source": "python -m flowmap_lit.data.prepare digits --out data/digits",
+      "text": {                           optional: text-conditioned data only
+        "emb_shape": [L, D],              shape of every text_emb.npy
+        "pooled_shape": [D'] | null,      shape of every text_pooled.npy (null: none stored)
+        "null_file": "null_text.npz" | null,  empty-prompt embedding (null: CFG uses zeros)
+        "encoder": "sd3: clip-l + clip-g + t5-xxl, 154 tokens"   free text, how it was made
+      }
     }
 
 For posterior data the per-channel statistics describe the drawn latents: the mean is the
@@ -49,6 +73,9 @@ FORMAT_VERSION = 1                       # version of stats.json and the shard l
 STATS_FILE = "stats.json"                # name of the statistics file next to the shards
 KINDS = ("latent", "posterior")          # sample kinds: stored latent, or VAE posterior pair
 PREPARE_CMD = "python -m flowmap_lit.data.prepare"  # the CLI that creates datasets
+TEXT_EMB, TEXT_POOLED = "text_emb", "text_pooled"   # member names (``<key>.text_emb.npy``) of text embeddings
+NULL_TEXT_FILE = "null_text.npz"         # empty-prompt embeddings (arrays named like the members)
+COND_KEYS = {TEXT_EMB: "encoder_hidden_states", TEXT_POOLED: "pooled_projections"}  # batch["cond"] keys
 
 
 def shard_name(split: str, index: int) -> str:

@@ -26,6 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from flowmap_lit.seeding import derive_seed
 
+from .format import COND_KEYS, TEXT_EMB, TEXT_POOLED
+
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_NOISE = 1, 2, 3  # keep the three RNG streams independent
 
 
@@ -239,7 +241,10 @@ class Shuffle:
 
 
 class Decode:
-    """Decode stage: raw tar sample -> ``(latent float32 C x H x W, label, key)``.
+    """Decode stage: raw tar sample -> ``(latent float32 C x H x W, label, key, cond)``.
+
+    ``cond`` is None, or for text data (``text`` = the stats.json entry) the float32 text
+    embeddings by their batch name (``{"encoder_hidden_states": (L, D), "pooled_projections": (D',)}``).
 
     Posterior samples are drawn as ``mean + std * z``; ``noise`` chooses ``z``:
     "stream": from an RNG seeded by (seed, rank, worker, epoch) (training);
@@ -258,22 +263,29 @@ class Decode:
         seed: int = 0,                   # base seed
         rank: int = 0,                   # global rank (for "stream" noise)
         epoch: int = 0,                  # first epoch number
+        text: dict | None = None,        # stats.json "text" entry (shapes of the text embeddings); None: no text
     ):
         self.kind, self.shape, self.policy, self.noise = kind, tuple(shape), policy, noise
+        self.text_shapes = {}
+        if text is not None:
+            self.text_shapes[TEXT_EMB] = tuple(text["emb_shape"])
+            if text.get("pooled_shape") is not None:
+                self.text_shapes[TEXT_POOLED] = tuple(text["pooled_shape"])
         self.seed, self.rank, self.epoch = seed, rank, epoch
         c = self.shape[0]
         self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(c, 1, 1)
         self.inv_std = None if std is None else (1.0 / np.asarray(std, np.float32)).reshape(c, 1, 1)
 
-    def _array(self, sample: dict, name: str) -> np.ndarray:
+    def _array(self, sample: dict, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        shape = self.shape if shape is None else shape
         if name not in sample:
             raise KeyError(f"member {name!r} missing (has {sorted(k for k in sample if not k.startswith('__'))})")
         array = np.load(io.BytesIO(sample[name]), allow_pickle=False)
-        if array.shape != self.shape:
-            raise ValueError(f"{name} has shape {tuple(array.shape)} but stats.json says {self.shape}")
+        if array.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(array.shape)} but stats.json says {shape}")
         return array.astype(np.float32, copy=False)
 
-    def _decode(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, int, str]:
+    def _decode(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, int, str, dict | None]:
         key = sample["__key__"]
         if self.kind == "latent":
             x = self._array(sample, "latent.npy")
@@ -288,7 +300,9 @@ class Decode:
         label = int(sample["cls"].decode("ascii").strip())
         if self.mean is not None:
             x = (x - self.mean) * self.inv_std
-        return np.ascontiguousarray(x, dtype=np.float32), label, key
+        cond = {COND_KEYS[name]: np.ascontiguousarray(self._array(sample, f"{name}.npy", shape))
+                for name, shape in self.text_shapes.items()} or None
+        return np.ascontiguousarray(x, dtype=np.float32), label, key, cond
 
     def __call__(self, src):
         worker, _ = worker_info()
@@ -306,16 +320,19 @@ class Decode:
 
 
 class Collate:
-    """Stack decoded samples into ``{"x": (B, C, H, W) float32, "label": (B,) int64}`` (+ ``"key"``)."""
+    """Stack decoded samples into ``{"x": (B, C, H, W) float32, "label": (B,) int64}`` (+ ``"key"``,
+    and ``"cond"``: a dict of stacked text embeddings, when the samples carry them)."""
 
     def __init__(self, return_keys: bool = False):
         self.return_keys = return_keys
 
-    def __call__(self, samples: list[tuple[np.ndarray, int, str]]) -> dict:
+    def __call__(self, samples: list[tuple]) -> dict:
         batch = {
             "x": torch.from_numpy(np.stack([s[0] for s in samples])),
             "label": torch.tensor([s[1] for s in samples], dtype=torch.int64),
         }
         if self.return_keys:
             batch["key"] = [s[2] for s in samples]
+        if len(samples[0]) > 3 and samples[0][3] is not None:
+            batch["cond"] = {k: torch.from_numpy(np.stack([s[3][k] for s in samples])) for k in samples[0][3]}
         return batch

@@ -5,6 +5,8 @@ Subcommands::
     digits --out data/digits                          scikit-learn digits, 1 x 8 x 8 in [-1, 1], 1497/300
     images --src DIR --out OUT --resolution R         DIR/<class>/<image>: center crop, resize, 3 x R x R in [-1, 1]
     array  --src FILE.npz --out OUT                   x (N,C,H,W) + y (N,), or mean + std + y (VAE posterior)
+    text-array --src FILE.npz --out OUT              x (N,C,H,W) + text_emb (N,L,D) [+ text_pooled (N,D')]
+                                                      + null_text_emb [+ null_text_pooled]: text-to-image latents
     imagenet --src DIR|TAR --vae VAE_DIR --out OUT    center crop 512, SD-VAE posterior (float16); see imagenet.py
 
 A new source is one ``add_<name>(subparsers)`` function appended to ``SUBCOMMANDS``,
@@ -178,6 +180,53 @@ def prepare_array(
     return write_dataset(out_dir, splits, num_classes, source, samples_per_shard, dtype)
 
 
+def prepare_text_array(
+    src: str,                            # .npz: x, text_emb, [text_pooled], [null_text_emb, null_text_pooled], [*_val]
+    out_dir: str,                        # dataset directory to (over)write
+    samples_per_shard: int = 1000,       # samples per tar file
+    val_fraction: float = 0.1,           # held-out fraction when the file has no *_val arrays
+    seed: int = 0,                       # seed of the train/val permutation
+    dtype: str | None = None,            # stored latent dtype; None keeps float16/float32
+    text_dtype: str = "float16",         # stored dtype of the text embeddings
+    text_encoder: str = "",              # how the embeddings were made (stats.json text.encoder)
+) -> dict:
+    """Write an .npz of latents with precomputed text embeddings as a text-conditioned dataset.
+
+    Arrays: ``x`` (N, C, H, W) latents (or ``mean`` + ``std`` posteriors), ``text_emb`` (N, L, D)
+    per-token embeddings, optional ``text_pooled`` (N, D'), optional ``null_text_emb`` (L, D) and
+    ``null_text_pooled`` (D',): the empty prompt's embeddings, used as the CFG null condition
+    (zeros when absent). ``*_val`` versions give an explicit validation split. Labels are all 0.
+    """
+    with np.load(src, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    posterior = "mean" in data and "std" in data
+    if not ((posterior or "x" in data) and "text_emb" in data):
+        raise ValueError(f"{src} must hold x (N,C,H,W) (or mean, std) and text_emb (N,L,D); it has {sorted(data)}")
+
+    def part(suffix: str, idx=slice(None)):
+        x = (data["mean" + suffix][idx], data["std" + suffix][idx]) if posterior else data["x" + suffix][idx]
+        pooled = data.get("text_pooled" + suffix)
+        text = (data["text_emb" + suffix][idx], None if pooled is None else pooled[idx])
+        return x, text
+
+    if "text_emb_val" in data:
+        parts = {"train": part(""), "val": part("_val")}
+    else:
+        train, val = split_indices(len(data["text_emb"]), val_fraction, seed)
+        parts = {"train": part("", train), "val": part("", val)}
+    splits = {k: (x, np.zeros(len(t[0]), np.int64)) for k, (x, t) in parts.items()}
+    text = {k: t for k, (_, t) in parts.items()}
+    null = None
+    if "null_text_emb" in data:
+        null = (data["null_text_emb"], data.get("null_text_pooled"))
+    if dtype is None:
+        first = splits["train"][0][0] if posterior else splits["train"][0]
+        dtype = None if first.dtype in (np.float16, np.float32) else "float32"
+    source = f"{PREPARE_CMD} text-array --src {src} --out {out_dir}"
+    return write_dataset(out_dir, splits, 0, source, samples_per_shard, dtype, text=text, null_text=null,
+                         text_encoder=text_encoder, text_dtype=text_dtype)
+
+
 # --------------------------------------------------------------------------- CLI
 def add_digits(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("digits", help="scikit-learn 8x8 digits (ships with scikit-learn, no download)")
@@ -211,13 +260,26 @@ def add_array(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: prepare_array(a.src, a.out, a.samples_per_shard, a.val_fraction, a.seed, a.dtype))
 
 
+def add_text_array(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("text-array", help="an .npz of latents with precomputed text embeddings (text-to-image)")
+    p.add_argument("--src", required=True, help=".npz: x, text_emb, [text_pooled], [null_text_emb, null_text_pooled]")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction if there are no *_val arrays")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--text-encoder", default="", help="how the embeddings were made (recorded in stats.json)")
+    p.set_defaults(func=lambda a: prepare_text_array(a.src, a.out, a.samples_per_shard, a.val_fraction, a.seed,
+                                                     text_encoder=a.text_encoder))
+
+
 def add_imagenet(sub: argparse._SubParsersAction) -> None:
     from .imagenet import add_imagenet as add  # imports torch; only this subcommand needs it
 
     add(sub)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_images, add_array, add_imagenet]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_images, add_array, add_text_array,
+                                                                    add_imagenet]
 
 
 def main(argv: list[str] | None = None) -> dict | None:

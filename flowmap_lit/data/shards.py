@@ -6,6 +6,12 @@ Example::
     mean, std = channel_stats(x_train)
     write_stats("data/toy", shape=x_train.shape[1:], num_classes=10, kind="latent",
                 mean=mean, std=std, splits={"train": info}, source="my script")
+
+Text-conditioned data (your own encoder's outputs; see ``format.py``)::
+
+    write_dataset("data/t2i", {"train": (x, np.zeros(len(x), int))}, num_classes=0,
+                  text={"train": (tokens_N_L_D, pooled_N_D)}, null_text=(null_L_D, null_D),
+                  text_encoder="sd3: clip-l + clip-g + t5-xxl, 154 tokens")
 """
 
 import glob
@@ -18,9 +24,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .format import FORMAT_VERSION, KINDS, PREPARE_CMD, STATS_FILE, sample_key, shard_name
+from .format import (
+    FORMAT_VERSION, KINDS, NULL_TEXT_FILE, PREPARE_CMD, STATS_FILE, TEXT_EMB, TEXT_POOLED, sample_key, shard_name,
+)
 
 Latents = np.ndarray | tuple[np.ndarray, np.ndarray]  # (N, C, H, W) array, or (means, stds) pair
+TextEmbeddings = tuple[np.ndarray, np.ndarray | None]  # (N, L, D) token embeddings, (N, D') pooled or None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -117,6 +126,76 @@ def remove_stale_shards(out_dir: str, split: str, keep: int = 0) -> None:
             os.remove(path)
 
 
+def text_arrays(text: TextEmbeddings, n: int, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Check ``(tokens (N, L, D), pooled (N, D') or None)`` and return them by member name."""
+    if not isinstance(text, (tuple, list)) or len(text) != 2:
+        raise ValueError("text must be a pair (tokens (N, L, D), pooled (N, D') or None)")
+    out = {TEXT_EMB: text[0]} if text[1] is None else {TEXT_EMB: text[0], TEXT_POOLED: text[1]}
+    for name, ndim, what in ((TEXT_EMB, 3, "(N, L, D)"), (TEXT_POOLED, 2, "(N, D')")):
+        if name not in out:
+            continue
+        array = np.asarray(out[name]) if dtype is None else np.asarray(out[name], dtype=dtype)
+        if array.ndim != ndim or len(array) != n:
+            raise ValueError(f"{name} must have shape {what} with N = number of samples = {n}, got {array.shape}")
+        if array.dtype not in (np.float16, np.float32):
+            raise ValueError(f"{name} must be float16 or float32 (or pass text_dtype=), got {array.dtype}")
+        out[name] = array
+    return out
+
+
+def text_info(text: TextEmbeddings, null_file: str | None = None, encoder: str = "") -> dict:
+    """The ``stats.json`` ``"text"`` entry of a split's text embeddings (see ``format.py``)."""
+    return {"emb_shape": [int(d) for d in np.shape(text[0])[1:]],
+            "pooled_shape": None if text[1] is None else [int(d) for d in np.shape(text[1])[1:]],
+            "null_file": null_file, "encoder": encoder}
+
+
+def check_text_info(text: dict, where: str = "stats.json") -> dict:
+    """Check a ``"text"`` entry: an (L, D) token shape and a (D',) pooled shape or null."""
+    emb, pooled = text.get("emb_shape"), text.get("pooled_shape")
+    if not (isinstance(emb, list) and len(emb) == 2 and all(isinstance(d, int) and d > 0 for d in emb)):
+        raise ValueError(f"{where}: text.emb_shape must be [L, D] (tokens x channels), got {emb!r}")
+    if pooled is not None and not (isinstance(pooled, list) and len(pooled) == 1 and pooled[0] > 0):
+        raise ValueError(f"{where}: text.pooled_shape must be [D'] or null, got {pooled!r}")
+    return text
+
+
+def write_null_text(out_dir: str, tokens: np.ndarray, pooled: np.ndarray | None, text: dict) -> str:
+    """Write the empty-prompt embeddings ``null_text.npz``, checked against the ``"text"`` entry."""
+    arrays = {TEXT_EMB: np.asarray(tokens, dtype=np.float32)}
+    if pooled is not None:
+        arrays[TEXT_POOLED] = np.asarray(pooled, dtype=np.float32)
+    expected = {TEXT_EMB: text["emb_shape"], TEXT_POOLED: text["pooled_shape"]}
+    for name, shape in expected.items():
+        got = list(arrays[name].shape) if name in arrays else None
+        if got != shape:
+            raise ValueError(f"null text {name} has shape {got}, but the samples have {shape}")
+    path = os.path.join(out_dir, NULL_TEXT_FILE)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_null_text(root: str, stats: dict) -> dict[str, np.ndarray] | None:
+    """The empty-prompt embeddings ``{"text_emb": (L, D), ["text_pooled": (D',)]}`` (float32), or None
+    if the dataset has no text or stored none (classifier-free guidance then uses zeros)."""
+    text = stats.get("text")
+    if not text or not text.get("null_file"):
+        return None
+    path = os.path.join(os.path.abspath(os.path.expanduser(root)), text["null_file"])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} (the empty-prompt embedding named in stats.json) is missing; "
+                                f"re-create the dataset ({stats.get('source') or PREPARE_CMD})")
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k].astype(np.float32) for k in f.files}
+    for name, shape in ((TEXT_EMB, text["emb_shape"]), (TEXT_POOLED, text["pooled_shape"])):
+        if shape is not None and list(arrays.get(name, np.zeros(0)).shape) != shape:
+            raise ValueError(f"{path}: {name} must have shape {shape}, got "
+                             f"{list(arrays[name].shape) if name in arrays else 'nothing'}")
+    return arrays
+
+
 def write_shards(
     out_dir: str,                        # dataset directory
     split: str,                          # split name ("train", "val", ...)
@@ -124,6 +203,8 @@ def write_shards(
     labels: Sequence[int] | np.ndarray,  # (N,) integer class labels
     samples_per_shard: int = 1000,       # samples per tar file
     dtype: str | None = None,            # store as "float16"/"float32"; None keeps the input dtype
+    text: TextEmbeddings | None = None,  # (tokens (N, L, D), pooled (N, D') or None): text conditioning
+    text_dtype: str | None = None,       # store the text embeddings as "float16"/"float32"; None: keep
 ) -> dict[str, int]:
     """Write one split as tar shards; returns ``{"num_samples": N, "num_shards": k}``.
 
@@ -134,7 +215,11 @@ def write_shards(
     arrays = {k: np.asarray(v) if dtype is None else np.asarray(v, dtype=dtype) for k, v in arrays.items()}
     labels = np.asarray(labels)
     n = len(labels)
+    if text is not None:
+        arrays.update(text_arrays(text, n, text_dtype))
     for name, array in arrays.items():
+        if name in (TEXT_EMB, TEXT_POOLED):
+            continue  # checked by text_arrays
         if array.ndim != 4 or len(array) != n:
             raise ValueError(f"{name} must have shape (N, C, H, W) with N = len(labels) = {n}, got {array.shape}")
         if array.dtype not in (np.float16, np.float32):
@@ -210,6 +295,7 @@ def write_stats(
     std: Sequence[float],                # per-channel std
     splits: dict[str, dict[str, int]],   # {"train": {"num_samples": n, "num_shards": k}, ...}
     source: str = "",                    # how the data was made (the prepare command line)
+    text: dict | None = None,            # text-conditioning entry (see text_info); None: no text
 ) -> str:
     """Atomically write ``stats.json`` (see ``format.py``); returns its path."""
     if kind not in KINDS:
@@ -223,6 +309,8 @@ def write_stats(
         "splits": {k: {"num_samples": int(v["num_samples"]), "num_shards": int(v["num_shards"])} for k, v in splits.items()},
         "source": source,
     }
+    if text is not None:
+        stats["text"] = check_text_info(text, "write_stats")
     path = os.path.join(out_dir, STATS_FILE)
     with open(path + ".tmp", "w") as f:
         json.dump(stats, f, indent=2)
@@ -248,6 +336,8 @@ def read_stats(root: str) -> dict:
         raise ValueError(f"{path} has format {stats['format']}, this code reads format {FORMAT_VERSION}")
     if stats["kind"] not in KINDS:
         raise ValueError(f"{path}: kind must be one of {KINDS}, got {stats['kind']!r}")
+    if stats.get("text") is not None:
+        check_text_info(stats["text"], path)
     return stats
 
 
@@ -258,16 +348,37 @@ def write_dataset(
     source: str = "",                    # how the data was made (the prepare command line)
     samples_per_shard: int = 1000,       # samples per tar file
     dtype: str | None = None,            # store as "float16"/"float32"; None keeps the input dtype
+    text: dict[str, TextEmbeddings] | None = None,  # per split (tokens (N, L, D), pooled (N, D') or None)
+    null_text: TextEmbeddings | None = None,  # empty-prompt (tokens (L, D), pooled (D',) or None), for CFG
+    text_encoder: str = "",              # how the text embeddings were made (stats.json text.encoder)
+    text_dtype: str | None = "float16",  # stored dtype of the text embeddings; None keeps the input dtype
 ) -> dict:
     """Write all splits and then ``stats.json`` (channel stats of "train"); returns the stats.
 
     ``stats.json`` is deleted first and written last, so an interrupted run leaves a
     directory that readers reject (and ``DigitsDataModule.prepare_data`` re-creates).
+    With ``text``, every split needs its embeddings, all with the same shapes (``format.py``).
     """
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, STATS_FILE)):
         os.remove(os.path.join(out_dir, STATS_FILE))
-    infos = {name: write_shards(out_dir, name, x, y, samples_per_shard, dtype) for name, (x, y) in splits.items()}
+    info_text = None
+    if text is not None:
+        if set(text) != set(splits):
+            raise ValueError(f"text embeddings are needed for every split {sorted(splits)}, got {sorted(text)}")
+        info_text = text_info(text["train"], NULL_TEXT_FILE if null_text is not None else None, text_encoder)
+        for name, pair in text.items():
+            other = text_info(pair)
+            if (other["emb_shape"], other["pooled_shape"]) != (info_text["emb_shape"], info_text["pooled_shape"]):
+                raise ValueError(f"split {name!r} has text shapes {other['emb_shape']}, {other['pooled_shape']}; "
+                                 f"'train' has {info_text['emb_shape']}, {info_text['pooled_shape']}")
+        if null_text is not None:
+            write_null_text(out_dir, null_text[0], null_text[1], info_text)
+    elif null_text is not None:
+        raise ValueError("null_text needs text embeddings for the samples (text=)")
+    infos = {name: write_shards(out_dir, name, x, y, samples_per_shard, dtype,
+                                text=None if text is None else text[name], text_dtype=text_dtype)
+             for name, (x, y) in splits.items()}
     train = splits["train"][0]
     if dtype is not None:  # statistics of the stored values, as the reader sees them
         train = tuple(np.asarray(a, dtype) for a in train) if isinstance(train, tuple) else np.asarray(train, dtype)
@@ -275,5 +386,5 @@ def write_dataset(
     shape = (train[0] if isinstance(train, tuple) else train).shape[1:]
     kind = "posterior" if isinstance(train, tuple) else "latent"
     write_stats(out_dir, shape=shape, num_classes=num_classes, kind=kind, mean=mean, std=std,
-                splits=infos, source=source)
+                splits=infos, source=source, text=info_text)
     return read_stats(out_dir)

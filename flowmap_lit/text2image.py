@@ -1,0 +1,311 @@
+"""Text-to-image flow-map distillation of a diffusers transformer with a LoRA student.
+
+- ``SD3Teacher``: a diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5) as a frozen
+  velocity teacher. diffusers' flow-matching convention is ours (DESIGN.md section 1): it noises
+  ``x = (1 - sigma) x0 + sigma * noise`` with ``sigma = t``, feeds ``timestep = t *
+  num_train_timesteps`` (1000), and the network predicts ``noise - x0 = v``; the scheduler's
+  Euler step is ``x <- x + (sigma_next - sigma) * model_output`` (``FlowMatchEulerDiscreteScheduler
+  .step``), our ODE ``dx/dt = v``. The scheduler's ``shift`` only moves its sampling times.
+- ``LoRAFlowMap``: the student ``F(x, t, s)`` = the SAME transformer object with peft LoRA adapters
+  on its attention projections, plus zero-initialized embeddings of ``t - s`` (and of the guidance
+  scale) added to the transformer's time embedding (a forward hook on ``time_text_embed``).
+  LoRA's up-projection and the embeddings' last layers start at zero, so ``F(x, t, s) = v(x, t)``
+  exactly at step 0 (DESIGN.md section 2). The teacher runs the same module with the adapters
+  disabled and no gap embedding: one copy of the base weights in memory, frozen; only the LoRA
+  and embedding parameters train, and only they go into checkpoints.
+
+Conditioning comes from the data (``batch["cond"]``: ``encoder_hidden_states`` (B, L, D) and
+``pooled_projections`` (B, D'), precomputed text embeddings, see ``flowmap_lit/data/format.py``).
+The gap embedding uses low frequencies (DESIGN.md section 3, "Stability"); the base model's own
+timestep embedding is the usual ``1000 t`` sinusoid, which the JVP differentiates as it is.
+
+JVP (DESIGN.md section 4): inside the tangent pass the student runs diffusers' SDPA calls on the math
+kernel (fused kernels have no forward-AD rule), so ``jvp_backend: func`` works; a test checks it against
+float64 finite differences on CPU.
+
+peft and diffusers are optional (``pip install -e .[lora]``) and imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flowmap_lit.networks.attention import math_only_active
+from flowmap_lit.networks.embeddings import FourierTimeEmbedding, batch_vector
+from flowmap_lit.teachers import Teacher
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+DOWNLOAD_HINT = (
+    "Download the transformer once (internet access and the model license on huggingface.co needed), e.g.\n"
+    "  hf download stabilityai/stable-diffusion-3.5-medium --include 'transformer/*' 'scheduler/*' "
+    "--local-dir models/sd3.5-medium\n"
+    "(older huggingface_hub: huggingface-cli download ...), then set the teacher's path: models/sd3.5-medium"
+)
+
+
+def require_peft():
+    """The ``peft`` package, or an ImportError that says how to install it."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("the LoRA student needs peft: pip install 'peft>=0.10' (or pip install -e .[lora])") from err
+    return peft
+
+
+def _sd3_class():
+    try:
+        from diffusers import SD3Transformer2DModel
+    except ImportError as err:
+        raise ImportError("the SD3 teacher needs diffusers: pip install 'diffusers>=0.27' "
+                          "(or pip install -e .[lora])") from err
+    return SD3Transformer2DModel
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def scheduler_timesteps(root: Path) -> int | None:
+    """``num_train_timesteps`` of the scheduler config next to a transformer, if there is one."""
+    for path in (root / "scheduler/scheduler_config.json", root.parent / "scheduler/scheduler_config.json"):
+        if path.is_file():
+            return int(json.loads(path.read_text()).get("num_train_timesteps", 1000))
+    return None
+
+
+def load_sd3_transformer(path: str, subfolder: str | None = None, dtype: str = "float32") -> tuple[nn.Module, int]:
+    """``(SD3Transformer2DModel, num_train_timesteps)`` from a LOCAL directory, never the network.
+
+    ``path`` is a pipeline directory (with ``transformer/`` and ``scheduler/``) or the transformer's
+    own directory (``config.json`` + weights); ``subfolder`` overrides the guess.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"teacher directory {root} does not exist. {DOWNLOAD_HINT}")
+    if subfolder is None:
+        subfolder = "transformer" if (root / "transformer/config.json").is_file() else None
+    where = root / subfolder if subfolder else root
+    if not (where / "config.json").is_file():
+        raise FileNotFoundError(f"{where} has no config.json: not a diffusers transformer directory. {DOWNLOAD_HINT}")
+    model = _sd3_class().from_pretrained(str(root), subfolder=subfolder, local_files_only=True,
+                                         torch_dtype=_dtype(dtype))
+    return model, scheduler_timesteps(where) or 1000
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Runs the body with every peft adapter inside ``module`` switched off (the base model), then
+    switches them back; the adapters' ``requires_grad`` flags are left exactly as they were."""
+    if "peft" not in sys.modules:  # no adapter can exist
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def sd3_forward(transformer: nn.Module, x: Tensor, t: Tensor, timestep_scale: float,
+                encoder_hidden_states: Tensor | None, pooled_projections: Tensor | None) -> Tensor:
+    """The transformer's output ``noise - x0`` at our ``(x, t)``: ``timestep = t * timestep_scale``.
+
+    Inputs are cast to the transformer's dtype, the output back to ``x``'s dtype.
+    """
+    if encoder_hidden_states is None or pooled_projections is None:
+        raise ValueError("an SD3 transformer needs text conditioning: encoder_hidden_states (B, L, D) and "
+                         "pooled_projections (B, D') (batch['cond'] from a text-latent dataset, see "
+                         "flowmap_lit/data/format.py)")
+    dtype = next(transformer.parameters()).dtype
+    t = batch_vector(t, x).to(x.dtype)
+    out = transformer(hidden_states=x.to(dtype), encoder_hidden_states=encoder_hidden_states.to(dtype),
+                      pooled_projections=pooled_projections.to(dtype), timestep=t * timestep_scale,
+                      return_dict=False)[0]
+    return out.to(x.dtype)
+
+
+class SD3Teacher(Teacher):
+    """A diffusers ``SD3Transformer2DModel`` as a frozen text-conditioned velocity teacher.
+
+    Give ``path`` (a local directory written by ``save_pretrained`` or downloaded from the Hub; see
+    ``load_sd3_transformer``) or ``config`` (the transformer's config dict: random weights, seeded,
+    for tests). ``velocity(x, t, encoder_hidden_states=..., pooled_projections=...)`` always runs the
+    base model, even while a ``LoRAFlowMap`` student has adapters on the same module.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,  # local diffusers directory (pipeline root or transformer folder)
+        config: dict | None = None,  # SD3Transformer2DModel config (random weights) instead of a path
+        subfolder: str | None = None,  # folder of the transformer inside path; None: "transformer" if present
+        num_train_timesteps: int | None = None,  # timestep = t * this; None: the scheduler config's, else 1000
+        dtype: str = "float32",  # weights dtype: float32 | bfloat16 | float16
+        seed: int = 0,  # initialization seed of a transformer built from config
+    ) -> None:
+        super().__init__()
+        if (path is None) == (config is None):
+            raise ValueError("SD3Teacher needs exactly one of path (a local diffusers directory) and config")
+        if path is not None:
+            transformer, steps = load_sd3_transformer(path, subfolder, dtype)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                transformer = _sd3_class().from_config(config)
+            if _dtype(dtype) != torch.float32:
+                transformer = transformer.to(_dtype(dtype))
+            steps = 1000
+        self.transformer = transformer
+        self.timestep_scale = float(num_train_timesteps or steps)
+        self.num_classes = 0
+        self.freeze()
+
+    def freeze(self) -> "SD3Teacher":
+        """Eval mode and no grads for the base weights (adapters a student adds stay trainable)."""
+        self.eval()
+        for name, p in self.named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(False)
+        return self
+
+    @property
+    def network(self) -> nn.Module:
+        return self.transformer
+
+    def velocity(self, x, t, class_labels=None, encoder_hidden_states=None, pooled_projections=None):
+        with adapters_disabled(self.transformer):
+            return sd3_forward(self.transformer, x, t, self.timestep_scale, encoder_hidden_states, pooled_projections)
+
+
+class GapEmbedding(nn.Module):
+    """``MLP(fourier(u))`` with ``fourier(0) = 0`` and bias-free layers, the last zero-initialized:
+    it is exactly 0 at step 0 for every ``u``, and exactly 0 at ``u = 0`` always."""
+
+    def __init__(self, out_dim: int, channels: int = 64, hidden: int = 256, max_freq: float = 16.0) -> None:
+        super().__init__()
+        self.fourier = FourierTimeEmbedding(channels, min_freq=0.5, max_freq=max_freq, zero_at_origin=True)
+        self.fc0 = nn.Linear(channels, hidden, bias=False)
+        self.fc1 = nn.Linear(hidden, out_dim, bias=False)
+        nn.init.zeros_(self.fc1.weight)
+
+    def forward(self, u: Tensor) -> Tensor:
+        with torch.autocast(u.device.type, enabled=False):  # float32 embeddings (DESIGN.md section 2)
+            e = self.fourier(u.float())
+            return self.fc1(nn.functional.silu(self.fc0(e)))
+
+
+class LoRAFlowMap(nn.Module):
+    """Flow-map student ``F(x, t, s)`` sharing the teacher's transformer (see the module docstring).
+
+    Built empty from the config; ``FlowMapDistillModule`` calls ``attach(teacher)`` (because
+    ``shares_teacher_weights``), which injects the LoRA adapters into ``teacher.network`` in place,
+    freezes its base weights and adds the gap (and guidance) embeddings.
+    """
+
+    shares_teacher_weights = True
+
+    def __init__(
+        self,
+        rank: int = 16,  # LoRA rank r
+        alpha: float | None = None,  # LoRA alpha (update scaled by alpha / r); None: alpha = rank
+        target_modules: Sequence[str] = DEFAULT_TARGETS,  # module names (suffixes) that get adapters
+        lora_dropout: float = 0.0,  # dropout on the LoRA input (0 keeps the JVP and grad passes identical)
+        gap_channels: int = 64,  # Fourier features of t - s (and of lam - 1)
+        gap_hidden: int = 256,  # hidden width of the gap MLP
+        gap_max_freq: float = 16.0,  # highest angular frequency per unit t; low: the JVP differentiates it
+        guidance_embedding: bool = True,  # also embed the guidance scale (condition_on_guidance: true)
+    ) -> None:
+        super().__init__()
+        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.target_modules, self.lora_dropout = list(target_modules), lora_dropout
+        self.gap_args = dict(channels=gap_channels, hidden=gap_hidden, max_freq=gap_max_freq)
+        self.use_guidance_embedding = guidance_embedding
+        self.transformer: nn.Module | None = None
+        self.gap_embed: GapEmbedding | None = None
+        self.guidance_embed: GapEmbedding | None = None
+        self.timestep_scale = 1000.0
+        self._temb_extra: Tensor | None = None
+
+    def attach(self, teacher: Teacher) -> None:
+        """Wrap ``teacher.network`` (an SD3 transformer) in place: LoRA on it, base weights frozen."""
+        peft = require_peft()
+        net = teacher.network
+        if net is None or not hasattr(net, "time_text_embed"):
+            raise TypeError(f"LoRAFlowMap needs a teacher with an SD3-style transformer (time_text_embed); "
+                            f"{type(teacher).__name__} has {type(net).__name__}")
+        if self.transformer is not None:
+            raise RuntimeError("this LoRAFlowMap is already attached to a teacher")
+        config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules,
+                                 lora_dropout=self.lora_dropout, init_lora_weights=True)
+        peft.inject_adapter_in_model(config, net)
+        for name, p in net.named_parameters():
+            p.requires_grad_("lora_" in name)
+            if "lora_" in name and p.dtype != torch.float32:  # train adapters in fp32 over bf16 base weights
+                p.data = p.data.float()
+        self.transformer = net
+        self.timestep_scale = float(getattr(teacher, "timestep_scale", 1000.0))
+        dim = net.time_text_embed.timestep_embedder.linear_2.out_features
+        device = next(net.parameters()).device
+        self.gap_embed = GapEmbedding(dim, **self.gap_args).to(device)
+        if self.use_guidance_embedding:
+            self.guidance_embed = GapEmbedding(dim, **self.gap_args).to(device)
+        net.time_text_embed.register_forward_hook(self._add_to_temb)
+
+    def _add_to_temb(self, module: nn.Module, inputs, output: Tensor) -> Tensor | None:
+        if self._temb_extra is None:  # a teacher call: the time embedding as it is
+            return None
+        return output + self._temb_extra.to(output.dtype)
+
+    def zero_init_s_embedding(self) -> None:
+        """Zero the last layers of the gap/guidance embeddings and the LoRA up-projections (F = v)."""
+        with torch.no_grad():
+            for emb in (self.gap_embed, self.guidance_embed):
+                if emb is not None:
+                    emb.fc1.weight.zero_()
+            for name, p in self.transformer.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+
+    def shared_state_keys(self) -> list[str]:
+        """State-dict keys of the teacher's base weights (not stored in distillation checkpoints)."""
+        return [f"transformer.{k}" for k in self.transformer.state_dict() if "lora_" not in k]
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, class_labels=None, guidance=None,
+                encoder_hidden_states: Tensor | None = None, pooled_projections: Tensor | None = None) -> Tensor:
+        if self.transformer is None:
+            raise RuntimeError("LoRAFlowMap is not attached to a teacher (FlowMapDistillModule does it)")
+        t = batch_vector(t, x)
+        s = t if s is None else batch_vector(s, x)
+        extra = self.gap_embed(t - s)
+        if guidance is not None:
+            if self.guidance_embed is None:
+                raise ValueError("guidance given but the student has no guidance embedding (guidance_embedding: true)")
+            extra = extra + self.guidance_embed(batch_vector(guidance, x) - 1)
+        self._temb_extra = extra
+        try:
+            if math_only_active():  # inside a JVP: diffusers calls SDPA, whose fused kernels have no forward AD
+                with sdpa_kernel(SDPBackend.MATH):
+                    return sd3_forward(self.transformer, x, t, self.timestep_scale, encoder_hidden_states,
+                                       pooled_projections)
+            return sd3_forward(self.transformer, x, t, self.timestep_scale, encoder_hidden_states, pooled_projections)
+        finally:
+            self._temb_extra = None

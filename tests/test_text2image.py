@@ -1,0 +1,260 @@
+"""Text-conditioned distillation: text-latent shards, the SD3 teacher adapter, the LoRA flow-map student."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("peft")
+diffusers = pytest.importorskip("diffusers")
+
+from flowmap_lit.cli import main as cli_main  # noqa: E402
+from flowmap_lit.data import LatentDataModule, ShardError, read_stats, write_dataset  # noqa: E402
+from flowmap_lit.modules import FlowMapDistillModule  # noqa: E402
+from flowmap_lit.objectives import AYFEMD  # noqa: E402
+from flowmap_lit.text2image import LoRAFlowMap, SD3Teacher  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4,
+            num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=8, pooled_projection_dim=6,
+            pos_embed_max_size=8)
+L, D, P = 5, 8, 6  # text tokens, token width, pooled width
+
+
+def text_arrays(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 4, 8, 8)).astype(np.float32)
+    return x, (rng.standard_normal((n, L, D)).astype(np.float32), rng.standard_normal((n, P)).astype(np.float32))
+
+
+def write_text_dataset(root, n_train=32, n_val=8, null=True):
+    (x, tx), (xv, tv) = text_arrays(n_train, 0), text_arrays(n_val, 1)
+    rng = np.random.default_rng(2)
+    null_text = (rng.standard_normal((L, D)), rng.standard_normal(P)) if null else None
+    write_dataset(str(root), {"train": (x, np.zeros(n_train, int)), "val": (xv, np.zeros(n_val, int))}, 0,
+                  source="test", samples_per_shard=16, text={"train": tx, "val": tv}, null_text=null_text,
+                  text_encoder="random")
+    return x, tx, null_text
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3")
+    torch.manual_seed(0)
+    diffusers.SD3Transformer2DModel(**TINY).save_pretrained(root / "transformer")
+    diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(root / "scheduler")
+    return root
+
+
+def cond_batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"encoder_hidden_states": torch.randn(n, L, D, generator=g),
+            "pooled_projections": torch.randn(n, P, generator=g)}
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_text_shards_round_trip_with_null_prompt_and_stats(tmp_path):
+    x, (emb, pooled), null = write_text_dataset(tmp_path / "t2i")
+    stats = read_stats(str(tmp_path / "t2i"))
+    assert stats["text"] == {"emb_shape": [L, D], "pooled_shape": [P], "null_file": "null_text.npz",
+                             "encoder": "random"}
+    dm = LatentDataModule(str(tmp_path / "t2i"), batch_size=8, num_workers=0, normalize=False, return_keys=True,
+                          val_split="train")
+    batches = list(dm.val_dataloader())
+    idx = np.concatenate([[int(k.split("_")[1]) for k in b["key"]] for b in batches])
+    got_emb = torch.cat([b["cond"]["encoder_hidden_states"] for b in batches]).numpy()
+    got_pooled = torch.cat([b["cond"]["pooled_projections"] for b in batches]).numpy()
+    assert got_emb.dtype == np.float32 and got_emb.shape == (32, L, D)
+    np.testing.assert_array_equal(got_emb, emb[idx].astype(np.float16).astype(np.float32))  # stored as float16
+    np.testing.assert_array_equal(got_pooled, pooled[idx].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(torch.cat([b["x"] for b in batches]).numpy(), x[idx])
+    null_cond = dm.null_cond
+    np.testing.assert_allclose(null_cond["encoder_hidden_states"].numpy(), null[0], rtol=1e-6)
+    assert null_cond["pooled_projections"].shape == (P,)
+
+
+def test_text_shapes_are_checked_and_plain_data_has_no_cond(tmp_path):
+    x, (emb, pooled) = text_arrays(8, 0)
+    y = np.zeros(8, int)
+    with pytest.raises(ValueError, match=r"text_emb must have shape \(N, L, D\)"):
+        write_dataset(str(tmp_path / "a"), {"train": (x, y)}, 0, text={"train": (emb[:, 0], pooled)})
+    with pytest.raises(ValueError, match=r"text_pooled must have shape \(N, D'\) with N = number of samples = 8"):
+        write_dataset(str(tmp_path / "a"), {"train": (x, y)}, 0, text={"train": (emb, pooled[:5])})
+    with pytest.raises(ValueError, match="null text text_emb has shape"):
+        write_dataset(str(tmp_path / "a"), {"train": (x, y)}, 0, text={"train": (emb, pooled)},
+                      null_text=(np.zeros((L + 1, D)), np.zeros(P)))
+    # A stats.json whose shapes disagree with the shards: the reader names the member and both shapes.
+    write_dataset(str(tmp_path / "b"), {"train": (x, y)}, 0, text={"train": (emb, pooled)})
+    stats_path = tmp_path / "b/stats.json"
+    stats = json.loads(stats_path.read_text())
+    assert stats["text"]["null_file"] is None
+    assert LatentDataModule(str(tmp_path / "b")).null_cond["pooled_projections"].abs().sum() == 0  # zeros
+    stats["text"]["emb_shape"] = [L, D + 1]
+    stats_path.write_text(json.dumps(stats))
+    dm = LatentDataModule(str(tmp_path / "b"), batch_size=4, num_workers=0, val_split="train")
+    with pytest.raises(ShardError, match=r"text_emb.npy has shape \(5, 8\) but stats.json says \(5, 9\)"):
+        next(iter(dm.val_dataloader()))
+    stats["text"]["emb_shape"] = [L * D]
+    stats_path.write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"text.emb_shape must be \[L, D\]"):
+        read_stats(str(tmp_path / "b"))
+    # The preparation CLI route from one .npz of arrays (no null prompt stored: CFG falls back to zeros).
+    np.savez(tmp_path / "arrays.npz", x=np.concatenate([x, x]), text_emb=np.concatenate([emb, emb]),
+             text_pooled=np.concatenate([pooled, pooled]))
+    from flowmap_lit.data.prepare import main as prepare_main
+
+    stats = prepare_main(["text-array", "--src", str(tmp_path / "arrays.npz"), "--out", str(tmp_path / "d"),
+                          "--val-fraction", "0.25", "--text-encoder", "random"])
+    assert stats["text"]["emb_shape"] == [L, D] and stats["splits"]["val"]["num_samples"] == 4
+    # Data without text: batches exactly as before (no "cond").
+    write_dataset(str(tmp_path / "c"), {"train": (x, y)}, 1)
+    batch = next(iter(LatentDataModule(str(tmp_path / "c"), batch_size=4, num_workers=0, val_split="train")
+                      .val_dataloader()))
+    assert set(batch) == {"x", "label"}
+
+
+# --------------------------------------------------------------------------------------- teacher
+def test_sd3_convention_matches_flow_match_euler_scheduler():
+    """diffusers' flow-matching Euler step is x + (sigma_next - sigma) * model_output: with the exact
+    output noise - x0 (our v) it lands on (1 - sigma_next) x0 + sigma_next noise, so output = our v."""
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(4)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma, sigma_next = float(sched.sigmas[1]), float(sched.sigmas[2])
+    assert abs(float(sched.timesteps[1]) - 1000 * sigma) < 1e-3  # timestep = sigma * num_train_timesteps
+    x = (1 - sigma) * x0 + sigma * noise
+    sched._step_index = 1
+    out = sched.step(noise - x0, sched.timesteps[1], x).prev_sample
+    torch.testing.assert_close(out, (1 - sigma_next) * x0 + sigma_next * noise, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_is_a_direct_diffusers_call_and_missing_dir_says_how_to_download(teacher_dir, tmp_path):
+    teacher = SD3Teacher(path=str(teacher_dir))
+    assert teacher.timestep_scale == 1000.0 and not any(p.requires_grad for p in teacher.parameters())
+    ref = diffusers.SD3Transformer2DModel.from_pretrained(str(teacher_dir / "transformer"))
+    x, t, c = torch.randn(3, 4, 8, 8), torch.rand(3), cond_batch(3)
+    with torch.no_grad():
+        direct = ref(hidden_states=x, encoder_hidden_states=c["encoder_hidden_states"],
+                     pooled_projections=c["pooled_projections"], timestep=t * 1000).sample
+        v = teacher.velocity(x, t, None, **c)
+    # Same weights and inputs; another model object may sum in another order (1e-7 differences).
+    torch.testing.assert_close(v, direct, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="hf download"):
+        SD3Teacher(path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        teacher.velocity(x, t)
+
+
+def make_module(teacher_dir, guidance="cfg", null_cond=None):
+    teacher = SD3Teacher(path=str(teacher_dir))
+    module = FlowMapDistillModule(teacher, AYFEMD(), student=LoRAFlowMap(rank=2, gap_hidden=16), guidance=guidance,
+                                  guidance_min=1.0, guidance_max=3.0, condition_on_guidance=True, warmup_steps=0)
+    module.null_cond = null_cond
+    return module
+
+
+def test_lora_student_starts_at_the_teacher_shares_weights_and_cfg_uses_the_null_prompt(teacher_dir):
+    module = make_module(teacher_dir)
+    x, t, c = torch.randn(4, 4, 8, 8), torch.rand(4), cond_batch(4)
+    lam = torch.tensor([1.0, 1.5, 2.0, 3.0])
+    v = module.teacher.velocity(x, t, None, **c)
+    F_tt = module.student_fn(None, lam, c)(x, t, t)
+    F_ts = module.student_fn(None, lam, c)(x, t, 0.3 * t)
+    assert torch.equal(F_tt, v) and torch.equal(F_ts, v)  # exactly, at step 0
+    assert module.student.transformer is module.teacher.transformer  # one copy of the base weights
+    trainable = {n for n, p in module.student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith(("gap_embed.", "guidance_embed.")) for n in trainable)
+    opt = module.configure_optimizers()["optimizer"]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+
+    # CFG: lam v(c) + (1 - lam) v(null prompt); zeros when the dataset stored no null prompt.
+    null = {"encoder_hidden_states": torch.randn(L, D), "pooled_projections": torch.randn(P)}
+    for stored in (null, None):
+        module.null_cond = stored
+        guided = module.teacher_fn(None, lam, c)(x, t)
+        n = stored or {k: torch.zeros_like(v[0]) for k, v in c.items()}
+        v_null = module.teacher.velocity(x, t, None, **{k: n[k].expand_as(v) for k, v in c.items()})
+        lam_b = lam.view(-1, 1, 1, 1)
+        torch.testing.assert_close(guided, lam_b * v + (1 - lam_b) * v_null, rtol=1e-5, atol=1e-5)
+
+    # Autoguidance: the guide (a weaker text model) gets the same text.
+    guide = SD3Teacher(config=TINY, seed=1)
+    module.guide, module.guidance = guide.freeze(), "autoguidance"
+    guided = module.teacher_fn(None, lam, c)(x, t)
+    lam_b = lam.view(-1, 1, 1, 1)
+    torch.testing.assert_close(guided, lam_b * v + (1 - lam_b) * guide.velocity(x, t, None, **c), rtol=1e-5, atol=1e-5)
+
+
+def test_jvp_backends_agree_on_the_lora_student(teacher_dir):
+    from flowmap_lit.jvp import jvp
+
+    module = make_module(teacher_dir)
+    with torch.no_grad():  # a trained-looking student, so every branch carries a derivative
+        for p in module.student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([0.7, 0.4]), cond_batch(2)
+    fn = module.student_fn(None, torch.tensor([1.0, 2.0]), c)
+    s = torch.tensor([0.2, 0.1])
+    tangents = (torch.randn_like(x), torch.ones(2), torch.zeros(2))
+    d_func = jvp(fn, (x, t, s), tangents, backend="func")
+    module.double()
+    fn64 = module.student_fn(None, torch.tensor([1.0, 2.0], dtype=torch.float64),
+                             {k: v.double() for k, v in c.items()})
+    d_fd = jvp(fn64, (x.double(), t.double(), s.double()), [u.double() for u in tangents],
+               backend="finite_difference", fd_step=1e-5)
+    torch.testing.assert_close(d_func.double(), d_fd, rtol=1e-3, atol=1e-3 * d_fd.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _fit(tmp_path, teacher_dir, steps, *extra):
+    args = ["fit", "--config", str(ROOT / "configs/text2image/distill_lora.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", str(steps),
+            "--trainer.logger", "false", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--model.init_args.teacher.init_args.path", str(teacher_dir),
+            "--model.init_args.teacher.init_args.dtype", "float32",
+            "--model.init_args.student.init_args.rank", "2", "--model.init_args.student.init_args.gap_hidden", "16",
+            "--model.init_args.lr_warmup_steps", "0", "--model.init_args.optimizer.init_args.lr", "0.01",
+            "--data.init_args.root", str(tmp_path / "t2i"), "--data.init_args.num_workers", "0",
+            "--data.init_args.batch_size", "4", *extra]
+    return cli_main(args)
+
+
+CHECKPOINTS = """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: ckpt, save_last: true, every_n_train_steps: 2, save_top_k: -1, enable_version_counter: false}
+"""
+
+
+def test_fit_trains_only_the_adapters_and_resumes_exactly(tmp_path, teacher_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_text_dataset(tmp_path / "t2i")
+    (tmp_path / "ckpt.yaml").write_text(CHECKPOINTS)
+    fresh = diffusers.SD3Transformer2DModel.from_pretrained(str(teacher_dir / "transformer")).state_dict()
+
+    model = _fit(tmp_path, teacher_dir, 4, "--config", str(tmp_path / "ckpt.yaml")).model
+    assert model.null_cond is not None  # the empty prompt from null_text.npz
+    base = {k.replace(".base_layer", ""): v for k, v in model.teacher.transformer.state_dict().items()
+            if "lora_" not in k}
+    assert set(base) == set(fresh) and all(torch.equal(base[k], fresh[k]) for k in fresh)  # teacher unchanged
+    lora_b = [p for n, p in model.student.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b) and model.student.gap_embed.fc1.weight.abs().sum() > 0
+    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 4 and "null_cond" in ckpt
+    keys = set(ckpt["state_dict"])  # only the adapters and the student's own embeddings
+    assert keys and all("lora_" in k or k.startswith(("student.gap_embed.", "student.guidance_embed.")) for k in keys)
+    final = {k: v.clone() for k, v in model.student.state_dict().items()}
+
+    # As if killed after step 2: `--ckpt_path last` finds the step-2 checkpoint and steps 3-4 repeat exactly.
+    (tmp_path / "ckpt/last.ckpt").unlink()
+    (tmp_path / "ckpt/epoch=0-step=2.ckpt").rename(tmp_path / "ckpt/last.ckpt")
+    resumed = _fit(tmp_path, teacher_dir, 4, "--config", str(tmp_path / "ckpt.yaml"), "--ckpt_path", "last").model
+    assert resumed.global_step == 4
+    for k, v in resumed.student.state_dict().items():
+        assert torch.equal(v, final[k]), k
