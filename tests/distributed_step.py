@@ -2,6 +2,9 @@
 
     python tests/distributed_step.py {single,ddp,fsdp} OUT_DIR [BACKEND ...]
 
+BACKEND is a JVP backend, or ``gan``: one batch of the adversarial finetune (a discriminator step
+and a student step, ``func`` JVP), which also writes the discriminator's weights.
+
 For each JVP backend it builds the same tiny U-Net teacher, guide and student (seeded), trains one
 SGD step on a fixed global batch of 8 (rank r of w gets samples [r * 8/w, (r+1) * 8/w)), and rank 0
 writes the student's weights before and after, and the EMA weights, to OUT_DIR/{strategy}_{backend}.pt.
@@ -22,13 +25,15 @@ import lightning.pytorch as pl  # noqa: E402
 
 from flowmap_lit.callbacks import EMA  # noqa: E402
 from flowmap_lit.distributed import full_tensor, is_sharded  # noqa: E402
+from flowmap_lit.finetune import AdversarialFinetuneModule  # noqa: E402
 from flowmap_lit.modules import FlowMapDistillModule  # noqa: E402
-from flowmap_lit.networks import build_network  # noqa: E402
+from flowmap_lit.networks import Discriminator, build_network  # noqa: E402
 from flowmap_lit.objectives import AYFEMD  # noqa: E402
 from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
 
 GLOBAL_BATCH = 8
 BACKENDS = ["func", "forward_ad", "finite_difference"]
+GAN = "gan"
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,17 +66,22 @@ def build_module(backend: str) -> FlowMapDistillModule:
     teacher = NetworkTeacher(net=perturbed(build_network("unet", "tiny", num_classes=10), 2), num_classes=10)
     guide = NetworkTeacher(net=perturbed(build_network("unet", "tiny", num_classes=10, model_channels=16), 3),
                            num_classes=10)
-    return FlowMapDistillModule(
-        teacher, AYFEMD(jvp_backend=backend), guide=guide, guidance="autoguidance", guidance_min=1.0,
-        guidance_max=2.0, condition_on_guidance=True, num_classes=10, warmup_steps=0, noise_seed=0,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    common = dict(teacher=teacher, guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0,
+                  condition_on_guidance=True, num_classes=10, warmup_steps=0, noise_seed=0,
+                  optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    if backend == GAN:  # groups of 4 in the minibatch-std layer: the same groups on 1 and 2 ranks
+        disc = Discriminator(img_channels=1, img_resolution=8, channels=[16, 16], num_classes=10, mbstd_group=4)
+        return AdversarialFinetuneModule(
+            discriminator=disc, objective=AYFEMD(jvp_backend="func"), adv_weight=0.5, adv_times=[1.0, 0.5],
+            discriminator_optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **common)
+    return FlowMapDistillModule(objective=AYFEMD(jvp_backend=backend), **common)
 
 
-def strategy_for(name: str):
+def strategy_for(name: str, backend: str = "func"):
     if name == "single":
         return "auto", 1
-    if name == "ddp":
-        return "ddp", 2
+    if name == "ddp":  # the finetune's two backward passes per step use different parameters
+        return ("ddp_find_unused_parameters_true" if backend == GAN else "ddp"), 2
     if name == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -84,9 +94,12 @@ def one_step(strategy_name: str, backend: str) -> dict | None:
     and the world size on rank 0; None elsewhere."""
     module = build_module(backend)
     before = {k: v.detach().clone() for k, v in module.student.state_dict().items()}
-    strategy, devices = strategy_for(strategy_name)
+    disc_before = ({k: v.detach().clone() for k, v in module.discriminator.state_dict().items()}
+                   if backend == GAN else None)
+    strategy, devices = strategy_for(strategy_name, backend)
     ema = EMA(decay=0.9, warmup=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, logger=False,
+    steps = 2 if backend == GAN else 1  # manual optimization counts both optimizers' steps
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, use_distributed_sampler=False, callbacks=[ema])
     trainer.fit(module, FixedBatch())
@@ -94,12 +107,15 @@ def one_step(strategy_name: str, backend: str) -> dict | None:
     after = {k: full_tensor(v.detach()).clone() for k, v in module.student.state_dict().items()}
     shadow = ema.state_dict()["shadow"]
     result = {"before": before, "after": after, "ema": shadow, "sharded": sharded, "world_size": trainer.world_size}
+    if backend == GAN:
+        result["disc_before"] = disc_before
+        result["disc_after"] = {k: v.detach().clone() for k, v in module.discriminator.state_dict().items()}
     return result if trainer.is_global_zero else None
 
 
 if __name__ == "__main__":
     name, out = sys.argv[1], Path(sys.argv[2])
-    for backend in sys.argv[3:] or BACKENDS:
+    for backend in sys.argv[3:] or BACKENDS + [GAN]:
         result = one_step(name, backend)
         if result is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_step import BACKENDS, one_step  # noqa: E402
+from distributed_step import BACKENDS, GAN, one_step  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "distributed_step.py"
 
@@ -22,7 +22,7 @@ def relative_error(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def single():
-    return {backend: one_step("single", backend) for backend in BACKENDS}
+    return {backend: one_step("single", backend) for backend in BACKENDS + [GAN]}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -30,7 +30,7 @@ def test_two_process_step_equals_the_single_process_step(strategy, single, tmp_p
     proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(tmp_path)], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for backend in BACKENDS:
+    for backend in BACKENDS + [GAN]:
         got, ref = torch.load(tmp_path / f"{strategy}_{backend}.pt"), single[backend]
         assert got["world_size"] == 2 and got["sharded"] == (strategy == "fsdp")
         update = {k: got["after"][k] - got["before"][k] for k in ref["after"]}
@@ -39,3 +39,8 @@ def test_two_process_step_equals_the_single_process_step(strategy, single, tmp_p
         assert sum(v.square().sum() for v in ref_update.values()) > 0  # the step moved the weights
         assert relative_error(update, ref_update) < 1e-5, (strategy, backend)
         assert relative_error(got["ema"], ref["ema"]) < 1e-5, (strategy, backend)
+        if backend == GAN:  # the discriminator's step too (replicated, its gradients averaged over the ranks)
+            d_update = {k: got["disc_after"][k] - got["disc_before"][k] for k in got["disc_after"]}
+            d_ref = {k: ref["disc_after"][k] - ref["disc_before"][k] for k in ref["disc_after"]}
+            assert sum(v.square().sum() for v in d_ref.values()) > 0
+            assert relative_error(d_update, d_ref) < 1e-5, (strategy, "discriminator")

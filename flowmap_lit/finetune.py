@@ -1,0 +1,249 @@
+"""Adversarial finetuning of a distilled flow map: AYF-EMD plus a relativistic GAN loss.
+
+``AdversarialFinetuneModule`` is a ``FlowMapDistillModule`` (same teacher, guide, objective and
+noise) with a discriminator and a second optimizer, trained by Lightning manual optimization.
+Each batch:
+
+1. **Fakes.** For every data sample ``x0`` (class ``c``) draw a start time ``t`` from
+   ``adv_times`` and noise ``z``; the fake is the student's jump to data,
+   ``x_f = f(x_t, t, 0)`` with ``x_t = (1 - t) x0 + t z`` (``t = 1``: a 1-step sample from pure
+   noise), at the guidance scale ``adv_guidance``. The real partner is ``x0`` itself.
+2. **Discriminator step** (``discriminator_optimizer``): RpGAN loss ``softplus(D(x_f) - D(x0))``
+   with R1/R2 penalties (``flowmap_lit.objectives.adversarial.RpGAN``).
+3. **Generator step** (the module's ``optimizer``):
+   ``distill_weight * L_distill + w * softplus(D(x0) - D(x_f))``, where ``L_distill`` is the
+   configured objective's loss on its own ``(x_t, t, s)`` draw and ``w`` is ``adv_weight`` or,
+   with ``adaptive_weight``, ``adv_weight * ||grad_W L_distill|| / ||grad_W L_adv||`` at the
+   student's last layer ``W`` (VQGAN-style balancing, clamped to ``adaptive_weight_max``).
+
+Start from a distilled checkpoint with ``init_checkpoint`` (EMA weights by default); resuming
+with ``--ckpt_path`` restores both networks and both optimizers instead.
+
+Lightning counts every ``optimizer.step()`` of manual optimization as a global step, so one batch
+advances ``trainer.global_step`` by 2: ``max_steps``, ``every_n_train_steps`` and the EMA's
+``update_every`` count both updates (``max_steps: 1000`` is 500 batches). The tangent warmup
+``r`` counts batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
+from flowmap_lit.distributed import data_parallel_mesh, is_sharded
+from flowmap_lit.interpolant import expand_like, interpolate
+from flowmap_lit.modules import FlowMapDistillModule, save_plain_hyperparameters, seeded_rng
+from flowmap_lit.objectives.adversarial import RpGAN
+from flowmap_lit.seeding import derive_seed
+from flowmap_lit.teachers import load_checkpoint
+
+
+def last_layer_weight(net: nn.Module, name: str | None = None) -> tuple[str, nn.Parameter]:
+    """``(name, parameter)`` of ``net``: the one called ``name``, else the last one with >= 2 dims."""
+    params = dict(net.named_parameters())
+    if name is not None:
+        if name not in params:
+            raise ValueError(f"adaptive_weight_param {name!r} is not a parameter of the student; "
+                             f"its last ones are {list(params)[-5:]}")
+        return name, params[name]
+    matrices = [(k, p) for k, p in params.items() if p.ndim >= 2]
+    if not matrices:
+        raise ValueError("the student has no weight matrix to balance the adaptive weight on")
+    return matrices[-1]
+
+
+def load_student_state(checkpoint: str, use_ema: bool = True, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """The student's weights in a ``FlowMapDistillModule`` checkpoint (its EMA weights if asked and present)."""
+    ckpt = load_checkpoint(checkpoint, allow_pickle)
+    state = ema_state_from_checkpoint(ckpt) if use_ema else None
+    if state is None:
+        if "state_dict" not in ckpt:
+            raise ValueError(f"{checkpoint} has no state_dict: is it a Lightning checkpoint of a distillation run? "
+                             "(Sharded checkpoint directories must be consolidated to one file first.)")
+        state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    if not state:
+        raise ValueError(f"{checkpoint} holds no student weights (no 'student.*' keys, no EMA state): "
+                         "init_checkpoint must be a checkpoint written by a FlowMapDistillModule run")
+    return state
+
+
+class AdversarialFinetuneModule(FlowMapDistillModule):
+    """Distillation objective plus RpGAN against a discriminator, two optimizers (see module docstring)."""
+
+    def __init__(
+        self,
+        discriminator: nn.Module,  # D(x, class_labels) -> (B,) logits, e.g. flowmap_lit.networks.Discriminator
+        adversarial: RpGAN | None = None,  # loss and R1/R2 penalties; None: RpGAN() (gamma 1, 1)
+        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory of D
+        adv_weight: float = 0.1,  # weight of the generator's adversarial loss (the base of the adaptive weight)
+        adaptive_weight: bool = False,  # scale adv_weight by the ratio of last-layer gradient norms
+        adaptive_weight_max: float = 10.0,  # clamp of the adaptive weight
+        adaptive_weight_param: str | None = None,  # student parameter W for it; None: its last weight matrix
+        distill_weight: float = 1.0,  # weight of the distillation loss (0: pure GAN finetune)
+        adv_times: list[float] | None = None,  # start times t of the fakes f(x_t, t, 0); None: [1.0]
+        adv_guidance: float | None = None,  # lam of the fakes; None: eval_guidance
+        init_checkpoint: str | None = None,  # distilled checkpoint to start the student from
+        init_use_ema: bool = True,  # take the EMA weights of init_checkpoint when it has them
+        allow_pickle: bool = False,  # load init_checkpoint with weights_only=False (trusted files only)
+        **kwargs,  # every FlowMapDistillModule argument (teacher, objective, student, guide, ...)
+    ) -> None:
+        super().__init__(**kwargs)
+        save_plain_hyperparameters(self)
+        self.automatic_optimization = False
+        self.discriminator = discriminator
+        self.adversarial = adversarial if adversarial is not None else RpGAN()
+        self.discriminator_optimizer_factory = discriminator_optimizer
+        self.adv_weight, self.adaptive_weight = adv_weight, adaptive_weight
+        self.adaptive_weight_max, self.adaptive_weight_param = adaptive_weight_max, adaptive_weight_param
+        self.distill_weight = distill_weight
+        self.adv_times = [1.0] if adv_times is None else [float(t) for t in adv_times]
+        if not self.adv_times or any(not 0.0 < t <= 1.0 for t in self.adv_times):
+            raise ValueError(f"adv_times must be a non-empty list of times in (0, 1], got {adv_times}")
+        self.adv_guidance = adv_guidance
+        if init_checkpoint is not None:
+            state = load_student_state(init_checkpoint, init_use_ema, allow_pickle)
+            missing, unexpected = self.student.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"{init_checkpoint} does not match the student architecture: missing "
+                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+    # --- the pieces of a step ----------------------------------------------------------------------
+    def tangent_warmup(self, step: int | None = None) -> float:
+        """As in ``FlowMapDistillModule``, counting batches (two optimizer steps each)."""
+        return super().tangent_warmup(self.global_step // 2 if step is None else step)
+
+    def adversarial_noise(self, x0: Tensor, generator: torch.Generator | None = None, rank: int = 0,
+                          world_size: int = 1) -> tuple[Tensor, Tensor]:
+        """``(t, z)`` of this rank's fakes, drawn for the global batch like ``draw_noise``."""
+        n = x0.shape[0]
+        total, part = n * world_size, slice(rank * n, (rank + 1) * n)
+        times = torch.tensor(self.adv_times, device=x0.device)
+        t = times[torch.randint(len(times), (total,), device=x0.device, generator=generator)]
+        z = torch.randn((total, *x0.shape[1:]), device=x0.device, generator=generator, dtype=x0.dtype)
+        return t[part], z[part]
+
+    def fakes(self, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor,
+              cond: dict[str, Tensor] | None = None) -> Tensor:
+        """The student's jump to data from ``x_t = (1 - t) x0 + t z``: ``f(x_t, t, 0)`` (with grad)."""
+        x_t = interpolate(x0, z, t)
+        lam = self._guidance(x0.shape[0], self.eval_guidance if self.adv_guidance is None else self.adv_guidance)
+        F = self.student_fn(labels, lam, cond)(x_t, t, torch.zeros_like(t))
+        return x_t - expand_like(t, x_t).to(F.dtype) * F
+
+    def discriminator_fn(self, labels: Tensor | None):
+        labels = self._labels(labels)
+        return lambda x: self.discriminator(x, labels)
+
+    def balance(self, distill: Tensor, adv: Tensor) -> Tensor:
+        """The weight ``w`` of the adversarial loss (a detached scalar)."""
+        if not self.adaptive_weight:
+            return torch.tensor(self.adv_weight, device=distill.device)
+        _, weight = last_layer_weight(self.student, self.adaptive_weight_param)
+        if is_sharded(weight):
+            raise RuntimeError("adaptive_weight needs an unsharded student (it differentiates w.r.t. one weight); "
+                               "use a fixed adv_weight under FSDP2")
+        (g_distill,) = torch.autograd.grad(distill, weight, retain_graph=True)
+        (g_adv,) = torch.autograd.grad(adv, weight, retain_graph=True)
+        ratio = g_distill.norm() / (g_adv.norm() + 1e-8)
+        return (self.adv_weight * ratio).clamp(max=self.adaptive_weight_max).detach()
+
+    def _sync_discriminator_grads(self) -> None:
+        """Averages D's gradients over the data-parallel ranks under ``ModelParallelStrategy``
+        (which, unlike DDP, does not wrap the module; D is small and stays replicated)."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or not dist.is_initialized():
+            return
+        group = data_parallel_mesh(mesh).get_group()
+        size = dist.get_world_size(group)
+        for p in self.discriminator.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(size)
+
+    def _skip_nonfinite(self, loss: Tensor, what: str) -> bool:
+        """True (and the step is skipped) when ``loss`` is not finite; raises after ``max_bad_steps``."""
+        if torch.isfinite(loss):
+            self.bad_steps = 0
+            return False
+        self.bad_steps += 1
+        self.log("train/nonfinite_steps", float(self.bad_steps))
+        if self.bad_steps >= self.max_bad_steps:
+            raise RuntimeError(
+                f"the {what} loss was non-finite for {self.bad_steps} consecutive steps (last at step "
+                f"{self.global_step}). Lower the learning rates or adv_weight, raise r1_gamma/r2_gamma, or set "
+                "nan_mask: true to drop bad samples of the distillation loss."
+            )
+        return True
+
+    # --- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            raise ValueError(
+                "the adversarial finetune makes two backward passes per batch (discriminator, then student), each "
+                "with its own parameters, which plain DDP rejects: use --trainer.strategy "
+                "ddp_find_unused_parameters_true (or configs/strategies/fsdp2.yaml)"
+            )
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        g_opt, d_opt = self.optimizers()
+        rank = self.global_rank
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.noise_seed, self.global_step, batch_idx))
+        x0, labels = batch["x"], batch["label"]
+        d = self.discriminator_fn(labels)
+        with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, rank)):
+            per_sample, stats = self.step_loss(batch, gen, rank=rank, world_size=world_size)
+            t_adv, z = self.adversarial_noise(x0, gen, rank, world_size)
+            fake = self.fakes(x0, labels, t_adv, z, batch.get("cond"))
+
+            # Discriminator step (the fakes are detached inside the loss).
+            d_loss, d_stats = self.adversarial.discriminator_loss(d, x0, fake, step=self.global_step // 2)
+            d_loss = d_loss.mean()
+            if not self._skip_nonfinite(d_loss, "discriminator"):
+                d_opt.zero_grad(set_to_none=True)
+                self.manual_backward(d_loss)
+                self._sync_discriminator_grads()
+                d_opt.step()
+
+            # Generator step against the updated discriminator (whose weights get no gradient here).
+            self.discriminator.requires_grad_(False)
+            try:
+                adv = self.adversarial.generator_loss(d, x0, fake).mean()
+            finally:
+                self.discriminator.requires_grad_(True)
+        finite = torch.isfinite(per_sample)
+        if self.nan_mask and not finite.all() and finite.any():
+            stats["nonfinite_fraction"] = 1 - finite.float().mean()
+            per_sample = per_sample[finite]
+        distill = per_sample.mean()
+        w = self.balance(distill, adv)
+        loss = self.distill_weight * distill + w * adv
+        if self._skip_nonfinite(loss, "generator"):
+            return None
+        g_opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        g_opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+        self.log("train/loss", distill, prog_bar=True)
+        self.log("train/adv_g", adv.detach(), prog_bar=True)
+        self.log("train/adv_weight", w)
+        self.log("train/d_loss", d_loss.detach())
+        self.log("train/r", self.tangent_warmup())
+        for key, value in {**stats, **d_stats}.items():
+            self.log(f"train/{key}", value)
+        return loss.detach()
+
+    def configure_optimizers(self):
+        generator = super().configure_optimizers()
+        d_opt = self.discriminator_optimizer_factory(self.discriminator.parameters())
+        return [generator["optimizer"], d_opt], [generator["lr_scheduler"]]
