@@ -252,3 +252,36 @@ def test_plain_ddp_is_refused_with_the_strategy_to_use():
         ft.setup("fit")
     ft._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True), datamodule=None)
     ft.setup("fit")
+
+
+def test_discriminator_on_decoded_images(tmp_path):
+    """DecodeLatents: un-normalize with the dataset statistics, decode with a local VAE, and let the
+    generator's gradient flow back through the frozen decoder to the latents."""
+    import json
+
+    diffusers = pytest.importorskip("diffusers")
+    from flowmap_lit.data.imagenet import load_vae
+    from flowmap_lit.networks import DecodeLatents
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    mean, std = [0.1, -0.2, 0.3, 0.0], [2.0, 1.0, 0.5, 1.5]
+    (tmp_path / "stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+    decode = DecodeLatents(str(tmp_path / "vae"), stats_root=str(tmp_path), downsample=2)
+    d = Discriminator(img_channels=3, img_resolution=8, channels=[8, 8], input_transform=decode)
+    assert not any(k.startswith("input_transform.vae") for k in d.state_dict())  # the VAE is not checkpointed
+    assert all(p.requires_grad for p in d.parameters())  # only D's own weights are parameters
+
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)  # normalized latents of 16 x 16 images
+    ref_vae = load_vae(str(tmp_path / "vae"))
+    z = x.detach() * torch.tensor(std).reshape(1, 4, 1, 1) + torch.tensor(mean).reshape(1, 4, 1, 1)
+    expected = F.avg_pool2d(ref_vae.decode(z).sample, 2)
+    torch.testing.assert_close(decode(x), expected)
+    RpGAN().generator_loss(d, torch.randn(2, 4, 8, 8), x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        DecodeLatents(str(tmp_path / "missing"))
