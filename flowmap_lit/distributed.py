@@ -15,6 +15,8 @@ their loss math in fp32.
 
 from __future__ import annotations
 
+import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -37,18 +39,29 @@ def network_blocks(net: nn.Module) -> list[nn.Module]:
     return [block for _, _, block in _block_slots(net)]
 
 
+def _checkpoint_when_training(module: nn.Module, *args, **kwargs):
+    """``torch.utils.checkpoint`` (non-reentrant) when grad is enabled; a plain call otherwise.
+
+    Without grad there is nothing to recompute, and some torch versions' checkpoint goes through an
+    autograd.Function without a forward-AD rule even then, which breaks ``torch.func.jvp``.
+    """
+    if not torch.is_grad_enabled():
+        return module(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
+
+
 def apply_activation_checkpointing(net: nn.Module) -> nn.Module:
     """Recompute each block's activations in the backward pass instead of storing them.
 
     Uses ``torch.utils.checkpoint`` (non-reentrant) through torch's ``checkpoint_wrapper``, whose
     state-dict hooks keep parameter names unchanged. Without grad (the JVP's tangent pass, sampling)
-    a wrapped block just runs, so the JVP path is unchanged. Apply it before ``shard_network``.
+    a wrapped block is called directly, so the JVP path is unchanged. Apply it before ``shard_network``.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
     for container, key, block in _block_slots(net):
         if not isinstance(block, CheckpointWrapper):
-            container[key] = checkpoint_wrapper(block)
+            container[key] = checkpoint_wrapper(block, checkpoint_fn=_checkpoint_when_training)
     return net
 
 

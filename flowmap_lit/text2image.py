@@ -130,7 +130,10 @@ def sd3_forward(transformer: nn.Module, x: Tensor, t: Tensor, timestep_scale: fl
                 encoder_hidden_states: Tensor | None, pooled_projections: Tensor | None) -> Tensor:
     """The transformer's output ``noise - x0`` at our ``(x, t)``: ``timestep = t * timestep_scale``.
 
-    Inputs are cast to the transformer's dtype, the output back to ``x``'s dtype.
+    Inputs are cast to the transformer's dtype, the output back to ``x``'s dtype. With low-precision
+    (bf16/fp16) base weights and no autocast active (the JVP's tangent pass switches it off), the
+    call runs under autocast to that dtype, so fp32 pieces (LoRA adapters, fp32 embeddings) meet the
+    base weights in one dtype: the tangent pass is then as precise as the base weights, not fp32.
     """
     if encoder_hidden_states is None or pooled_projections is None:
         raise ValueError("an SD3 transformer needs text conditioning: encoder_hidden_states (B, L, D) and "
@@ -138,9 +141,11 @@ def sd3_forward(transformer: nn.Module, x: Tensor, t: Tensor, timestep_scale: fl
                          "flowmap_lit/data/format.py)")
     dtype = next(transformer.parameters()).dtype
     t = batch_vector(t, x).to(x.dtype)
-    out = transformer(hidden_states=x.to(dtype), encoder_hidden_states=encoder_hidden_states.to(dtype),
-                      pooled_projections=pooled_projections.to(dtype), timestep=t * timestep_scale,
-                      return_dict=False)[0]
+    low = dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=low):
+        out = transformer(hidden_states=x.to(dtype), encoder_hidden_states=encoder_hidden_states.to(dtype),
+                          pooled_projections=pooled_projections.to(dtype), timestep=t * timestep_scale,
+                          return_dict=False)[0]
     return out.to(x.dtype)
 
 

@@ -263,3 +263,38 @@ def test_class_path_instantiation():
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     net = instantiate(cfg).net
     assert isinstance(net, EDM2UNet) and net(torch.randn(2, 1, 8, 8), 0.5).shape == (2, 1, 8, 8)
+
+
+def test_mp_sum_promotes_mixed_precision_inputs():
+    """Under CUDA autocast a block's skip input can be fp32 and its conv output bf16 (lerp does not promote)."""
+    from flowmap_lit.networks.mp import mp_sum
+
+    a, b = torch.randn(4), torch.randn(4)
+    out = mp_sum(a, b.bfloat16(), 0.3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, mp_sum(a, b.bfloat16().float(), 0.3))
+
+
+def test_activation_checkpointing_is_bypassed_without_grad(monkeypatch):
+    """Without grad (the JVP's tangent pass) checkpointed blocks are called directly: some torch
+    versions' checkpoint has no forward-AD rule even under no_grad. With grad it checkpoints."""
+    import torch.utils.checkpoint as ckpt
+
+    from flowmap_lit.distributed import apply_activation_checkpointing
+    from flowmap_lit.jvp import jvp
+
+    net = build_network("unet", "tiny")
+    ref = copy.deepcopy(net)
+    apply_activation_checkpointing(net)
+    calls = []
+    original = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    labels = torch.tensor([1, 2])
+    fn = lambda m: (lambda xx, tt: m(xx, tt, 0.5 * tt, class_labels=labels))  # noqa: E731
+    u = torch.randn_like(x)
+    tangent = jvp(fn(net), (x, t), (u, torch.ones_like(t)))
+    assert not calls
+    torch.testing.assert_close(tangent, jvp(fn(ref), (x, t), (u, torch.ones_like(t))), rtol=0, atol=0)
+    net(x, t, 0.5 * t, class_labels=labels).sum().backward()
+    assert calls

@@ -258,3 +258,27 @@ def test_fit_trains_only_the_adapters_and_resumes_exactly(tmp_path, teacher_dir,
     assert resumed.global_step == 4
     for k, v in resumed.student.state_dict().items():
         assert torch.equal(v, final[k]), k
+
+
+def test_low_precision_base_weights_run_under_autocast_outside_it():
+    """bf16 base weights with fp32 adapters: a call without autocast (the JVP's tangent pass) is
+    run under autocast to the weights' dtype, so fp32 and bf16 tensors never meet in a matmul."""
+    from flowmap_lit.text2image import sd3_forward
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+            self.seen = None
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict):
+            self.seen = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), hidden_states.dtype)
+            return (hidden_states,)
+
+    x, cond = torch.randn(2, 4, 2, 2), (torch.randn(2, 3, 8), torch.randn(2, 8))
+    for dtype, autocast in ((torch.bfloat16, True), (torch.float32, False)):
+        rec = Recorder(dtype)
+        out = sd3_forward(rec, x, torch.rand(2), 1000.0, *cond)
+        assert rec.seen[0] == autocast and rec.seen[2] == dtype and out.dtype == torch.float32
+        if autocast:
+            assert rec.seen[1] == torch.bfloat16

@@ -42,8 +42,13 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
-    """Interpolation (1 - t) a + t b, rescaled to unit RMS for independent unit inputs (eq. 88)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    """Interpolation (1 - t) a + t b, rescaled to unit RMS for independent unit inputs (eq. 88).
+
+    Under autocast one input can be bf16 and the other fp32 (lerp does not promote): the sum is
+    taken in the wider dtype.
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
