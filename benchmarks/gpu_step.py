@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
         result["jvp"] = jvp_precision(args, dev)
     if args.lora:
         result["lora"] = lora_step(args, dev)
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result))
     return result
 
 

@@ -42,3 +42,12 @@ def test_quality_tiny_budget(tmp_path):
     out = run_script("quality.py", "--budget", "tiny", "--data", str(tmp_path / "digits"), "--out", str(tmp_path / "res"))
     assert len(out["results"]) == 10 and (tmp_path / "res/quality_tiny.png").is_file()
     assert all(len(r["fid"]) == 4 and len(r["flowmap_rel_error"]) == 4 for r in out["results"])
+
+
+def test_gpu_step_runs_on_cpu_at_tiny_size():
+    out = run_script("gpu_step.py", "--preset", "tiny", "--guide-preset", "tiny", "--batch", "2", "--jvp-batch", "2",
+                     "--repeats", "1", "--warmup", "0", "--device", "cpu")
+    assert [(r["precision"], r["activation_checkpointing"]) for r in out["step"]] == [
+        ("fp32", False), ("bf16-mixed", False), ("fp32", True), ("bf16-mixed", True)]
+    jvp = out["jvp"]
+    assert jvp["jvp_rel_error_fp32"] < 1e-4 < jvp["jvp_rel_error_bf16"]  # why the tangent pass stays fp32
