@@ -164,19 +164,8 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
                 p.grad.div_(size)
 
     def _skip_nonfinite(self, loss: Tensor, what: str) -> bool:
-        """True (and the step is skipped) when ``loss`` is not finite; raises after ``max_bad_steps``."""
-        if torch.isfinite(loss):
-            self.bad_steps = 0
-            return False
-        self.bad_steps += 1
-        self.log("train/nonfinite_steps", float(self.bad_steps))
-        if self.bad_steps >= self.max_bad_steps:
-            raise RuntimeError(
-                f"the {what} loss was non-finite for {self.bad_steps} consecutive steps (last at step "
-                f"{self.global_step}). Lower the learning rates or adv_weight, raise r1_gamma/r2_gamma, or set "
-                "nan_mask: true to drop bad samples of the distillation loss."
-            )
-        return True
+        return self.skip_nonfinite(loss, f"the {what}", "Lower the learning rates or adv_weight, raise "
+                                   "r1_gamma/r2_gamma, or set nan_mask: true to drop bad samples of the distillation loss.")
 
     # --- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -218,11 +207,7 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
                 adv = self.adversarial.generator_loss(d, x0, fake).mean()
             finally:
                 self.discriminator.requires_grad_(True)
-        finite = torch.isfinite(per_sample)
-        if self.nan_mask and not finite.all() and finite.any():
-            stats["nonfinite_fraction"] = 1 - finite.float().mean()
-            per_sample = per_sample[finite]
-        distill = per_sample.mean()
+        distill = self.masked_mean(per_sample, stats)
         w = self.balance(distill, adv)
         loss = self.distill_weight * distill + w * adv
         if self._skip_nonfinite(loss, "generator"):

@@ -363,27 +363,36 @@ class FlowMapDistillModule(pl.LightningModule):
         world_size = self._trainer.world_size if self._trainer is not None else 1
         with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
             per_sample, stats = self.step_loss(batch, gen, rank=self.global_rank, world_size=world_size)
-        finite = torch.isfinite(per_sample)
-        if self.nan_mask and not finite.all() and finite.any():
-            stats["nonfinite_fraction"] = 1 - finite.float().mean()
-            per_sample = per_sample[finite]
-        loss = per_sample.mean()
-        if not torch.isfinite(loss):
-            self.bad_steps += 1
-            self.log("train/nonfinite_steps", float(self.bad_steps))
-            if self.bad_steps >= self.max_bad_steps:
-                raise RuntimeError(
-                    f"the loss was non-finite for {self.bad_steps} consecutive steps (last at step "
-                    f"{self.global_step}). Lower the learning rate, lower the time embedding frequencies "
-                    "(time_max_freq), use tangent_norm: l2, or set nan_mask: true to drop bad samples."
-                )
+        loss = self.masked_mean(per_sample, stats)
+        if self.skip_nonfinite(loss):
             return None  # skip this optimizer step
-        self.bad_steps = 0
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/r", self.tangent_warmup())
         for key, value in stats.items():
             self.log(f"train/{key}", value)
         return loss
+
+    def masked_mean(self, per_sample: Tensor, stats: dict) -> Tensor:
+        """Mean of the per-sample loss; with ``nan_mask`` the non-finite samples are dropped (if any is finite)."""
+        finite = torch.isfinite(per_sample)
+        if self.nan_mask and not finite.all() and finite.any():
+            stats["nonfinite_fraction"] = 1 - finite.float().mean()
+            per_sample = per_sample[finite]
+        return per_sample.mean()
+
+    def skip_nonfinite(self, loss: Tensor, what: str = "the",
+                       advice: str = "Lower the learning rate, lower the time embedding frequencies (time_max_freq), "
+                                     "use tangent_norm: l2, or set nan_mask: true to drop bad samples.") -> bool:
+        """True when ``loss`` is not finite (the caller skips the step); raises after ``max_bad_steps`` in a row."""
+        if torch.isfinite(loss):
+            self.bad_steps = 0
+            return False
+        self.bad_steps += 1
+        self.log("train/nonfinite_steps", float(self.bad_steps))
+        if self.bad_steps >= self.max_bad_steps:
+            raise RuntimeError(f"{what} loss was non-finite for {self.bad_steps} consecutive steps (last at step "
+                               f"{self.global_step}). {advice}")
+        return True
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         with seeded_rng(self, derive_seed(self.noise_seed, -1, batch_idx, self.global_rank)):

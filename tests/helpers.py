@@ -37,3 +37,14 @@ class ExactGaussianStudent(nn.Module):
         gap = (s - t).reshape(-1, *([1] * (x.ndim - 1)))
         F = (self.data.flow_map(x, t, s) - x) / gap
         return F + self.perturb * torch.sin(3 * t).reshape(gap.shape) * x
+
+
+def tiny_vae(sample_size: int = 32):
+    """A tiny randomly initialized diffusers ``AutoencoderKL`` (4 latent channels, 4x downsampling)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=sample_size)

@@ -259,16 +259,12 @@ def test_discriminator_on_decoded_images(tmp_path):
     generator's gradient flow back through the frozen decoder to the latents."""
     import json
 
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from flowmap_lit.data.imagenet import load_vae
     from flowmap_lit.networks import DecodeLatents
+    from helpers import tiny_vae
 
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae(16).save_pretrained(tmp_path / "vae")
     mean, std = [0.1, -0.2, 0.3, 0.0], [2.0, 1.0, 0.5, 1.5]
     (tmp_path / "stats.json").write_text(json.dumps({"mean": mean, "std": std}))
     decode = DecodeLatents(str(tmp_path / "vae"), stats_root=str(tmp_path), downsample=2)

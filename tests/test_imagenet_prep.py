@@ -13,6 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 from flowmap_lit.data import LatentDataModule  # noqa: E402
 from flowmap_lit.data.imagenet import encode, load_vae  # noqa: E402
 from flowmap_lit.data.prepare import center_crop, main  # noqa: E402
+from helpers import tiny_vae  # noqa: E402
 
 SIZES = [(40, 56), (70, 35), (33, 33), (90, 64)]
 
@@ -29,12 +30,7 @@ def assets(tmp_path_factory):
         for i, (w, h) in enumerate(SIZES):
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(src / wnid / f"img_{i}.{'png' if i % 2 else 'jpeg'}")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32)
-    vae.save_pretrained(root / "vae")
+    tiny_vae(32).save_pretrained(root / "vae")
     return root, src, root / "vae"
 
 

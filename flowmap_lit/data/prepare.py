@@ -249,24 +249,25 @@ def add_images(sub: argparse._SubParsersAction) -> None:
                                                  a.val_fraction, a.seed, a.dtype))
 
 
-def add_array(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("array", help="an .npz with x, y (or mean, std, y) arrays")
-    p.add_argument("--src", required=True, help=".npz file: x (N,C,H,W) + y (N,), or mean + std + y; *_val optional")
+def _npz_arguments(p: argparse.ArgumentParser, src_help: str) -> None:
+    """The arguments shared by the .npz routes: source, output, shard size and the train/val split."""
+    p.add_argument("--src", required=True, help=src_help)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction if there are no *_val arrays")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+
+
+def add_array(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("array", help="an .npz with x, y (or mean, std, y) arrays")
+    _npz_arguments(p, ".npz file: x (N,C,H,W) + y (N,), or mean + std + y; *_val optional")
     p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="stored dtype (default: keep)")
     p.set_defaults(func=lambda a: prepare_array(a.src, a.out, a.samples_per_shard, a.val_fraction, a.seed, a.dtype))
 
 
 def add_text_array(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("text-array", help="an .npz of latents with precomputed text embeddings (text-to-image)")
-    p.add_argument("--src", required=True, help=".npz: x, text_emb, [text_pooled], [null_text_emb, null_text_pooled]")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction if there are no *_val arrays")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    _npz_arguments(p, ".npz: x, text_emb, [text_pooled], [null_text_emb, null_text_pooled]")
     p.add_argument("--text-encoder", default="", help="how the embeddings were made (recorded in stats.json)")
     p.set_defaults(func=lambda a: prepare_text_array(a.src, a.out, a.samples_per_shard, a.val_fraction, a.seed,
                                                      text_encoder=a.text_encoder))
