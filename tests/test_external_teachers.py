@@ -375,3 +375,39 @@ def test_distill_dit_config_runs_two_steps_on_a_tiny_dit(tmp_path, monkeypatch):
     module = cli.model
     assert isinstance(module.teacher, DiffusersTeacher) and module.teacher.data_scale == 0.18215
     assert module.guidance == "cfg" and module.teacher.num_classes == 10
+
+
+def test_edm2_pickles_config_runs_two_steps_from_fake_pickles(tmp_path, monkeypatch):
+    """configs/imagenet512/distill_edm2_pickles.yaml with its teacher and guide pointed at EDM2-style
+    pickles written here (the denoiser class is found through source_dir, as EDM2's would be)."""
+    from flowmap_lit.cli import main
+    from flowmap_lit.data import write_dataset
+
+    g = torch.Generator().manual_seed(0)
+    mus = torch.randn(10, 4, 8, 8, generator=g)
+    for name, scale in (("teacher", 1.0), ("guide", 1.5)):
+        with open(tmp_path / f"{name}.pkl", "wb") as f:
+            pickle.dump({"ema": GaussianEDM2Denoiser(0.5 * mus, 0.5 * scale * torch.ones(4, 8, 8), 10)}, f)
+    rng = np.random.default_rng(0)
+    split = (rng.standard_normal((16, 4, 8, 8)).astype(np.float32), rng.integers(0, 10, 16))
+    write_dataset(str(tmp_path / "latents"), {"train": split, "val": split}, num_classes=10, samples_per_shard=8)
+    monkeypatch.chdir(tmp_path)
+    student = ("{img_channels: 4, img_resolution: 8, num_classes: 10, model_channels: 16, channel_mult: [1, 2], "
+               "num_blocks: 1, attn_resolutions: [4]}")
+    args = ["fit", "--config", str(ROOT / "configs/imagenet512/distill_edm2_pickles.yaml"),
+            "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.num_nodes", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--model.init_args.student.init_args", student, "--model.init_args.num_classes", "10",
+            "--model.init_args.activation_checkpointing", "false",
+            "--data.init_args.root", str(tmp_path / "latents"), "--data.init_args.expected_shape", "[4, 8, 8]",
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
+    for name in ("teacher", "guide"):
+        args += [f"--model.init_args.{name}.init_args.path", str(tmp_path / f"{name}.pkl"),
+                 f"--model.init_args.{name}.init_args.source_dir", str(Path(__file__).parent)]
+    cli = main(args)
+    assert cli.trainer.global_step == 2
+    module = cli.model
+    assert isinstance(module.teacher, EDM2Teacher) and isinstance(module.guide, EDM2Teacher)
+    assert module.teacher.data_scale == 0.5 and module.guidance == "autoguidance"
