@@ -11,7 +11,11 @@
 2. **JVP precision.** ``dF/dt`` along the AYF-EMD tangent ``(v, 1, 0)``, computed in fp32 (what
    ``flowmap_lit.jvp`` does, autocast off) and under bf16 autocast (what it avoids), against a
    float64 copy of the student; also the forward ``F`` itself in bf16.
-3. **LoRA step** (``--lora``): a randomly initialized SD3-style transformer (bf16 base weights)
+3. **Adversarial finetune step** (``--parts finetune``): the same student with a discriminator on
+   the latents (``AdversarialFinetuneModule``: fakes, a discriminator step with R1/R2, then the
+   student step with the GAN term), bf16 autocast, against the plain distillation step of the same
+   module in the same run.
+4. **LoRA step** (``--lora``): a randomly initialized SD3-style transformer (bf16 base weights)
    with a ``LoRAFlowMap`` student sharing them, at 1024 px latents (16 x 128 x 128, 4096 tokens)
    with random text embeddings: the step time and memory of the text-to-image path, and that
    ``F(x, t, s) = v(x, t)`` at step 0.
@@ -118,6 +122,56 @@ def step_cost(args, dev: torch.device) -> list[dict]:
     return rows
 
 
+def finetune_cost(args, dev: torch.device) -> dict:
+    from flowmap_lit.finetune import AdversarialFinetuneModule
+    from flowmap_lit.networks import Discriminator
+
+    torch.manual_seed(0)
+    nc = 1000 if args.preset not in ("tiny", "small") else 10
+    teacher = NetworkTeacher(net=randomize_(build_network("unet", args.preset)), num_classes=nc)
+    guide = NetworkTeacher(net=randomize_(build_network("unet", args.guide_preset), 1), num_classes=nc)
+    net = teacher.network
+    disc = Discriminator(img_channels=net.img_channels, img_resolution=net.img_resolution, num_classes=nc)
+    module = AdversarialFinetuneModule(
+        discriminator=disc, teacher=teacher, objective=AYFEMD(), guide=guide, guidance="autoguidance",
+        guidance_min=1.0, guidance_max=2.0, condition_on_guidance=True, num_classes=nc, warmup_steps=0,
+        activation_checkpointing=args.finetune_checkpointing)
+    module.configure_model()
+    randomize_(module.student, 2)
+    module = module.to(dev)
+    g_opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=1e-5)
+    d_opt = torch.optim.Adam(module.discriminator.parameters(), lr=1e-5, betas=(0.0, 0.99))
+    batch = batch_for(module, args.batch, dev)
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
+
+    def distill_step():
+        with autocast():
+            loss, _ = module.step_loss(batch)
+        loss.mean().backward()
+        g_opt.step()
+        g_opt.zero_grad(set_to_none=True)
+
+    def finetune_step():  # what AdversarialFinetuneModule.training_step runs, without Lightning
+        with autocast():
+            module.adversarial_step(batch, g_opt, d_opt, lambda loss: loss.backward())
+
+    out = {"batch": args.batch, "precision": "bf16-mixed", "activation_checkpointing": args.finetune_checkpointing,
+           "discriminator_params_M": round(sum(p.numel() for p in disc.parameters()) / 1e6, 2)}
+    for name, step in (("distill", distill_step), ("finetune", finetune_step)):
+        try:
+            seconds, peak = time_steps(step, dev, args.warmup, args.repeats)
+            out[name] = {"seconds_per_step": round(seconds, 4), "peak_gib": None if peak is None else round(peak, 2)}
+        except torch.cuda.OutOfMemoryError:
+            out[name] = {"result": "out of memory"}
+            g_opt.zero_grad(set_to_none=True)
+            d_opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    if "seconds_per_step" in out["distill"] and "seconds_per_step" in out["finetune"]:
+        out["finetune_over_distill"] = round(out["finetune"]["seconds_per_step"] / out["distill"]["seconds_per_step"], 2)
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def relative(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
 
@@ -209,7 +263,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lora-latent", type=int, default=128)
     p.add_argument("--lora-batch", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=64)
-    p.add_argument("--parts", nargs="*", default=["step", "jvp"], choices=["step", "jvp"])
+    p.add_argument("--parts", nargs="*", default=["step", "jvp"], choices=["step", "jvp", "finetune"])
+    p.add_argument("--finetune-checkpointing", action="store_true", help="activation checkpointing in the finetune part")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -221,6 +276,8 @@ def main(argv=None) -> dict:
         result["step"] = step_cost(args, dev)
     if "jvp" in args.parts:
         result["jvp"] = jvp_precision(args, dev)
+    if "finetune" in args.parts:
+        result["finetune"] = finetune_cost(args, dev)
     if args.lora:
         result["lora"] = lora_step(args, dev)
     print(json.dumps(result))

@@ -180,53 +180,65 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
                 "ddp_find_unused_parameters_true (or configs/strategies/fsdp2.yaml)"
             )
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        g_opt, d_opt = self.optimizers()
-        rank = self.global_rank
-        world_size = self._trainer.world_size if self._trainer is not None else 1
-        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.noise_seed, self.global_step, batch_idx))
+    def adversarial_step(self, batch: dict, g_opt, d_opt, backward, generator: torch.Generator | None = None,
+                         rank: int = 0, world_size: int = 1) -> tuple[Tensor, dict] | None:
+        """One batch: fakes, the discriminator step, then the student step (see the module docstring).
+
+        ``backward(loss)`` runs the backward pass (``manual_backward`` under Lightning). Returns the
+        student's loss and the stats to log, or None when the student step was skipped (non-finite).
+        """
         x0, labels = batch["x"], batch["label"]
         d = self.discriminator_fn(labels)
-        with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, rank)):
-            per_sample, stats = self.step_loss(batch, gen, rank=rank, world_size=world_size)
-            t_adv, z = self.adversarial_noise(x0, gen, rank, world_size)
-            fake = self.fakes(x0, labels, t_adv, z, batch.get("cond"))
+        per_sample, stats = self.step_loss(batch, generator, rank=rank, world_size=world_size)
+        t_adv, z = self.adversarial_noise(x0, generator, rank, world_size)
+        fake = self.fakes(x0, labels, t_adv, z, batch.get("cond"))
 
-            # Discriminator step (the fakes are detached inside the loss).
-            d_loss, d_stats = self.adversarial.discriminator_loss(d, x0, fake, step=self.global_step // 2)
-            d_loss = d_loss.mean()
-            if not self._skip_nonfinite(d_loss, "discriminator"):
-                d_opt.zero_grad(set_to_none=True)
-                self.manual_backward(d_loss)
-                self._sync_discriminator_grads()
-                d_opt.step()
+        # Discriminator step (the fakes are detached inside the loss).
+        d_loss, d_stats = self.adversarial.discriminator_loss(d, x0, fake, step=self.global_step // 2)
+        d_loss = d_loss.mean()
+        if not self._skip_nonfinite(d_loss, "discriminator"):
+            d_opt.zero_grad(set_to_none=True)
+            backward(d_loss)
+            self._sync_discriminator_grads()
+            d_opt.step()
 
-            # Generator step against the updated discriminator (whose weights get no gradient here).
-            self.discriminator.requires_grad_(False)
-            try:
-                adv = self.adversarial.generator_loss(d, x0, fake).mean()
-            finally:
-                self.discriminator.requires_grad_(True)
+        # Student step against the updated discriminator (whose weights get no gradient here).
+        self.discriminator.requires_grad_(False)
+        try:
+            adv = self.adversarial.generator_loss(d, x0, fake).mean()
+        finally:
+            self.discriminator.requires_grad_(True)
         distill = self.masked_mean(per_sample, stats)
         w = self.balance(distill, adv)
         loss = self.distill_weight * distill + w * adv
         if self._skip_nonfinite(loss, "generator"):
             return None
         g_opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        backward(loss)
         g_opt.step()
+        stats = {**stats, **d_stats, "loss": distill.detach(), "adv_g": adv.detach(), "adv_weight": w,
+                 "d_loss": d_loss.detach()}
+        return loss.detach(), stats
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        g_opt, d_opt = self.optimizers()
+        rank = self.global_rank
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.noise_seed, self.global_step, batch_idx))
+        with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, rank)):
+            out = self.adversarial_step(batch, g_opt, d_opt, self.manual_backward, gen, rank, world_size)
+        if out is None:
+            return None
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-
-        self.log("train/loss", distill, prog_bar=True)
-        self.log("train/adv_g", adv.detach(), prog_bar=True)
-        self.log("train/adv_weight", w)
-        self.log("train/d_loss", d_loss.detach())
+        loss, stats = out
+        for key in ("loss", "adv_g"):
+            self.log(f"train/{key}", stats.pop(key), prog_bar=True)
         self.log("train/r", self.tangent_warmup())
-        for key, value in {**stats, **d_stats}.items():
+        for key, value in stats.items():
             self.log(f"train/{key}", value)
-        return loss.detach()
+        return loss
 
     def configure_optimizers(self):
         generator = super().configure_optimizers()
