@@ -281,3 +281,19 @@ def test_discriminator_on_decoded_images(tmp_path):
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(FileNotFoundError, match="never downloads"):
         DecodeLatents(str(tmp_path / "missing"))
+
+
+def test_lazy_penalties_apply_every_n_steps_scaled_up():
+    torch.manual_seed(0)
+    d = LinearD(4)
+    real, fake = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    w2 = d.lin.weight.square().sum()
+    pair = F.softplus(d(fake) - d(real))
+    gan = RpGAN(r1_gamma=1.0, r2_gamma=1.0, penalty_every=4)
+    on, stats_on = gan.discriminator_loss(d, real, fake, step=8)
+    off, stats_off = gan.discriminator_loss(d, real, fake, step=9)
+    torch.testing.assert_close(on, pair + 0.5 * 4 * (1.0 + 1.0) * w2)  # 4x the weight, every 4th step
+    torch.testing.assert_close(off, pair)
+    assert "r1" in stats_on and "r1" not in stats_off
+    with pytest.raises(ValueError, match="penalty_every"):
+        RpGAN(penalty_every=0)
