@@ -116,7 +116,7 @@ def step_cost(args, dev: torch.device) -> list[dict]:
             opt.zero_grad(set_to_none=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del module, opt, batch
+        module = opt = batch = step = None  # free this configuration's memory before building the next
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows

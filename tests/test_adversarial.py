@@ -2,9 +2,6 @@
 step (checked against the plain distillation step), starting from a checkpoint, and the CLI with exact resume."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -194,25 +191,12 @@ def test_init_checkpoint_loads_the_distilled_student(tmp_path):
         _modules(adv_times=[0.0])
 
 
-def _run(args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + str(ROOT / "tests"), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "flowmap_lit", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-CALLBACKS = """
-trainer:
-  callbacks:
-    - class_path: flowmap_lit.callbacks.EMA
-    - class_path: flowmap_lit.callbacks.FlowMapError
-      init_args: {num_samples: 40, reference_steps: 8, batch_size: 40}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: %s, save_last: true, every_n_train_steps: 4, save_top_k: -1}
-"""
-
-
 def test_finetune_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(tmp_path):
-    from test_cli import make_quickstart_checkpoint
+    from test_cli import SMALL_CALLBACKS, _run, make_quickstart_checkpoint
+
+    # checkpoints every 2 batches (4 optimizer steps), all kept
+    callbacks = SMALL_CALLBACKS.replace("save_last: true}", "save_last: true, every_n_train_steps: 4, save_top_k: -1}")
+    assert "every_n_train_steps" in callbacks
 
     distilled = make_quickstart_checkpoint(tmp_path, steps=2)
     digits = str(tmp_path / "digits")
@@ -224,7 +208,7 @@ def test_finetune_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(tm
     runs = {}
     for name, steps, resume in (("straight", 8, None), ("killed", 4, None), ("killed", 8, "last")):
         cfg = tmp_path / f"{name}.yaml"
-        cfg.write_text(CALLBACKS % (tmp_path / name))
+        cfg.write_text(callbacks % (tmp_path / name))
         extra = ["--ckpt_path", str(tmp_path / name / "last.ckpt")] if resume else []
         proc = _run(common + ["--config", str(cfg), "--trainer.max_steps", str(steps)] + extra, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
