@@ -7,14 +7,84 @@ YAML or the command line, and ``--print_config`` prints a complete config that r
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+
+# Warnings a user of this CLI cannot act on (each checked against what the code does):
+QUIET = [
+    # Training "epochs" here are passes over a resampled stream and logging counts global steps,
+    # so a short epoch does not lose any log line.
+    ".*number of training batches .* is smaller than the logging interval.*",
+    # The frozen teacher and guide are in eval mode on purpose (Teacher.train keeps them there).
+    ".*module\\(s\\) in eval mode at the start of training.*",
+    # A deprecation inside Lightning's own pytree helper (lightning/pytorch/utilities/_pytree.py).
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+]
+
+
+class _DropAdvert(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger" advertisement printed by every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.getMessage())
+
+
+def quiet_warnings() -> None:
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvert) for f in log.filters):
+            log.addFilter(_DropAdvert())
+
+
+def _step_description(bar, current_epoch: int, base: str) -> str:
+    max_steps = bar.trainer.max_steps
+    if max_steps is None or max_steps < 0:
+        return base
+    return f"Step {bar.trainer.global_step}/{max_steps}"
+
+
+class StepRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled with the optimizer step and ``max_steps`` (runs here are
+    sized in steps; an "epoch" of a resampled stream means little, and ``max_epochs=-1`` printed as "/-2")."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return _step_description(self, current_epoch, super()._get_train_description(current_epoch))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
+
+
+class StepTQDMProgressBar(TQDMProgressBar):
+    """The tqdm progress bar with the same step label (when rich is not installed)."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        super().on_train_batch_end(trainer, *args)
+        self.train_progress_bar.set_description(_step_description(self, trainer.current_epoch,
+                                                                  f"Epoch {trainer.current_epoch}"))
+
+
+def default_progress_bar() -> ProgressBar:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return StepTQDMProgressBar()
+    return StepRichProgressBar()
 
 
 class FlowMapCLI(LightningCLI):
-    """LightningCLI with subclass mode for models and data and a saved, overwritable config."""
+    """LightningCLI with subclass mode for models and data, a saved, overwritable config, and a
+    step-labelled progress bar (unless the config brings its own or turns the bar off)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        quiet_warnings()
         kwargs.setdefault("model_class", pl.LightningModule)
         kwargs.setdefault("datamodule_class", pl.LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -23,6 +93,12 @@ class FlowMapCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def _instantiate_trainer(self, config, callbacks):
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, default_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def main(args: list[str] | None = None) -> FlowMapCLI:

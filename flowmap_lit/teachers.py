@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowmap_lit.analytic import GaussianMixture
+from flowmap_lit.analytic import GaussianData, GaussianMixture
 from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
 from flowmap_lit.interpolant import edm_inputs, eps_to_velocity, x0_to_velocity
 
@@ -211,6 +211,23 @@ class MixtureTeacher(Teacher):
     def sample(self, n: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples of the data distribution the teacher transports to."""
         return self.gmm.sample(n, class_labels, generator)
+
+
+class GaussianTeacher(Teacher):
+    """Gaussian data ``N(mu, diag(c^2))``: closed-form velocity AND flow map (DESIGN.md section 6),
+    the reference the flow-map diagnostics (``flowmap_lit.diagnostics``) use exactly."""
+
+    def __init__(self, data: GaussianData) -> None:
+        super().__init__()
+        self.data = data
+        self.freeze()
+
+    def velocity(self, x, t, class_labels=None):
+        return self.data.velocity(x, t)
+
+    def flow_map(self, x: Tensor, t: Tensor, s: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The exact ODE solution from ``x`` at ``t`` read at ``s``."""
+        return self.data.flow_map(x, t, s)
 
 
 class GMMTeacher(MixtureTeacher):

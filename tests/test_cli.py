@@ -66,6 +66,8 @@ trainer:
 FID_CALLBACK = """
     - class_path: flowmap_lit.callbacks.FewStepFID
       init_args: {feature_path: %s, train_if_missing: true, num_samples: 100, teacher_steps: 4}
+    - class_path: flowmap_lit.callbacks.FlowMapDiagnostics
+      init_args: {times: [1.0, 0.5, 0.0], step_counts: [1, 2], num_samples: 20, reference_steps: 8}
 """
 
 
@@ -114,6 +116,17 @@ def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(tmp_path):
     assert all(r["fid"] > 0 and 0 < r["flowmap_rel_error"] and r["samples_per_s"] > 0 for r in rows)
     assert "flowmap_rel_error" in proc.stdout
 
+    # The diagnostics command: jump-error table, per-step decomposition, heatmap and JSON.
+    proc = subprocess.run([sys.executable, "-m", "flowmap_lit.diagnose", "--ckpt", str(ckpt_path), "--steps", "1", "2",
+                           "--num", "30", "--times", "1", "0.5", "0", "--reference-steps", "8",
+                           "--out", str(tmp_path / "diag")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "diag/diagnostics.json").read_text())
+    assert result["grid"]["times"] == [1.0, 0.5, 0.0] and len(result["paths"]) == 2
+    assert len(result["paths"][1]["contribution"]) == 2 and (tmp_path / "diag/jump_error.png").is_file()
+    assert "contribution" in proc.stdout and "Single jumps" in out
+
 
 def test_digits_distillation_configs_run_from_teacher_and_guide_checkpoints(tmp_path):
     digits = str(tmp_path / "digits")
@@ -137,3 +150,19 @@ def test_digits_distillation_configs_run_from_teacher_and_guide_checkpoints(tmp_
                      "--data.init_args.root", digits], cwd=tmp_path)
         assert proc.returncode == 0, (objective, proc.stderr[-3000:])
         assert "Flow-map error at step 2" in proc.stdout + proc.stderr
+
+
+def test_end_of_fit_evaluation_reaches_tensorboard_at_the_final_step(tmp_path):
+    """3 steps with validation every 2: the callbacks evaluate again at step 3 and log it there."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_quickstart_checkpoint(tmp_path, steps=3)
+    events = EventAccumulator(str(tmp_path / "logs/quickstart/version_0"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "diagnostics/jump_error" in events.Tags()["images"]
+    assert "diagnostics/2step/contribution_2" in tags
+    for tag in ("flowmap_rel_error/1step", "flowmap_error/8step", "fid/1step", "fid/8step"):
+        assert tag in tags, (tag, tags)
+        steps = [e.step for e in events.Scalars(tag)]
+        assert len(steps) == 2 and steps[-1] == 3, (tag, steps)  # the validation at step 2, then the end of fit

@@ -128,6 +128,48 @@ def test_train_stream_reproducible(toy):
     assert len(loader) == 5 and sum(1 for _ in loader) == 5 and sum(1 for _ in loader) == 5
 
 
+def test_shard_cache_replays_the_same_stream(toy, monkeypatch):
+    from flowmap_lit.data import pipeline
+
+    root = toy[0]
+    opened = []
+    real_open = open
+    monkeypatch.setattr(pipeline, "open", lambda path, *a: opened.append(path) or real_open(path, *a), raising=False)
+    plain = dm_for(root, cache_mb=0).train_dataloader()
+    reference = [read_all(plain) for _ in range(3)]
+    opens_plain, opened[:] = len(opened), []
+    cached = dm_for(root).train_dataloader()  # 4 small shards: they fit the default cache_mb
+    for epoch in reference:
+        again = read_all(cached)
+        assert again["key"] == epoch["key"] and torch.equal(again["x"], epoch["x"])
+    assert len(opened) == 2 * 4 < opens_plain  # each file checked and parsed once, then replayed
+    # a shard rewritten on disk (new size / modification time) is read again
+    x, y = toy_latents(16, seed=9)
+    write_shards(root, "train", np.concatenate([toy[1][0][:48], x]), np.concatenate([toy[1][1][:48], y]),
+                 samples_per_shard=16)
+    seen = torch.cat([read_all(cached)["x"] for _ in range(3)])
+    assert any(torch.equal(row, torch.from_numpy(x[0])) for row in seen)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int64"])
+def test_load_npy_matches_numpy(order, dtype):
+    import io
+
+    from flowmap_lit.data.pipeline import load_npy
+
+    array = np.asarray(np.arange(24).reshape(2, 3, 4), dtype=dtype, order=order)
+    buf = io.BytesIO()
+    np.save(buf, array)
+    data = buf.getvalue()
+    for _ in range(2):  # parsed header, then the cached one
+        out = load_npy(data)
+        assert out.dtype == array.dtype and out.shape == array.shape
+        np.testing.assert_array_equal(out, array)
+    with pytest.raises(ValueError):  # a truncated member still fails as np.load fails
+        load_npy(data[:-8])
+
+
 # ---------------------------------------------------------------------------- workers and ranks
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_more_workers_than_shards(tmp_path):

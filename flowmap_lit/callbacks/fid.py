@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from flowmap_lit.callbacks.ema import evaluation_mode
-from flowmap_lit.callbacks.flowmap_error import format_table
+from flowmap_lit.callbacks.flowmap_error import format_table, log_at_fit_end
 
 
 class FewStepFID(pl.Callback):
@@ -137,8 +137,9 @@ class FewStepFID(pl.Callback):
             self._print(trainer)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self._last_step != trainer.global_step:
+        if self._last_step != trainer.global_step:  # a validation at the final step already evaluated and logged it
             self.results = self.evaluate(trainer, pl_module)
+            log_at_fit_end(trainer, {f"fid/{row['steps']}step": row["fid"] for row in self.results})
         if self.print_table:
             self._print(trainer)
 

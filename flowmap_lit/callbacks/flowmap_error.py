@@ -24,6 +24,16 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
+def log_at_fit_end(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Write ``metrics`` to every logger at the final step (``LightningModule.log`` is not allowed in
+    ``on_fit_end``; the validation-time values go through it as usual)."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
+
+
 class FlowMapError(pl.Callback):
     """At every validation and at the end of fit: flow-map error of the EMA student for each k.
 
@@ -48,6 +58,7 @@ class FlowMapError(pl.Callback):
         self.print_table = print_table
         self._reference: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
         self.results: list[dict] = []
+        self._last_step = -1  # global step of the last evaluation during fit
 
     def _inputs(self, trainer, pl_module):
         gen = torch.Generator().manual_seed(self.seed)
@@ -94,9 +105,15 @@ class FlowMapError(pl.Callback):
         self._log(trainer, pl_module, self.results)
         if trainer.state.fn != "fit":
             self._print(trainer, pl_module)
+        else:
+            self._last_step = trainer.global_step
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.results = self.evaluate(trainer, pl_module)
+        if self._last_step != trainer.global_step:  # a validation at the final step already evaluated and logged it
+            self.results = self.evaluate(trainer, pl_module)
+            log_at_fit_end(trainer, {f"{name}/{row['steps']}step": row[key] for row in self.results
+                                     for name, key in (("flowmap_error", "flowmap_mse"),
+                                                       ("flowmap_rel_error", "relative_error"))})
         self._print(trainer, pl_module)
 
     def _print(self, trainer, pl_module) -> None:

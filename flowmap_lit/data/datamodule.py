@@ -56,6 +56,7 @@ class LatentDataModule(L.LightningDataModule):
         return_keys: bool = False,                       # also put the sample keys (list[str]) in batch["key"]
         train_split: str = "train",                      # split name used for training
         val_split: str = "val",                          # split name used for validation
+        cache_mb: float = 64.0,                          # keep a split's raw shards in memory (per worker) if they fit
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -73,6 +74,9 @@ class LatentDataModule(L.LightningDataModule):
         self.on_error, self.val_posterior, self.return_keys = on_error, val_posterior, return_keys
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.train_split, self.val_split = train_split, val_split
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0 (0 turns the shard cache off), got {cache_mb}")
+        self.cache_mb = cache_mb
         self._stats: dict | None = None
 
     # ----------------------------------------------------------------- statistics
@@ -162,6 +166,11 @@ class LatentDataModule(L.LightningDataModule):
             )
         return urls
 
+    def _cache(self, urls: list[str]) -> bool:
+        """Whether the shards ``urls`` together fit ``cache_mb`` (then ``TarSamples`` keeps them in memory)."""
+        size = sum(os.path.getsize(u) for u in urls if os.path.isfile(u))
+        return size <= self.cache_mb * 2**20
+
     def _decoder(self, policy: ErrorPolicy, noise: str, rank: int) -> Decode:
         stats = self.stats
         mean, std = (stats["mean"], stats["std"]) if self.normalize else (None, None)
@@ -188,7 +197,7 @@ class LatentDataModule(L.LightningDataModule):
         epoch = self._start_epoch()
         pipeline = wds.DataPipeline(
             ShardList(urls, rank, world_size, resampled=True, seed=self.seed, epoch=epoch),
-            TarSamples(policy),
+            TarSamples(policy, cache=self._cache(urls)),
             self._decoder(policy, "stream", rank),  # before the shuffle, so errors are counted in read order
             Shuffle(self.shuffle_buffer, seed=self.seed, rank=rank, epoch=epoch),
             wds.batched(self.batch_size, collation_fn=Collate(self.return_keys), partial=False),

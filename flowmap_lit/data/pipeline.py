@@ -128,15 +128,33 @@ def tar_problem(path: str) -> str | None:
     return None
 
 
+def _file_signature(path: str) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a local file, None if it cannot be stat-ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 class TarSamples:
     """Stage ``{"url"} -> raw sample dicts`` (webdataset's tar expander and key grouping).
 
     Checks each shard with ``tar_problem`` first; in "warn" mode a truncated shard is still
     read, and its incomplete last sample is rejected by ``Decode``. Closes every file it opens.
+
+    With ``cache=True`` the raw samples of each shard read are kept in memory (per process: each
+    DataLoader worker has its own) and later reads of the same unchanged file (same size and
+    modification time) replay them instead of parsing the tar again: the same samples in the
+    same order. Meant for small datasets (the digits: a training epoch is 5
+    batches, and every epoch refills the shuffle buffer); the data module turns it on only when
+    the whole split fits ``cache_mb``.
     """
 
-    def __init__(self, policy: ErrorPolicy):
+    def __init__(self, policy: ErrorPolicy, cache: bool = False):
         self.policy = policy
+        self.cache = cache
+        self._cached: dict[str, tuple[tuple[int, int], list[dict]]] = {}  # url -> (file signature, samples)
 
     def _open(self, src):
         for item in src:
@@ -155,9 +173,37 @@ class TarSamples:
             finally:
                 stream.close()
 
-    def __call__(self, src):
+    def _read(self, src):
         files = wds.tariterators.tar_file_expander(self._open(src), handler=self.policy.handler)
         return wds.tariterators.group_by_keys(files, handler=self.policy.handler)
+
+    def _read_cached(self, url: str):
+        """The samples of one shard, replayed from memory when this file was read before.
+
+        A shard is read exactly as without the cache (errors are reported the same way); what it
+        yielded is kept if the file did not change while it was read. Replaying it gives what
+        reading the unchanged file again would give (a bad shard was already reported once).
+        """
+        signature = _file_signature(url)
+        hit = self._cached.get(url)
+        if signature is not None and hit is not None and hit[0] == signature:
+            self.policy.opened(url)
+            for sample in hit[1]:
+                yield dict(sample)
+            return
+        samples = []
+        for sample in self._read([{"url": url}]):
+            samples.append(sample)
+            yield dict(sample)
+        if signature is not None and _file_signature(url) == signature:
+            self._cached[url] = (signature, samples)
+
+    def __call__(self, src):
+        if not self.cache:
+            yield from self._read(src)
+            return
+        for item in src:
+            yield from self._read_cached(item["url"])
 
 
 class ShardList(IterableDataset):
@@ -240,6 +286,34 @@ class Shuffle:
             yield from wds.filters._shuffle(src, self.bufsize, initial=self.bufsize, rng=rng)
 
 
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"  # .npy format version 1.0
+_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], str]] = {}  # header -> (dtype, shape, order)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``np.load`` of one ``.npy`` member (no pickles), parsing each distinct header only once.
+
+    Every sample of a dataset has the same header, and parsing it (``ast.literal_eval``) costs
+    more than reading the array, so headers seen before are looked up; the array is then a
+    read-only view of ``data``. Any other input (a new header, another format version, a size
+    that does not match) goes through ``np.load``, which raises its usual error for bad data.
+    """
+    if data[:8] == _NPY_MAGIC and len(data) >= 10:
+        start = 10 + int.from_bytes(data[8:10], "little")
+        known = _npy_headers.get(data[10:start])
+        if known is not None:
+            dtype, shape, order = known
+            count = int(np.prod(shape))
+            if len(data) == start + count * dtype.itemsize:
+                return np.frombuffer(data, dtype, count=count, offset=start).reshape(shape, order=order)
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if data[:8] == _NPY_MAGIC and array.dtype != object and len(_npy_headers) < 256:
+        start = 10 + int.from_bytes(data[8:10], "little")
+        order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+        _npy_headers[data[10:start]] = (array.dtype, tuple(array.shape), order)
+    return array
+
+
 class Decode:
     """Decode stage: raw tar sample -> ``(latent float32 C x H x W, label, key, cond)``.
 
@@ -280,7 +354,7 @@ class Decode:
         shape = self.shape if shape is None else shape
         if name not in sample:
             raise KeyError(f"member {name!r} missing (has {sorted(k for k in sample if not k.startswith('__'))})")
-        array = np.load(io.BytesIO(sample[name]), allow_pickle=False)
+        array = load_npy(sample[name])
         if array.shape != shape:
             raise ValueError(f"{name} has shape {tuple(array.shape)} but stats.json says {shape}")
         return array.astype(np.float32, copy=False)
