@@ -1,4 +1,4 @@
-"""Exact velocities and flow maps of Gaussian and Gaussian-mixture data (DESIGN.md section 6).
+"""Exact velocities and flow maps of Gaussian and Gaussian-mixture data (docs/design.md section 6).
 
 Under ``x_t = (1 - t) x0 + t eps`` a Gaussian component ``N(mu, Sigma)`` of the data becomes
 ``N((1 - t) mu, C_t)`` with ``C_t = (1 - t)^2 Sigma + t^2 I``, and
@@ -21,7 +21,7 @@ from flowmap_lit.interpolant import expand_like
 
 
 class GaussianData(nn.Module):
-    """Data ``N(mu, diag(c^2))``: closed-form velocity and flow map (DESIGN.md section 6)."""
+    """Data ``N(mu, diag(c^2))``: closed-form velocity and flow map (docs/design.md section 6)."""
 
     def __init__(self, mu: Tensor, c: Tensor) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ import warnings
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 # Warnings a user of this CLI cannot act on (each checked against what the code does):
 QUIET = [
@@ -79,6 +79,16 @@ def default_progress_bar() -> ProgressBar:
     return StepRichProgressBar()
 
 
+class SaveConfigNextToLogs(SaveConfigCallback):
+    """Saves the run's config into the logger's run directory, and nowhere when there is no logger
+    (Lightning would otherwise write ``config.yaml`` into the working directory on every run)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class FlowMapCLI(LightningCLI):
     """LightningCLI with subclass mode for models and data, a saved, overwritable config, and a
     step-labelled progress bar (unless the config brings its own or turns the bar off)."""
@@ -89,6 +99,7 @@ class FlowMapCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", pl.LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", SaveConfigNextToLogs)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)

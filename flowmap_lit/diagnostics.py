@@ -144,16 +144,24 @@ def jump_grid(student: Binder, flow: Callable[[Tensor | None, int], TeacherFlow]
 
 @torch.no_grad()
 def path_steps(student: Binder, flow: Callable[[Tensor | None, int], TeacherFlow],
-               noise: Tensor, labels: Tensor | None, schedule: Tensor, batch_size: int = 1000) -> PathSteps:
-    """The per-step decomposition of one k-step sampling path (``schedule``: 1 = t_0 > ... > t_k = 0)."""
+               noise: Tensor, labels: Tensor | None, schedule: Tensor, batch_size: int = 1000,
+               reference: Tensor | None = None) -> PathSteps:
+    """The per-step decomposition of one k-step sampling path (``schedule``: 1 = t_0 > ... > t_k = 0).
+
+    ``reference``: the teacher's samples ``Phi(noise, 1, 0)`` if already computed (shared by paths).
+    """
     times = [float(v) for v in torch.as_tensor(schedule, dtype=torch.float64)]
     k = len(times) - 1
     contrib, local = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     total = ref_sq = 0.0
-    for x, lab in _chunks(noise, labels, batch_size):
+    for c, (x, lab) in enumerate(_chunks(noise, labels, batch_size)):
         phi, F = flow(lab, x.shape[0]), student(lab, x.shape[0])
         x = x if x.dtype == torch.float64 else x.float()
-        y_prev = teacher_sample = phi(x, times[0], times[-1])  # y_0
+        if reference is not None:
+            teacher_sample = reference[c * batch_size:c * batch_size + x.shape[0]].to(x.dtype)
+        else:
+            teacher_sample = phi(x, times[0], times[-1])
+        y_prev = teacher_sample  # y_0
         ref_sq += _msq(teacher_sample)
         for i in range(k):
             x_next = _jump(F, x, times[i], times[i + 1])
@@ -189,7 +197,8 @@ def diagnose(module, noise: Tensor, labels: Tensor | None = None, step_counts: l
     """The jump grid and the uniform-schedule path decomposition for each step count, of a module."""
     student, flow = bind_module(module, guidance, reference_steps)
     grid = jump_grid(student, flow, noise, labels, times, batch_size)
-    paths = [path_steps(student, flow, noise, labels, uniform_schedule(k), batch_size) for k in step_counts]
+    reference = torch.cat([flow(lab, x.shape[0])(x, 1.0, 0.0) for x, lab in _chunks(noise, labels, batch_size)])
+    paths = [path_steps(student, flow, noise, labels, uniform_schedule(k), batch_size, reference) for k in step_counts]
     return grid, paths
 
 

@@ -1,4 +1,4 @@
-"""Teachers trained elsewhere, converted exactly to our velocity (DESIGN.md section 1).
+"""Teachers trained elsewhere, converted exactly to our velocity (docs/design.md section 1).
 
 - ``EDM2Teacher``: an EDM2 network pickle (``network-snapshot-*.pkl``: a dict whose ``"ema"`` entry
   is the preconditioned denoiser ``D(x_sigma; sigma, one-hot class)``), or a plain state dict plus
@@ -98,7 +98,7 @@ def _load_state_dict(path: Path, key: str) -> dict[str, Tensor]:
 
 
 class EDM2Teacher(ConvertedTeacher):
-    """An EDM2 denoiser ``D(x_sigma; sigma, one-hot class)`` as a velocity teacher (DESIGN.md 1).
+    """An EDM2 denoiser ``D(x_sigma; sigma, one-hot class)`` as a velocity teacher (docs/design.md section 1).
 
     ``v(x_t, t) = (x_t - D(x_t / (1 - t); t / (1 - t))) / t`` via ``ConvertedTeacher(prediction="edm")``.
 
@@ -347,7 +347,7 @@ def velocity_from_teacher_space(v_T: Tensor, x_T: Tensor, t_T: Tensor, data_scal
 
 
 class SchedulerTeacher(Teacher):
-    """Any network of a scheduler convention, as a velocity teacher (DESIGN.md section 1).
+    """Any network of a scheduler convention, as a velocity teacher (docs/design.md section 1).
 
     ``net`` is called as ``net(x_in, timestep, class_labels=...)`` (override ``call_model`` for
     other signatures) and may return a tensor, a tuple or an object with ``.sample``; an output

@@ -1,4 +1,4 @@
-"""Time convention, parameterization conversions and time schedules (DESIGN.md section 1, 5).
+"""Time convention, parameterization conversions and time schedules (docs/design.md section 1, 5).
 
 Linear (rectified-flow) interpolant: ``x_t = (1 - t) * x0 + t * eps`` with ``t`` in [0, 1];
 ``t = 0`` is data, ``t = 1`` pure Gaussian noise. The velocity is ``v = eps - x0`` and sampling
@@ -25,7 +25,7 @@ def expand_like(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 def interpolate(x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
-    """``x_t = (1 - t) x0 + t eps`` (DESIGN.md section 1)."""
+    """``x_t = (1 - t) x0 + t eps`` (docs/design.md section 1)."""
     tt = expand_like(t, x0)
     return (1 - tt) * x0 + tt * eps
 
@@ -35,7 +35,7 @@ def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
     return eps - x0
 
 
-# --- conversions from other teacher parameterizations (DESIGN.md section 1) ---------------------
+# --- conversions from other teacher parameterizations (docs/design.md section 1) ---------------------
 
 
 def t_to_sigma(t: Tensor) -> Tensor:

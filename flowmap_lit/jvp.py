@@ -1,4 +1,4 @@
-"""Jacobian-vector products of the student (DESIGN.md section 4).
+"""Jacobian-vector products of the student (docs/design.md section 4).
 
 ``jvp(fn, primals, tangents)`` returns the directional derivative ``d/de fn(primals + e * tangents)``
 at ``e = 0`` without building an autograd graph: the objectives use it under stop-gradient, next

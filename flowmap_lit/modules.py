@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -86,11 +87,48 @@ def seeded_rng(module: pl.LightningModule, seed: int) -> Iterator[None]:
         yield
 
 
+def check_network_shape(net: nn.Module, datamodule, key: str) -> None:
+    """A clear error before the first step when ``net`` (with ``img_channels`` / ``img_resolution``, as
+    every backbone here has) does not fit the data module's ``shape`` (C, H, W); silent otherwise."""
+    shape = getattr(datamodule, "shape", None)
+    channels, resolution = getattr(net, "img_channels", None), getattr(net, "img_resolution", None)
+    if shape is None or channels is None or resolution is None or len(shape) != 3:
+        return
+    c, h, w = (int(v) for v in shape)
+    if (channels, resolution, resolution) != (c, h, w):
+        raise ValueError(
+            f"{type(net).__name__} ({key}) takes {channels} x {resolution} x {resolution} inputs but the data is "
+            f"{c} x {h} x {w}: set {key}.init_args.img_channels: {c} and img_resolution: {h}"
+            + ("" if h == w else " (the backbones take square inputs)"))
+
+
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int):
     """Linear learning-rate warmup over ``warmup_steps`` optimizer steps, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    )
+    return warmup_then_decay(optimizer, warmup_steps)
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, kind: str = "constant",
+                      total_steps: int | None = None, decay_start: float = 0.0, min_ratio: float = 0.0):
+    """Learning-rate factor per optimizer step: a linear warmup over ``warmup_steps``, then
+    ``kind`` = "constant", or "cosine" / "linear" decay to ``min_ratio`` at ``total_steps``,
+    starting after the fraction ``decay_start`` of the run (docs/design.md section 10)."""
+    if kind not in ("constant", "cosine", "linear"):
+        raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {kind!r}")
+    if kind != "constant" and (total_steps is None or total_steps <= 0):
+        raise ValueError(f"a {kind} learning-rate decay needs the run's length: set trainer.max_steps")
+    if not 0.0 <= decay_start < 1.0 or not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"lr_decay_start must be in [0, 1) and lr_min_ratio in [0, 1], got {decay_start}, {min_ratio}")
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if kind == "constant":
+            return warm
+        start = max(warmup_steps, int(decay_start * total_steps))
+        progress = min(1.0, max(0.0, (step - start) / max(1, total_steps - start)))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return warm * (min_ratio + (1 - min_ratio) * shape)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class FlowMatchingModule(pl.LightningModule):
@@ -202,7 +240,7 @@ class FlowMatchingModule(pl.LightningModule):
 class FlowMapDistillModule(pl.LightningModule):
     """Distills a frozen (guided) teacher into a flow map ``f(x, t, s) = x + (s - t) F(x, t, s)``.
 
-    One training step (DESIGN.md sections 1-3): draw ``(t, s)`` from ``time_sampler`` (the
+    One training step (docs/design.md sections 1-3): draw ``(t, s)`` from ``time_sampler`` (the
     objective may pin ``s``), noise the data, ``x_t = (1 - t) x0 + t eps``, draw the guidance scale
     ``lam`` per sample, and hand ``student(x, t, s)`` and the guided ``teacher(x, t)`` to the
     objective, with the tangent warmup ``r = min(r_max, step / warmup_steps)``.
@@ -228,6 +266,9 @@ class FlowMapDistillModule(pl.LightningModule):
                                                  # with shares_teacher_weights wraps the teacher's network instead)
         optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory (class_path/init_args)
         lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
+        lr_schedule: Literal["constant", "cosine", "linear"] = "constant",  # after the warmup (docs/design.md section 10)
+        lr_decay_start: float = 0.0,  # fraction of the run before the decay starts
+        lr_min_ratio: float = 0.0,  # learning rate at the last step, as a fraction of the optimizer's
         nan_mask: bool = False,  # drop samples with a non-finite loss instead of the whole step
         max_bad_steps: int = 10,  # consecutive non-finite steps before training stops with an error
         noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
@@ -261,7 +302,7 @@ class FlowMapDistillModule(pl.LightningModule):
             student = copy.deepcopy(teacher.network)
         elif copy_teacher:
             student.load_state_dict(teacher.network.state_dict())
-        if copy_teacher:  # F(x, t, s) = v(x, t) exactly at step 0 (DESIGN.md section 2)
+        if copy_teacher:  # F(x, t, s) = v(x, t) exactly at step 0 (docs/design.md section 2)
             student.zero_init_s_embedding()
         if not self.shared_student:
             for p in student.parameters():
@@ -279,6 +320,9 @@ class FlowMapDistillModule(pl.LightningModule):
         self.warmup_steps, self.r_max = warmup_steps, r_max
         self.optimizer_factory = optimizer
         self.lr_warmup_steps = lr_warmup_steps
+        self.lr_schedule, self.lr_decay_start, self.lr_min_ratio = lr_schedule, lr_decay_start, lr_min_ratio
+        warmup_then_decay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr_warmup_steps,
+                          lr_schedule, 1, lr_decay_start, lr_min_ratio)  # bad values fail here, not at fit
         self.nan_mask, self.max_bad_steps = nan_mask, max_bad_steps
         self.bad_steps = 0
         self.noise_seed = resolve_noise_seed(noise_seed)
@@ -289,7 +333,7 @@ class FlowMapDistillModule(pl.LightningModule):
         return self.student
 
     def tangent_warmup(self, step: int | None = None) -> float:
-        """``r = min(r_max, step / warmup_steps)`` (regularized tangent warmup, DESIGN.md 3)."""
+        """``r = min(r_max, step / warmup_steps)`` (regularized tangent warmup, docs/design.md section 3)."""
         step = self.global_step if step is None else step
         return self.r_max if self.warmup_steps <= 0 else min(self.r_max, step / self.warmup_steps)
 
@@ -351,8 +395,11 @@ class FlowMapDistillModule(pl.LightningModule):
 
     # --- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Takes the CFG null condition of keyword-conditioned (text) data from the data module."""
-        null = getattr(getattr(self._trainer, "datamodule", None), "null_cond", None)
+        """Checks the student's shape against the data's, and takes the CFG null condition of
+        keyword-conditioned (text) data from the data module."""
+        dm = getattr(self._trainer, "datamodule", None)
+        check_network_shape(self.student, dm, "model.init_args.student")
+        null = getattr(dm, "null_cond", None)
         if null is not None:
             self.null_cond = null
 
@@ -417,7 +464,11 @@ class FlowMapDistillModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad] + list(self.objective.parameters())
         optimizer = self.optimizer_factory(params)
-        scheduler = constant_with_warmup(optimizer, self.lr_warmup_steps)
+        total = None
+        if self.lr_schedule != "constant":
+            total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        scheduler = warmup_then_decay(optimizer, self.lr_warmup_steps, self.lr_schedule, total,
+                                      self.lr_decay_start, self.lr_min_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

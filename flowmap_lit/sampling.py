@@ -1,4 +1,4 @@
-"""Samplers (DESIGN.md section 5).
+"""Samplers (docs/design.md section 5).
 
 Velocity functions have the signature ``velocity(x, t) -> v`` with ``t`` a ``(B,)`` tensor; class
 labels and guidance are bound by the caller (e.g. with ``functools.partial``). Times run from
@@ -60,7 +60,7 @@ StudentFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # F(x, t, s): average ve
 
 @torch.no_grad()
 def flowmap_sample(student: StudentFn, noise: Tensor, schedule: Tensor) -> Tensor:
-    """Deterministic flow-map chaining ``x <- x + (t_{i+1} - t_i) F(x, t_i, t_{i+1})`` (DESIGN.md 5).
+    """Deterministic flow-map chaining ``x <- x + (t_{i+1} - t_i) F(x, t_i, t_{i+1})`` (docs/design.md section 5).
 
     ``schedule`` is a decreasing list of times ``1 = t_0 > ... > t_N = 0``; N network calls.
     """
@@ -78,7 +78,7 @@ def flowmap_sample(student: StudentFn, noise: Tensor, schedule: Tensor) -> Tenso
 @torch.no_grad()
 def gamma_sample(student: StudentFn, noise: Tensor, schedule: Tensor, gamma: float = 0.0,
                  generator: torch.Generator | None = None) -> Tensor:
-    """Flow-map sampling with partial re-noising (CTM-style gamma sampling, DESIGN.md section 5).
+    """Flow-map sampling with partial re-noising (CTM-style gamma sampling, docs/design.md section 5).
 
     Each step jumps with the flow map to ``s~``, where ``sigma(s~) = sqrt(1 - gamma^2) sigma(t_next)``
     and ``sigma(t) = t / (1 - t)``, then adds fresh noise back up to ``t_next``:

@@ -2,9 +2,9 @@
 
 - ``NetworkTeacher``: a velocity network from a ``FlowMatchingModule`` checkpoint (EMA weights
   by default), or any network passed in with its weights.
-- ``GMMTeacher``: the exact velocity of a Gaussian mixture fitted to a dataset (DESIGN.md 6):
+- ``GMMTeacher``: the exact velocity of a Gaussian mixture fitted to a dataset (docs/design.md section 6):
   an instant, exact teacher; a mixture with fewer components or wider covariances is its guide.
-- ``guided_velocity``: autoguidance and classifier-free guidance (DESIGN.md section 1), for class
+- ``guided_velocity``: autoguidance and classifier-free guidance (docs/design.md section 1), for class
   labels or keyword conditioning (text embeddings; CFG's null is the empty prompt's embedding).
 
 Teachers are frozen: eval mode, no grads, never in the optimizer, and their weights are not
@@ -136,7 +136,7 @@ class NetworkTeacher(Teacher):
 
 
 class ConvertedTeacher(Teacher):
-    """A network of another parameterization, converted exactly to the velocity of DESIGN.md section 1.
+    """A network of another parameterization, converted exactly to the velocity of docs/design.md section 1.
 
     ``prediction`` says what ``net`` returns:
 
@@ -197,7 +197,7 @@ def read_split(root: str, split: str = "train", normalize: bool = True) -> tuple
 
 
 class MixtureTeacher(Teacher):
-    """The exact velocity of a given ``GaussianMixture`` (DESIGN.md section 6)."""
+    """The exact velocity of a given ``GaussianMixture`` (docs/design.md section 6)."""
 
     def __init__(self, mixture: GaussianMixture) -> None:
         super().__init__()
@@ -214,7 +214,7 @@ class MixtureTeacher(Teacher):
 
 
 class GaussianTeacher(Teacher):
-    """Gaussian data ``N(mu, diag(c^2))``: closed-form velocity AND flow map (DESIGN.md section 6),
+    """Gaussian data ``N(mu, diag(c^2))``: closed-form velocity AND flow map (docs/design.md section 6),
     the reference the flow-map diagnostics (``flowmap_lit.diagnostics``) use exactly."""
 
     def __init__(self, data: GaussianData) -> None:
@@ -262,7 +262,7 @@ class GMMTeacher(MixtureTeacher):
 def guided_velocity(teacher: Teacher, guide: Teacher | None, x: Tensor, t: Tensor,
                     class_labels: Tensor | None, lam: Tensor | None, kind: str,
                     cond: dict[str, Tensor] | None = None, null_cond: dict[str, Tensor] | None = None) -> Tensor:
-    """``lam * v_teacher + (1 - lam) * v_guide`` (DESIGN.md section 1), computed without grad.
+    """``lam * v_teacher + (1 - lam) * v_guide`` (docs/design.md section 1), computed without grad.
 
     ``kind``: ``"autoguidance"`` (guide = the weaker model, same label and ``cond``), ``"cfg"``
     (guide = the teacher with the null label ``num_classes``, or, for text conditioning, with

@@ -1,7 +1,7 @@
 """Text-to-image flow-map distillation of a diffusers transformer with a LoRA student.
 
 - ``SD3Teacher``: a diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5) as a frozen
-  velocity teacher. diffusers' flow-matching convention is ours (DESIGN.md section 1): it noises
+  velocity teacher. diffusers' flow-matching convention is ours (docs/design.md section 1): it noises
   ``x = (1 - sigma) x0 + sigma * noise`` with ``sigma = t``, feeds ``timestep = t *
   num_train_timesteps`` (1000), and the network predicts ``noise - x0 = v``; the scheduler's
   Euler step is ``x <- x + (sigma_next - sigma) * model_output`` (``FlowMatchEulerDiscreteScheduler
@@ -10,16 +10,16 @@
   on its attention projections, plus zero-initialized embeddings of ``t - s`` (and of the guidance
   scale) added to the transformer's time embedding (a forward hook on ``time_text_embed``).
   LoRA's up-projection and the embeddings' last layers start at zero, so ``F(x, t, s) = v(x, t)``
-  exactly at step 0 (DESIGN.md section 2). The teacher runs the same module with the adapters
+  exactly at step 0 (docs/design.md section 2). The teacher runs the same module with the adapters
   disabled and no gap embedding: one copy of the base weights in memory, frozen; only the LoRA
   and embedding parameters train, and only they go into checkpoints.
 
 Conditioning comes from the data (``batch["cond"]``: ``encoder_hidden_states`` (B, L, D) and
 ``pooled_projections`` (B, D'), precomputed text embeddings, see ``flowmap_lit/data/format.py``).
-The gap embedding uses low frequencies (DESIGN.md section 3, "Stability"); the base model's own
+The gap embedding uses low frequencies (docs/design.md section 3, "Stability"); the base model's own
 timestep embedding is the usual ``1000 t`` sinusoid, which the JVP differentiates as it is.
 
-JVP (DESIGN.md section 4): inside the tangent pass the student runs diffusers' SDPA calls on the math
+JVP (docs/design.md section 4): inside the tangent pass the student runs diffusers' SDPA calls on the math
 kernel (fused kernels have no forward-AD rule), so ``jvp_backend: func`` works; a test checks it against
 float64 finite differences on CPU.
 
@@ -213,7 +213,7 @@ class GapEmbedding(nn.Module):
         nn.init.zeros_(self.fc1.weight)
 
     def forward(self, u: Tensor) -> Tensor:
-        with torch.autocast(u.device.type, enabled=False):  # float32 embeddings (DESIGN.md section 2)
+        with torch.autocast(u.device.type, enabled=False):  # float32 embeddings (docs/design.md section 2)
             e = self.fourier(u.float())
             return self.fc1(nn.functional.silu(self.fc0(e)))
 

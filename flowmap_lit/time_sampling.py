@@ -1,4 +1,4 @@
-"""(t, s) pair samplers for flow-map training (DESIGN.md section 3, "(t, s) sampling", open).
+"""(t, s) pair samplers for flow-map training (docs/design.md section 3, "(t, s) sampling", open).
 
 Every option is configurable because none is settled: logit-normal or uniform pairs, plus
 fractions of ``s = t`` (flow matching), ``s = 0`` (consistency) and sampling-grid pairs

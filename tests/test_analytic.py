@@ -1,4 +1,4 @@
-"""Exact references (DESIGN.md section 6) and the ODE sampler checked against them."""
+"""Exact references (docs/design.md section 6) and the ODE sampler checked against them."""
 
 import torch
 

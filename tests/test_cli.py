@@ -137,6 +137,7 @@ def test_digits_distillation_configs_run_from_teacher_and_guide_checkpoints(tmp_
                      "--data.init_args.root", digits, "--trainer.default_root_dir", str(tmp_path / name)],
                     cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not (tmp_path / "config.yaml").exists()  # no logger: no config written into the working directory
     # Lightning's default checkpoint (no ModelCheckpoint in the list) lands under default_root_dir.
     teacher = next((tmp_path / "teacher").rglob("*.ckpt"))
     guide = next((tmp_path / "guide").rglob("*.ckpt"))

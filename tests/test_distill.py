@@ -191,3 +191,19 @@ def test_flow_map_error_callback_matches_direct_computation_and_leaves_the_rng_a
     x = module.sample(noise, labels, num_steps=2)
     assert rows[1]["flowmap_mse"] == pytest.approx((x - ref).square().mean().item())
     assert ref.shape == (64, 1, 2, 2) and labels is None
+
+
+def test_a_student_of_the_wrong_shape_fails_at_setup_naming_both_shapes_and_the_key():
+    from types import SimpleNamespace
+
+    from flowmap_lit.networks import MLP
+
+    module = FlowMapDistillModule(MixtureTeacher(small_mixture((1, 8, 8))), AYFEMD(),
+                                  student=MLP(img_channels=3, img_resolution=8, width=32, depth=1),
+                                  init_student_from_teacher=False)
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(shape=(1, 8, 8)))
+    with pytest.raises(ValueError, match=r"3 x 8 x 8 inputs but the data is 1 x 8 x 8: set "
+                                         r"model\.init_args\.student\.init_args\.img_channels: 1"):
+        module.setup("fit")
+    module.student = MLP(img_channels=1, img_resolution=8, width=32, depth=1)
+    module.setup("fit")  # a matching student passes

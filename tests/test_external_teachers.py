@@ -2,7 +2,7 @@
 
 Exact oracles: on Gaussian data ``N(mu, diag(c^2))`` every parameterization (EDM denoiser, diffusers
 epsilon / v / sample prediction at a VP timestep, flow-matching velocity) is known in closed form, so
-the converted teacher must reproduce ``GaussianData.velocity`` (DESIGN.md section 6) to round-off.
+the converted teacher must reproduce ``GaussianData.velocity`` (docs/design.md section 6) to round-off.
 """
 
 import pickle

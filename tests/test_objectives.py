@@ -1,4 +1,4 @@
-"""The distillation objectives checked against exact answers (DESIGN.md sections 3, 4 and 6)."""
+"""The distillation objectives checked against exact answers (docs/design.md sections 3, 4 and 6)."""
 
 import pytest
 import torch

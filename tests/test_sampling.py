@@ -1,4 +1,4 @@
-"""Few-step samplers against the closed-form Gaussian flow map (DESIGN.md sections 5 and 6)."""
+"""Few-step samplers against the closed-form Gaussian flow map (docs/design.md sections 5 and 6)."""
 
 import pytest
 import torch

@@ -3,6 +3,7 @@
 import copy
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from flowmap_lit.analytic import GaussianData
@@ -13,7 +14,7 @@ from tests.helpers import MLPVelocity
 
 
 def test_flow_matching_learns_the_exact_gaussian_velocity():
-    """Minimizing the FM loss on Gaussian data recovers E[eps - x0 | x_t] (DESIGN.md section 6)."""
+    """Minimizing the FM loss on Gaussian data recovers E[eps - x0 | x_t] (docs/design.md section 6)."""
     torch.manual_seed(0)
     data = GaussianData(torch.tensor([[[1.0, -0.5], [0.3, 2.0]]]), torch.tensor([[[0.5, 1.0], [0.2, 0.8]]]))
     module = FlowMatchingModule(MLPVelocity((1, 2, 2), 128), t_distribution="uniform")
@@ -91,3 +92,37 @@ def test_ema_update_swap_and_state_roundtrip():
     # Warmup ramps the decay: (1 + n) / (10 + n).
     warm = EMA(decay=0.999)
     assert warm.current_decay() == 0.1
+
+
+def test_learning_rate_schedules():
+    import math
+
+    from flowmap_lit.modules import FlowMapDistillModule, warmup_then_decay
+
+    def factors(**kw):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = warmup_then_decay(opt, **kw)
+        out = []
+        for _ in range(kw.get("total_steps") or 10):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert factors(warmup_steps=4) == [0.25, 0.5, 0.75] + [1.0] * 7  # the constant schedule, unchanged
+    cos = factors(warmup_steps=0, kind="cosine", total_steps=100)
+    assert cos[0] == 1.0 and cos[50] == pytest.approx(0.5) and cos[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.99)))
+    lin = factors(warmup_steps=10, kind="linear", total_steps=100, decay_start=0.5, min_ratio=0.1)
+    assert lin[9] == 1.0 and lin[50] == 1.0 and lin[75] == pytest.approx(0.1 + 0.9 * 0.5) and min(lin) >= 0.1
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        factors(warmup_steps=0, kind="cosine", total_steps=None)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        factors(warmup_steps=0, kind="step")
+    from flowmap_lit.objectives import AYFEMD
+    from flowmap_lit.teachers import MixtureTeacher
+    from tests.test_distill import small_mixture
+    from tests.helpers import MLPVelocity
+
+    with pytest.raises(ValueError, match="lr_min_ratio"):  # refused at construction, not at fit
+        FlowMapDistillModule(MixtureTeacher(small_mixture()), AYFEMD(), student=MLPVelocity(),
+                             init_student_from_teacher=False, lr_schedule="cosine", lr_min_ratio=2.0)

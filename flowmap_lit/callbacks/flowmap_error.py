@@ -4,7 +4,7 @@ For a teacher with an accurate ODE reference (the exact GMM teacher, or a neural
 many Heun steps), the student's k-step map from noise should reproduce the teacher's ODE map from
 the same noise. Logged per k as ``flowmap_error/{k}step`` (mean squared distance per element)
 and ``flowmap_rel_error/{k}step`` (that divided by the reference's mean square, the relative error
-of DESIGN.md section 8). For scale, the table also gives the teacher's own k-step Euler error.
+of docs/design.md section 8). For scale, the table also gives the teacher's own k-step Euler error.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``DigitsDataModule``: the scikit-learn 8x8 digits as a latent dataset, created on first use.
 
-The smallest end-to-end benchmark (DESIGN.md section 8): 1 x 8 x 8 "latents" (the pixels,
+The smallest end-to-end benchmark (docs/design.md section 8): 1 x 8 x 8 "latents" (the pixels,
 scaled to [-1, 1]), 10 classes, 1497 train / 300 val samples. ``prepare_data()`` writes the
 shards with ``prepare_digits`` when ``<root>/stats.json`` is missing; Lightning calls it on
 local rank 0 only, and the other ranks wait at a barrier before ``setup()``.

@@ -1,7 +1,7 @@
 """Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers")
 as a flow-map backbone: patchify, 2D sin-cos positions, adaLN-Zero blocks, adaLN final layer.
 
-The output is read as a velocity / average velocity F(x, t, s) (DESIGN.md section 2).
+The output is read as a velocity / average velocity F(x, t, s) (docs/design.md section 2).
 Conditioning is `ConditionEmbedding` (plain mode); attention goes through `attention()`.
 """
 
@@ -106,7 +106,7 @@ class DiT(nn.Module):
         learn_pos_embed: bool = False,  # Learn the position table (initialized to 2D sin-cos).
         fourier_channels: int = 256,  # Width of the Fourier time features.
         time_min_freq: float = 0.5,  # Lowest angular frequency of the t, t - s embeddings.
-        time_max_freq: float = 16.0,  # Highest angular frequency; keep low (DESIGN.md 3, Stability).
+        time_max_freq: float = 16.0,  # Highest angular frequency; keep low (docs/design.md section 3, Stability).
     ):
         super().__init__()
         if img_resolution % patch_size:

@@ -1,9 +1,9 @@
 """Conditioning embeddings: the vector c(t, s, class, guidance) that drives both backbones.
 
-DESIGN.md section 2: the network sees t and the gap t - s through float32 embeddings, and
+docs/design.md section 2: the network sees t and the gap t - s through float32 embeddings, and
 the extra (s and guidance) branches are zero-initialized so a student initialized from a
 teacher computes F(x, t, s) = v(x, t) exactly at step 0.
-DESIGN.md section 3, "Stability": the Fourier frequencies are low (16 rad per unit t by
+docs/design.md section 3, "Stability": the Fourier frequencies are low (16 rad per unit t by
 default, not the usual 1000 t) because the flow-map JVP differentiates through them.
 """
 

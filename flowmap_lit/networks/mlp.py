@@ -1,4 +1,4 @@
-"""MLP backbone for small flattened data (the DESIGN.md section 8 reference student: 3 x 768 SiLU).
+"""MLP backbone for small flattened data (the docs/design.md section 8 reference student: 3 x 768 SiLU).
 
 Each hidden layer adds a projection of the conditioning vector c(t, s, class, guidance):
 ``h <- SiLU(W h + U c + b)``. The output layer is zero-initialized (F = 0 at the start).
@@ -25,7 +25,7 @@ class MLP(nn.Module):
         emb_dim: int = 256,  # width of the conditioning vector c
         fourier_channels: int = 128,  # width of each Fourier feature vector
         time_min_freq: float = 0.5,  # lowest angular frequency of the t, t - s embeddings
-        time_max_freq: float = 16.0,  # highest angular frequency; keep low (DESIGN.md 3, Stability)
+        time_max_freq: float = 16.0,  # highest angular frequency; keep low (docs/design.md section 3, Stability)
         dropout: float = 0.0,  # dropout after each hidden layer
     ) -> None:
         super().__init__()

@@ -34,7 +34,7 @@ DIT_PRESETS: dict[str, dict] = {
 
 MLP_PRESETS: dict[str, dict] = {
     "tiny": dict(**_DIGITS, width=256, depth=3),
-    "digits": dict(**_DIGITS, width=768, depth=3),  # the DESIGN.md section 8 reference student
+    "digits": dict(**_DIGITS, width=768, depth=3),  # the docs/design.md section 8 reference student
 }
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, dict]]] = {

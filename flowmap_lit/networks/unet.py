@@ -1,7 +1,7 @@
 """EDM2-style magnitude-preserving U-Net (Karras et al. 2024, "Analyzing and Improving the
 Training Dynamics of Diffusion Models", config G, fig. 21), as a flow-map backbone.
 
-The network output is read as a velocity / average velocity F(x, t, s) (DESIGN.md section 2);
+The network output is read as a velocity / average velocity F(x, t, s) (docs/design.md section 2);
 there is no EDM preconditioning. Conditioning is `ConditionEmbedding` in MP mode. Weights are
 normalized functionally in forward (JVP-safe); call `force_normalize_()` after each optimizer
 step to apply the paper's forced weight normalization (eq. 6).
@@ -104,7 +104,7 @@ class EDM2UNet(nn.Module):
         channels_per_head: int = 64,  # Attention head width.
         dropout: float = 0.0,  # Dropout probability in the residual blocks.
         time_min_freq: float = 0.5,  # Lowest angular frequency of the t, t - s embeddings.
-        time_max_freq: float = 16.0,  # Highest angular frequency; keep low (DESIGN.md 3, Stability).
+        time_max_freq: float = 16.0,  # Highest angular frequency; keep low (docs/design.md section 3, Stability).
         res_balance: float = 0.3,  # mp_sum weight of residual branches.
         attn_balance: float = 0.3,  # mp_sum weight of attention branches.
         concat_balance: float = 0.5,  # mp_cat weight of the encoder skip connections.

@@ -1,4 +1,4 @@
-"""AYF-EMD: Eulerian map distillation (DESIGN.md section 3).
+"""AYF-EMD: Eulerian map distillation (docs/design.md section 3).
 
 With ``s`` fixed, ``f(x_t, t, s)`` must not change as ``(x_t, t)`` slides along the teacher ODE.
 The total derivative of ``F`` along the ODE is one JVP with tangent ``(v, 1, 0)``:

@@ -1,4 +1,4 @@
-"""AYF-LMD: Lagrangian map distillation (DESIGN.md section 3).
+"""AYF-LMD: Lagrangian map distillation (docs/design.md section 3).
 
 With ``(x_t, t)`` fixed, the end point must move with the teacher velocity at the predicted point,
 ``df/ds = v(f(x_t, t, s), s)``. With ``f = x_t + (s - t) F`` this is

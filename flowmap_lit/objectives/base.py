@@ -30,7 +30,7 @@ class ObjectiveOutput:
 class Objective(nn.Module):
     """Base class: ``forward(student, teacher, x_t, t, s, r) -> ObjectiveOutput``.
 
-    ``r`` is the tangent warmup coefficient of the regularized tangent warmup (DESIGN.md 3);
+    ``r`` is the tangent warmup coefficient of the regularized tangent warmup (docs/design.md section 3);
     objectives without a tangent ignore it. Subclasses may hold trainable parameters (adaptive
     weighting); the module optimizes them with the student.
     """
@@ -66,7 +66,7 @@ def bcast(v: Tensor, x: Tensor) -> Tensor:
 
 
 class TangentObjective(Objective):
-    """Shared part of AYF-EMD, AYF-LMD and sCD (DESIGN.md section 3).
+    """Shared part of AYF-EMD, AYF-LMD and sCD (docs/design.md section 3).
 
     The subclass supplies the tangent ``g`` (under stop-gradient); this class normalizes it,
     ``g <- g / (||g|| + c)``, and returns ``w(t, s) * mean((F_theta - sg(F- - g))^2)`` per sample,

@@ -1,4 +1,4 @@
-"""Discrete-time Eulerian map distillation, used to check the continuous limit (DESIGN.md 3).
+"""Discrete-time Eulerian map distillation, used to check the continuous limit (docs/design.md section 3).
 
     mean((f_theta(x_t, t, s) - f_theta-(x_t', t', s))^2),   t' = t + delta (s - t),
     x_t' = x_t + (t' - t) v(x_t, t)  (one Euler step of the teacher ODE)

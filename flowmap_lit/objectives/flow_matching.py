@@ -1,4 +1,4 @@
-"""Flow-matching distillation: the ``s = t`` limit of the flow map (DESIGN.md section 3).
+"""Flow-matching distillation: the ``s = t`` limit of the flow map (docs/design.md section 3).
 
 ``F(x_t, t, t)`` regresses the (guided) teacher velocity, ``mean((F - v(x_t, t))^2)``. Its gradient
 equals AYF-EMD's at ``s = t`` without tangent normalization (tested).

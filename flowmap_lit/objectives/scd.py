@@ -1,6 +1,6 @@
 """sCD: continuous-time consistency distillation, the baseline the paper improves on.
 
-It is AYF-EMD with the end time pinned to ``s = 0`` (DESIGN.md section 3): the student is a
+It is AYF-EMD with the end time pinned to ``s = 0`` (docs/design.md section 3): the student is a
 consistency model ``f(x_t, t, 0)`` and is sampled multistep with re-noising.
 """
 

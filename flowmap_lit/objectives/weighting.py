@@ -1,4 +1,4 @@
-"""Loss weighting ``w(t, s)`` (DESIGN.md section 3, Weighting and Weighting of short jumps)."""
+"""Loss weighting ``w(t, s)`` (docs/design.md section 3, Weighting and Weighting of short jumps)."""
 
 from __future__ import annotations
 
