@@ -80,14 +80,17 @@ def main(argv=None) -> dict:
     p.add_argument("--max-steps", type=int, default=None, help="shorten every run alike (default: the config's)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    sys.argv = sys.argv[:1]  # the runs' arguments go to LightningCLI(args=...) alone
     variants = [v.split("=", 1) for v in (args.variant or ["base="])]
     result = {"config": args.config, "seeds": args.seeds, "max_steps": args.max_steps, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in variants:
             runs = [run_once(args.config, shlex.split(overrides), seed, args.max_steps, Path(tmp) / name)
                     for seed in args.seeds]
-            result["variants"][name] = {"overrides": overrides, **summarize(runs)}
-            print(f"{name}: done ({statistics.fmean(r['seconds'] for r in runs):.0f} s per run)", file=sys.stderr)
+            result["variants"][name] = summary = {"overrides": overrides, **summarize(runs)}
+            rel = " / ".join(f"{v['mean']:.4f}" for v in summary["rel"].values() if v)
+            print(f"{name}: relative error {rel} ({statistics.fmean(r['seconds'] for r in runs):.0f} s per run)",
+                  file=sys.stderr)
     rows = []
     for name, v in result["variants"].items():
         for k, rel in v["rel"].items():

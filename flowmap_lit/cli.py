@@ -8,7 +8,10 @@ YAML or the command line, and ``--print_config`` prints a complete config that r
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
@@ -79,6 +82,50 @@ def default_progress_bar() -> ProgressBar:
     return StepRichProgressBar()
 
 
+class ConfigError(RuntimeError):
+    """A class named in the config refused its arguments: carries that class's own message (which
+    says what is wrong and how to fix it) instead of jsonargparse's Union-subtype summary."""
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _raised_in_package(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+
+
+def project_error(err: BaseException) -> BaseException | None:
+    """The deepest exception in ``err``'s chain that this package raised itself, if any."""
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if _raised_in_package(err) and Path(traceback.extract_tb(err.__traceback__)[-1].filename).name != "cli.py":
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def check_checkpoint_path(path: str | None) -> None:
+    """A clear error for a ``--ckpt_path`` that is missing or not a checkpoint (truncated or corrupt),
+    before Lightning hands it to ``torch.load``. ``last`` / ``best`` / ``hpc`` and sharded checkpoint
+    directories pass through."""
+    if path is None or str(path) in ("last", "best", "hpc", "registry"):
+        return
+    import zipfile
+
+    file = Path(path)
+    if file.is_dir():
+        return
+    if not file.is_file():
+        raise ConfigError(f"--ckpt_path {path} does not exist: give a checkpoint written by a fit (e.g. "
+                          "checkpoints/quickstart/last.ckpt), or 'last' to resume the latest one")
+    if not zipfile.is_zipfile(file):
+        raise ConfigError(f"--ckpt_path {path} is not a readable checkpoint (truncated or corrupt?): it is not the "
+                          "archive torch.save writes. Resume from another checkpoint of the run (ModelCheckpoint "
+                          "keeps every_n_train_steps ones) or start without --ckpt_path")
+
+
 class SaveConfigNextToLogs(SaveConfigCallback):
     """Saves the run's config into the logger's run directory, and nowhere when there is no logger
     (Lightning would otherwise write ``config.yaml`` into the working directory on every run)."""
@@ -105,6 +152,21 @@ class FlowMapCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001 - re-raised, with the package's own message when there is one
+            own = project_error(err)
+            if own is None:
+                raise
+            raise ConfigError(f"{type(own).__name__}: {own}") from err
+
+    def _parse_ckpt_path(self) -> None:  # Lightning reads the checkpoint's hyperparameters here, first
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_path(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def _instantiate_trainer(self, config, callbacks):
         given = list(config.get("callbacks") or []) + list(callbacks)
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
@@ -113,5 +175,10 @@ class FlowMapCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> FlowMapCLI:
-    """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script."""
-    return FlowMapCLI(args=args)  # None: parse sys.argv
+    """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script. A config whose
+    objects cannot be built exits with status 2 and the message of the class that refused."""
+    try:
+        return FlowMapCLI(args=args)  # None: parse sys.argv
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -247,10 +247,22 @@ class GMMTeacher(MixtureTeacher):
         reg_covar: float = 1e-3,  # added to covariance diagonals (normalized units)
         split: str = "train",  # split to fit
         seed: int = 0,  # EM initialization seed
-        prepare_digits_if_missing: bool = True,  # write the digits shards when data_root has none
+        prepare_digits_if_missing: bool = True,  # write the digits shards when a data_root named "digits" has none
     ) -> None:
+        if num_components < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if covariance_scale <= 0:
+            raise ValueError(f"covariance_scale must be > 0 (> 1 widens the components for a weaker guide), "
+                             f"got {covariance_scale}")
+        if reg_covar < 0:
+            raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
         root = Path(data_root)
-        if prepare_digits_if_missing and not (root / "stats.json").is_file():
+        if not (root / "stats.json").is_file():
+            if not (prepare_digits_if_missing and root.name == "digits"):
+                raise FileNotFoundError(
+                    f"GMMTeacher: no dataset at {data_root} ({root / 'stats.json'} is missing). Fix data_root, or "
+                    "make the dataset first (python -m flowmap_lit.data.prepare ... --out DIR); only a directory "
+                    "named 'digits' is prepared automatically, with the embedded digits")
             from flowmap_lit.data import prepare_digits
 
             prepare_digits(str(root))

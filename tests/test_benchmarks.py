@@ -10,10 +10,10 @@ import pytest
 from tests.test_cli import ROOT
 
 
-def run_script(name, *args):
+def run_script(name, *args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -29,6 +29,27 @@ def test_data_throughput():
     out = run_script("data_throughput.py", "--num-samples", "200", "--shards", "2", "--batch", "16", "--batches", "3",
                      "--workers", "0", "2", "--shape", "2", "8", "8")
     assert [r["workers"] for r in out["streams"]] == [0, 2] and all(r["samples_per_s"] > 0 for r in out["streams"])
+
+
+def test_data_throughput_digits():
+    out = run_script("data_throughput.py", "--digits", "--epochs", "1", "--workers", "0")
+    assert [(r["workers"], r["cache_mb"]) for r in out["streams"]] == [(0, 64.0), (0, 0.0)]
+    assert all(r["batches_per_s"] > 0 for r in out["streams"])
+
+
+def test_ablation_runner(tmp_path):
+    """Two seeds of a 2-step quickstart through the ablation runner: per-step mean and spread."""
+    import shutil
+
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs/quickstart.yaml", tmp_path / "configs/quickstart.yaml")
+    small = tmp_path / "small.yaml"
+    small.write_text("trainer:\n  callbacks:\n    - class_path: flowmap_lit.callbacks.FlowMapError\n"
+                     "      init_args: {step_counts: [1, 2], num_samples: 20, reference_steps: 4}\n")
+    out = run_script("ablation.py", "--seeds", "0", "1", "--max-steps", "2", "--variant", f"base=--config {small}",
+                     cwd=tmp_path)
+    rel = out["variants"]["base"]["rel"]
+    assert set(rel) == {"1", "2"} and len(rel["1"]["values"]) == 2 and rel["1"]["std"] >= 0
 
 
 def test_sampling():

@@ -89,6 +89,8 @@ def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(tmp_path):
     ckpt_path = make_quickstart_checkpoint(tmp_path)
     out = (tmp_path / "fit.log").read_text()
     assert "Flow-map error at step 4" in out and "relative_error" in out
+    for noise in ("smaller than the logging interval", "module(s) in eval mode", "LeafSpec", "litlogger", "/-2"):
+        assert noise not in out, noise  # warnings and labels a user cannot act on stay off the console
     assert "FID (digits features, 100 samples" in out and "teacher, 4-step Heun ODE: FID" in out
     assert (tmp_path / "digits/classifier.pt").is_file()
     assert list((tmp_path / "digits").glob("fid_ref_*_train.pt"))  # cached reference statistics
@@ -167,3 +169,32 @@ def test_end_of_fit_evaluation_reaches_tensorboard_at_the_final_step(tmp_path):
         assert tag in tags, (tag, tags)
         steps = [e.step for e in events.Scalars(tag)]
         assert len(steps) == 2 and steps[-1] == 3, (tag, steps)  # the validation at step 2, then the end of fit
+
+
+def test_bad_inputs_get_the_projects_own_message_and_write_nothing(tmp_path):
+    """Each probe exits with status 2 and one message naming the problem and the fix (no traceback)."""
+    digits = str(tmp_path / "digits")
+    base = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps", "1",
+            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--data.init_args.root", digits,
+            "--model.init_args.teacher.init_args.data_root", digits, "--model.init_args.guide.init_args.data_root", digits]
+    garbage = tmp_path / "bad.ckpt"
+    garbage.write_bytes(b"\x80\x02not a checkpoint" * 10)
+    missing_teacher = ["fit", "--config", str(ROOT / "configs/digits/distill_ayf_emd.yaml"), "--trainer.logger", "false",
+                       "--model.init_args.teacher.init_args.checkpoint", str(tmp_path / "nope.ckpt")]
+    probes = [
+        (missing_teacher, "checkpoint .*nope.ckpt does not exist. Train it first"),
+        (base + ["--ckpt_path", str(garbage)], "bad.ckpt is not a readable checkpoint \\(truncated or corrupt\\?\\)"),
+        (base + ["--model.init_args.guide.init_args.data_root", str(tmp_path / "digts")],
+         "no dataset at .*digts .*Fix data_root"),
+        (base + ["--model.init_args.guide.init_args.covariance_scale", "-1"], "covariance_scale must be > 0"),
+    ]
+    import re
+
+    for args, message in probes:
+        extra = args[-2:]
+        proc = _run(args, cwd=tmp_path)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert re.search(message, proc.stderr), (extra, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "Union subtypes" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "digts").exists()  # the mistyped path was not filled with the digits
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "checkpoints").exists()
