@@ -45,7 +45,7 @@ def quiet_warnings() -> None:
             log.addFilter(_DropAdvert())
 
 
-def _step_description(bar, current_epoch: int, base: str) -> str:
+def _step_description(bar, base: str) -> str:
     max_steps = bar.trainer.max_steps
     if max_steps is None or max_steps < 0:
         return base
@@ -57,7 +57,7 @@ class StepRichProgressBar(RichProgressBar):
     sized in steps; an "epoch" of a resampled stream means little, and ``max_epochs=-1`` printed as "/-2")."""
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return _step_description(self, current_epoch, super()._get_train_description(current_epoch))
+        return _step_description(self, super()._get_train_description(current_epoch))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -70,8 +70,7 @@ class StepTQDMProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, *args) -> None:
         super().on_train_batch_end(trainer, *args)
-        self.train_progress_bar.set_description(_step_description(self, trainer.current_epoch,
-                                                                  f"Epoch {trainer.current_epoch}"))
+        self.train_progress_bar.set_description(_step_description(self, f"Epoch {trainer.current_epoch}"))
 
 
 def default_progress_bar() -> ProgressBar:

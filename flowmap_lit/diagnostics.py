@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flowmap_lit.interpolant import edm_schedule, expand_like, uniform_schedule
+from flowmap_lit.interpolant import edm_schedule, uniform_schedule
 
 StudentFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # F(x, t, s), labels and guidance bound
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # v(x, t), guided, labels bound
