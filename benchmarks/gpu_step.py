@@ -208,7 +208,7 @@ def jvp_precision(args, dev: torch.device) -> dict:
 
 
 def lora_step(args, dev: torch.device) -> dict:
-    from flowmap_lit.text2image import LoRAFlowMap, SD3Teacher
+    from flowmap_lit.teachers.text2image import LoRAFlowMap, SD3Teacher
 
     cfg = dict(sample_size=args.lora_latent, patch_size=2, in_channels=16, out_channels=16, num_layers=args.lora_layers,
                attention_head_dim=64, num_attention_heads=args.lora_heads, joint_attention_dim=4096,

@@ -149,6 +149,9 @@ class FlowMapCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"prog": "python -m flowmap_lit", "description": (
+            "Train with fit (validate, test, predict) and a config; the other commands are "
+            + ", ".join(f"'python -m flowmap_lit {name} --help'" for name in COMMANDS) + ".")})
         super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:
@@ -173,11 +176,25 @@ class FlowMapCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def main(args: list[str] | None = None) -> FlowMapCLI:
-    """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script. A config whose
-    objects cannot be built exits with status 2 and the message of the class that refused."""
+#: ``python -m flowmap_lit COMMAND ...``: the commands beside LightningCLI's fit/validate/test/predict.
+COMMANDS = {
+    "sample": "flowmap_lit.commands.sample",      # sample grids and .npz from a checkpoint
+    "evaluate": "flowmap_lit.commands.evaluate",  # FID and flow-map error across step counts
+    "diagnose": "flowmap_lit.commands.diagnose",  # where a flow map is wrong: jump grid, per-step errors
+}
+
+
+def main(args: list[str] | None = None):
+    """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script: ``sample``,
+    ``evaluate`` and ``diagnose`` run their command, anything else goes to LightningCLI. A config
+    whose objects cannot be built exits with status 2 and the message of the class that refused."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     try:
-        return FlowMapCLI(args=args)  # None: parse sys.argv
+        return FlowMapCLI(args=args)  # None: LightningCLI parses sys.argv itself
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -55,7 +55,7 @@ def save_plain_hyperparameters(module: pl.LightningModule) -> None:
 
 def data_info(trainer: pl.Trainer | None) -> dict | None:
     """Shape, classes and normalization of the training data, stored in checkpoints so that
-    samples can be decoded without the dataset (``flowmap_lit.sample``)."""
+    samples can be decoded without the dataset (``flowmap_lit.commands.sample``)."""
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     stats = getattr(dm, "stats", None)
     if not isinstance(stats, dict):

@@ -1,8 +1,9 @@
 """(t, s) pair samplers for flow-map training (docs/design.md section 3, "(t, s) sampling", open).
 
 Every option is configurable because none is settled: logit-normal or uniform pairs, plus
-fractions of ``s = t`` (flow matching), ``s = 0`` (consistency) and sampling-grid pairs
-``(t_i, t_{i+1})`` of the k-step schedules the student will be sampled with (including ``t = 1``).
+fractions of ``s = t`` (flow matching), ``s = 0`` (consistency), ``t = 1`` with a uniform ``s``
+(the first jump of every sampling path), and sampling-grid pairs ``(t_i, t_{i+1})`` of the k-step
+schedules the student will be sampled with (including ``t = 1``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ class TimePairSampler:
         diagonal_fraction: float = 0.0,  # fraction of pairs with s = t (flow matching)
         zero_fraction: float = 0.0,  # fraction of pairs with s = 0 (consistency)
         grid_fraction: float = 0.0,  # fraction of sampling-grid pairs (t_i, t_{i+1})
+        one_fraction: float = 0.0,  # fraction of pairs with t = 1 and s ~ U(0, 1) (every path's first jump)
         grid_steps: list[int] = [1, 2, 4, 8],  # step counts whose schedules make the grid pairs
         grid_schedule: Literal["uniform", "edm"] = "uniform",  # schedule of those grids
     ) -> None:
-        fractions = (diagonal_fraction, zero_fraction, grid_fraction)
+        fractions = (diagonal_fraction, zero_fraction, grid_fraction, one_fraction)
         if min(fractions) < 0 or sum(fractions) > 1:
             raise ValueError(f"pair fractions must be >= 0 and sum to <= 1, got {fractions}")
         if distribution not in ("logit_normal", "uniform"):
@@ -53,11 +55,15 @@ class TimePairSampler:
     def __call__(self, n: int, device=None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         t, s = self.base_pairs(n, device, generator)
         u = torch.rand(n, generator=generator, device=device)
-        f_diag, f_zero, f_grid = self.fractions
+        f_diag, f_zero, f_grid, f_one = self.fractions
         diag = u < f_diag
         zero = (u >= f_diag) & (u < f_diag + f_zero)
         grid = (u >= f_diag + f_zero) & (u < f_diag + f_zero + f_grid)
         s = torch.where(diag, t, torch.where(zero, torch.zeros_like(s), s))
+        if f_one > 0:  # drawn only when used, so that the other options' pairs stay as they were
+            one = (u >= f_diag + f_zero + f_grid) & (u < f_diag + f_zero + f_grid + f_one)
+            s = torch.where(one, torch.rand(n, generator=generator, device=device), s)
+            t = torch.where(one, torch.ones_like(t), t)
         if grid.any() and len(self.grid):
             idx = torch.randint(len(self.grid), (n,), generator=generator, device=device)
             pairs = self.grid.to(device)[idx]

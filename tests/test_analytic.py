@@ -2,7 +2,7 @@
 
 import torch
 
-from flowmap_lit.analytic import GaussianData, GaussianMixture
+from flowmap_lit.teachers.analytic import GaussianData, GaussianMixture
 from flowmap_lit.interpolant import edm_schedule, interpolate, sigma_to_t, uniform_schedule
 from flowmap_lit.sampling import ode_sample
 

@@ -100,7 +100,7 @@ def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(tmp_path):
 
     # The sample command: PNG grids and an npz from the checkpoint.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "flowmap_lit.sample", "--ckpt", str(ckpt_path), "--steps", "1", "2",
+    proc = subprocess.run([sys.executable, "-m", "flowmap_lit", "sample", "--ckpt", str(ckpt_path), "--steps", "1", "2",
                            "--num", "20", "--out", str(tmp_path / "samples")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,7 +109,7 @@ def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(tmp_path):
     assert (tmp_path / "samples/samples_2step.png").is_file()
 
     # The evaluation command: one row per step count with NFE, FID, flow-map error and speed.
-    proc = subprocess.run([sys.executable, "-m", "flowmap_lit.evaluate", "--ckpt", str(ckpt_path), "--steps", "1", "2",
+    proc = subprocess.run([sys.executable, "-m", "flowmap_lit", "evaluate", "--ckpt", str(ckpt_path), "--steps", "1", "2",
                            "--num", "100", "--reference-steps", "8", "--json", str(tmp_path / "eval.json")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,7 +119,7 @@ def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(tmp_path):
     assert "flowmap_rel_error" in proc.stdout
 
     # The diagnostics command: jump-error table, per-step decomposition, heatmap and JSON.
-    proc = subprocess.run([sys.executable, "-m", "flowmap_lit.diagnose", "--ckpt", str(ckpt_path), "--steps", "1", "2",
+    proc = subprocess.run([sys.executable, "-m", "flowmap_lit", "diagnose", "--ckpt", str(ckpt_path), "--steps", "1", "2",
                            "--num", "30", "--times", "1", "0.5", "0", "--reference-steps", "8",
                            "--out", str(tmp_path / "diag")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

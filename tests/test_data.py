@@ -312,6 +312,38 @@ def test_cli_digits(tmp_path):
     assert stats["source"].startswith("python -m flowmap_lit.data.prepare digits")
 
 
+def test_shapes_dataset(tmp_path, monkeypatch):
+    """The second built-in dataset: deterministic, balanced, in range, classes visibly different,
+    prepared by its datamodule on first use (stats known before) and by the CLI."""
+    from flowmap_lit.data import ShapesDataModule
+    from flowmap_lit.data.prepare import SHAPES_CLASSES, shapes_arrays
+
+    a, b, c = shapes_arrays(0), shapes_arrays(0), shapes_arrays(1)
+    assert np.array_equal(a["train"][0], b["train"][0]) and not np.array_equal(a["train"][0], c["train"][0])
+    x, y = a["train"]
+    assert x.shape == (1700, 3, 8, 8) and x.dtype == np.float32 and a["val"][0].shape == (300, 3, 8, 8)
+    assert x.min() >= -1 and x.max() <= 1
+    counts = np.bincount(np.concatenate([y, a["val"][1]]), minlength=len(SHAPES_CLASSES))
+    assert counts.tolist() == [500] * 4
+    # Bars are thin: a horizontal bar's bright pixels share rows, a vertical bar's share columns.
+    bright = (x.max(1) > x.reshape(len(x), -1).mean(1)[:, None, None] + 0.3)
+    rows, cols = bright.any(2).sum(1), bright.any(1).sum(1)
+    assert (rows[y == 1] <= 2).mean() > 0.9 and (cols[y == 2] <= 2).mean() > 0.9
+    monkeypatch.chdir(tmp_path)
+    dm = ShapesDataModule(num_workers=0, batch_size=100)
+    assert dm.shape == (3, 8, 8) and dm.num_classes == 4
+    preview = dict(dm.stats)
+    dm.prepare_data()
+    assert sorted(os.listdir(dm.root)) == ["stats.json", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    dm.setup("fit")
+    assert dm.stats == preview
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (100, 3, 8, 8)
+    out = tmp_path / "shapes2"
+    stats = prepare_main(["shapes", "--out", str(out)])
+    assert stats["source"] == f"python -m flowmap_lit.data.prepare shapes --out {out}" and stats["num_classes"] == 4
+
+
 def test_cli_images(tmp_path):
     from PIL import Image
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flowmap_lit.analytic import GaussianData
+from flowmap_lit.teachers.analytic import GaussianData
 from flowmap_lit.diagnostics import TeacherFlow, bind_module, diagnose, jump_grid, path_steps
 from flowmap_lit.interpolant import uniform_schedule
 from flowmap_lit.modules import FlowMapDistillModule

@@ -4,7 +4,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from flowmap_lit.analytic import GaussianMixture
+from flowmap_lit.teachers.analytic import GaussianMixture
 from flowmap_lit.callbacks import EMA
 from flowmap_lit.interpolant import edm_schedule
 from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from flowmap_lit.analytic import GaussianData
-from flowmap_lit.external_teachers import (DiffusersTeacher, DiscreteVPConvention, EDM2Teacher, FlowMatchConvention,
+from flowmap_lit.teachers.analytic import GaussianData
+from flowmap_lit.teachers.external import (DiffusersTeacher, DiscreteVPConvention, EDM2Teacher, FlowMatchConvention,
                                            SchedulerTeacher, convention_from_scheduler)
 from flowmap_lit.interpolant import expand_like
 from tests.edm2_fake import GaussianEDM2Denoiser

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowmap_lit.analytic import GaussianData
+from flowmap_lit.teachers.analytic import GaussianData
 from flowmap_lit.jvp import RNGState, jvp
 from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD, DiscreteEMD, FlowMatching, Weighting
 from tests.helpers import ExactGaussianStudent, MLPVelocity

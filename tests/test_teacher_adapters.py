@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowmap_lit.analytic import GaussianData
+from flowmap_lit.teachers.analytic import GaussianData
 from flowmap_lit.interpolant import expand_like
 from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.objectives import AYFEMD

@@ -14,7 +14,7 @@ from flowmap_lit.cli import main as cli_main  # noqa: E402
 from flowmap_lit.data import LatentDataModule, ShardError, read_stats, write_dataset  # noqa: E402
 from flowmap_lit.modules import FlowMapDistillModule  # noqa: E402
 from flowmap_lit.objectives import AYFEMD  # noqa: E402
-from flowmap_lit.text2image import LoRAFlowMap, SD3Teacher  # noqa: E402
+from flowmap_lit.teachers.text2image import LoRAFlowMap, SD3Teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,7 +263,7 @@ def test_fit_trains_only_the_adapters_and_resumes_exactly(tmp_path, teacher_dir,
 def test_low_precision_base_weights_run_under_autocast_outside_it():
     """bf16 base weights with fp32 adapters: a call without autocast (the JVP's tangent pass) is
     run under autocast to the weights' dtype, so fp32 and bf16 tensors never meet in a matmul."""
-    from flowmap_lit.text2image import sd3_forward
+    from flowmap_lit.teachers.text2image import sd3_forward
 
     class Recorder(torch.nn.Module):
         def __init__(self, dtype):

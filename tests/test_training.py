@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from flowmap_lit.analytic import GaussianData
+from flowmap_lit.teachers.analytic import GaussianData
 from flowmap_lit.callbacks import EMA
 from flowmap_lit.interpolant import interpolate
 from flowmap_lit.modules import FlowMatchingModule

@@ -1,8 +1,9 @@
 """Latent datasets: WebDataset shards + ``stats.json``, a Lightning DataModule, and preparation tools.
 
 Layout and schema: see ``flowmap_lit/data/format.py``. Create a dataset with
-``python -m flowmap_lit.data.prepare {digits,images,array,text-array} ...`` (``prepare.py``) and read it
-with ``LatentDataModule(root=...)``; ``DigitsDataModule`` prepares the digits by itself.
+``python -m flowmap_lit.data.prepare {digits,shapes,images,array,text-array} ...`` (``prepare.py``) and read it
+with ``LatentDataModule(root=...)``; ``DigitsDataModule`` and ``ShapesDataModule`` prepare the built-in
+datasets by themselves.
 
 Names are imported lazily, so the preparation CLI does not pay for importing Lightning.
 """
@@ -11,20 +12,20 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "LatentDataModule": "datamodule", "DigitsDataModule": "digits",
+    "LatentDataModule": "datamodule", "DigitsDataModule": "digits", "ShapesDataModule": "digits",
     "ShardError": "pipeline", "DataWarning": "pipeline",
     "write_shards": "shards", "write_stats": "shards", "write_dataset": "shards",
     "read_stats": "shards", "channel_stats": "shards", "ShardSink": "shards",
-    "prepare_digits": "prepare", "prepare_images": "prepare", "prepare_array": "prepare",
+    "prepare_digits": "prepare", "prepare_shapes": "prepare", "prepare_images": "prepare", "prepare_array": "prepare",
     "prepare_text_array": "prepare", "read_null_text": "shards", "write_null_text": "shards",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .datamodule import LatentDataModule
-    from .digits import DigitsDataModule
+    from .digits import DigitsDataModule, ShapesDataModule
     from .pipeline import DataWarning, ShardError
-    from .prepare import prepare_array, prepare_digits, prepare_images, prepare_text_array
+    from .prepare import prepare_array, prepare_digits, prepare_images, prepare_shapes, prepare_text_array
     from .shards import (
         ShardSink, channel_stats, read_null_text, read_stats, write_dataset, write_null_text, write_shards, write_stats,
     )

@@ -1,8 +1,13 @@
-"""``DigitsDataModule``: the scikit-learn 8x8 digits as a latent dataset, created on first use.
+"""The built-in datasets as latent datasets, created on first use: ``DigitsDataModule``, ``ShapesDataModule``.
 
-The smallest end-to-end benchmark (docs/design.md section 8): 1 x 8 x 8 "latents" (the pixels,
-scaled to [-1, 1]), 10 classes, 1497 train / 300 val samples. ``prepare_data()`` writes the
-shards with ``prepare_digits`` when ``<root>/stats.json`` is missing; Lightning calls it on
+The smallest end-to-end benchmarks (docs/design.md section 8), made by this package alone:
+
+- digits: the scikit-learn 8x8 digits, 1 x 8 x 8 "latents" (the pixels, scaled to [-1, 1]),
+  10 classes, 1497 train / 300 val samples;
+- shapes: procedural colored shapes (``prepare.shapes_arrays``), 3 x 8 x 8 in [-1, 1], 4 classes,
+  1700 train / 300 val samples, the second dataset every quality setting is checked on.
+
+``prepare_data()`` writes the shards when ``<root>/stats.json`` is missing; Lightning calls it on
 local rank 0 only, and the other ranks wait at a barrier before ``setup()``.
 """
 
@@ -12,20 +17,12 @@ from .datamodule import LatentDataModule
 from .format import STATS_FILE
 
 
-class DigitsDataModule(LatentDataModule):
-    """``LatentDataModule`` over ``root`` (default ``data/digits``), preparing the digits there if needed.
+class BuiltinDataModule(LatentDataModule):
+    """``LatentDataModule`` over ``root``, writing the built-in dataset ``dataset`` there if needed."""
 
-    Takes every ``LatentDataModule`` argument; ``samples_per_shard`` only matters when the
-    shards are (re)created.
-    """
+    dataset: str = ""  # key of prepare.BUILTIN_DATASETS
 
-    def __init__(
-        self,
-        root: str = "data/digits",       # shard directory; relative to the current working directory
-        batch_size: int = 256,           # training batch size per rank
-        samples_per_shard: int = 750,    # when preparing: 750 gives 2 train shards + 1 val shard
-        **kwargs,                        # any other LatentDataModule argument
-    ):
+    def __init__(self, root: str, batch_size: int, samples_per_shard: int, **kwargs):
         self.samples_per_shard = samples_per_shard
         super().__init__(root=root, batch_size=batch_size, **kwargs)
 
@@ -34,13 +31,51 @@ class DigitsDataModule(LatentDataModule):
         ``shape`` / ``num_classes`` work right after construction (e.g. to size a model)."""
         if os.path.isfile(os.path.join(self.root, STATS_FILE)):
             return super().load_stats()
-        from .prepare import digits_stats
+        from .prepare import BUILTIN_DATASETS
 
-        return self._checked(digits_stats(self.root, self.samples_per_shard))
+        return self._checked(BUILTIN_DATASETS[self.dataset][1](self.root, self.samples_per_shard))
 
     def prepare_data(self) -> None:
-        """Write the digits shards unless ``stats.json`` already exists (runs on local rank 0)."""
+        """Write the shards unless ``stats.json`` already exists (runs on local rank 0)."""
         if not os.path.isfile(os.path.join(self.root, STATS_FILE)):
-            from .prepare import prepare_digits  # lazy: keeps `python -m flowmap_lit.data.prepare` clean
+            from .prepare import BUILTIN_DATASETS  # lazy: keeps `python -m flowmap_lit.data.prepare` clean
 
-            prepare_digits(self.root, samples_per_shard=self.samples_per_shard)
+            BUILTIN_DATASETS[self.dataset][0](self.root, samples_per_shard=self.samples_per_shard)
+
+
+class DigitsDataModule(BuiltinDataModule):
+    """The digits under ``root`` (default ``data/digits``), prepared there if needed.
+
+    Takes every ``LatentDataModule`` argument; ``samples_per_shard`` only matters when the
+    shards are (re)created.
+    """
+
+    dataset = "digits"
+
+    def __init__(
+        self,
+        root: str = "data/digits",       # shard directory; relative to the current working directory
+        batch_size: int = 256,           # training batch size per rank
+        samples_per_shard: int = 750,    # when preparing: 750 gives 2 train shards + 1 val shard
+        **kwargs,                        # any other LatentDataModule argument
+    ):
+        super().__init__(root=root, batch_size=batch_size, samples_per_shard=samples_per_shard, **kwargs)
+
+
+class ShapesDataModule(BuiltinDataModule):
+    """The procedural shapes under ``root`` (default ``data/shapes``), prepared there if needed.
+
+    Takes every ``LatentDataModule`` argument; ``samples_per_shard`` only matters when the
+    shards are (re)created.
+    """
+
+    dataset = "shapes"
+
+    def __init__(
+        self,
+        root: str = "data/shapes",       # shard directory; relative to the current working directory
+        batch_size: int = 256,           # training batch size per rank
+        samples_per_shard: int = 850,    # when preparing: 850 gives 2 train shards + 1 val shard
+        **kwargs,                        # any other LatentDataModule argument
+    ):
+        super().__init__(root=root, batch_size=batch_size, samples_per_shard=samples_per_shard, **kwargs)

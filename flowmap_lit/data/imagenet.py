@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .format import PREPARE_CMD, STATS_FILE, shard_name
-from .prepare import IMAGE_EXTENSIONS, center_crop, list_images, split_indices
+from .images import IMAGE_EXTENSIONS, center_crop, list_images, split_indices
 from .shards import ChannelStats, ShardSink, read_stats, write_stats
 
 SIDECAR = ".stats.json"  # appended to a shard's file name: its channel sums, written once it is complete

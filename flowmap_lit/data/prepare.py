@@ -3,6 +3,7 @@
 Subcommands::
 
     digits --out data/digits                          scikit-learn digits, 1 x 8 x 8 in [-1, 1], 1497/300
+    shapes --out data/shapes                          procedural colored shapes, 3 x 8 x 8 in [-1, 1], 4 classes, 1700/300
     images --src DIR --out OUT --resolution R         DIR/<class>/<image>: center crop, resize, 3 x R x R in [-1, 1]
     array  --src FILE.npz --out OUT                   x (N,C,H,W) + y (N,), or mean + std + y (VAE posterior)
     text-array --src FILE.npz --out OUT              x (N,C,H,W) + text_emb (N,L,D) [+ text_pooled (N,D')]
@@ -14,7 +15,6 @@ whose parser sets ``func`` to a function of the parsed arguments.
 """
 
 import argparse
-import io
 import os
 import sys
 from collections.abc import Callable
@@ -22,19 +22,11 @@ from collections.abc import Callable
 import numpy as np
 
 from .format import FORMAT_VERSION, PREPARE_CMD, STATS_FILE
+from .images import list_images, load_image, split_indices
 from .shards import ChannelStats, ShardSink, channel_stats, read_stats, remove_stale_shards, write_dataset, write_stats
 
 DIGITS_TRAIN, DIGITS_VAL = 1497, 300                      # fixed digits split (1797 images)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
-
-def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices of a seeded permutation; both stay in permuted order so shards mix classes."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
-    return perm[n_val:], perm[:n_val]
 
 
 # --------------------------------------------------------------------------- digits
@@ -73,46 +65,71 @@ def prepare_digits(
     return write_dataset(out_dir, digits_arrays(seed), 10, source, samples_per_shard)
 
 
+# --------------------------------------------------------------------------- shapes
+SHAPES_TRAIN, SHAPES_VAL = 1700, 300                      # fixed shapes split
+SHAPES_CLASSES = ("square", "horizontal bar", "vertical bar", "ring")
+
+
+def shapes_arrays(seed: int = 0, resolution: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Procedural colored shapes as ``{"train": (x, y), "val": (x, y)}``; x is (N, 3, R, R) float32 in [-1, 1].
+
+    A second small RGB benchmark next to the digits, made from a seed (no download): each image is
+    one shape of class ``y`` (``SHAPES_CLASSES``: a filled square, a horizontal or vertical bar, a
+    hollow square) of random size, position and color on a dark random background, plus pixel noise.
+    The classes are balanced and the same seed gives the same arrays.
+    """
+    rng = np.random.default_rng(seed)
+    n, r = SHAPES_TRAIN + SHAPES_VAL, resolution
+    y = np.arange(n) % len(SHAPES_CLASSES)
+    x = np.empty((n, 3, r, r), np.float32)
+    for i, label in enumerate(y):
+        mask = np.zeros((r, r), bool)
+        if label in (0, 3):  # square / ring: side 3 to r - 2 (a ring needs side >= 4)
+            side = int(rng.integers(3 if label == 0 else 4, r - 1))
+            top, left = rng.integers(0, r - side + 1, size=2)
+            mask[top:top + side, left:left + side] = True
+            if label == 3:
+                mask[top + 1:top + side - 1, left + 1:left + side - 1] = False
+        else:  # bars: thickness 1 or 2, length 4 to r
+            thick, length = int(rng.integers(1, 3)), int(rng.integers(4, r + 1))
+            a, b = int(rng.integers(0, r - thick + 1)), int(rng.integers(0, r - length + 1))
+            if label == 1:
+                mask[a:a + thick, b:b + length] = True
+            else:
+                mask[b:b + length, a:a + thick] = True
+        background = rng.uniform(0.0, 0.3, size=3).astype(np.float32)
+        color = rng.uniform(0.35, 1.0, size=3).astype(np.float32)
+        img = np.where(mask[None], color[:, None, None], background[:, None, None])
+        x[i] = np.clip(img + rng.normal(0.0, 0.03, size=img.shape), 0.0, 1.0) * 2.0 - 1.0
+    train, val = split_indices(n, SHAPES_VAL / n, seed)
+    return {"train": (x[train], y[train].astype(np.int64)), "val": (x[val], y[val].astype(np.int64))}
+
+
+def shapes_stats(out_dir: str = "data/shapes", samples_per_shard: int = 850, seed: int = 0) -> dict:
+    """The ``stats.json`` contents ``prepare_shapes`` would write, computed in memory (nothing written)."""
+    arrays = shapes_arrays(seed)
+    mean, std = channel_stats(arrays["train"][0])
+    splits = {k: {"num_samples": len(y), "num_shards": -(-len(y) // samples_per_shard)} for k, (_, y) in arrays.items()}
+    return {"format": FORMAT_VERSION, "shape": [3, 8, 8], "num_classes": len(SHAPES_CLASSES), "kind": "latent",
+            "mean": mean, "std": std, "splits": splits, "source": f"{PREPARE_CMD} shapes --out {out_dir}"}
+
+
+def prepare_shapes(
+    out_dir: str = "data/shapes",        # dataset directory to (over)write
+    samples_per_shard: int = 850,        # 850: 2 train shards + 1 val shard
+    seed: int = 0,                       # seed of the images and of the train/val permutation
+) -> dict:
+    """Write the shapes dataset (1700 train / 300 val, 4 classes, 3 x 8 x 8) and return its stats."""
+    source = f"{PREPARE_CMD} shapes --out {out_dir}"
+    return write_dataset(out_dir, shapes_arrays(seed), len(SHAPES_CLASSES), source, samples_per_shard)
+
+
+#: Datasets made from nothing but this package (no download): name -> (prepare, stats in memory).
+BUILTIN_DATASETS: dict[str, tuple[Callable[..., dict], Callable[..., dict]]] = {
+    "digits": (prepare_digits, digits_stats), "shapes": (prepare_shapes, shapes_stats)}
+
+
 # --------------------------------------------------------------------------- images
-def center_crop(data: bytes, resolution: int) -> np.ndarray:
-    """Encoded image -> (3, R, R) float32 in [-1, 1]: box-halve while >= 2R, bicubic resize, center crop
-    (the ADM/EDM2 recipe)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        while min(img.size) >= 2 * resolution:
-            img = img.resize(tuple(s // 2 for s in img.size), resample=Image.Resampling.BOX)
-        scale = resolution / min(img.size)
-        img = img.resize(tuple(max(resolution, round(s * scale)) for s in img.size), resample=Image.Resampling.BICUBIC)
-        left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
-        array = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
-    return (array / 127.5 - 1.0).transpose(2, 0, 1).copy()
-
-
-def load_image(path: str, resolution: int) -> np.ndarray:
-    """Image file -> (3, R, R) float32 in [-1, 1] (``center_crop``)."""
-    with open(path, "rb") as f:
-        return center_crop(f.read(), resolution)
-
-
-def list_images(src: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """(paths, labels, class names) of ``src/<class>/**/<image>``; labels follow sorted class names."""
-    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
-    if not classes:
-        raise ValueError(f"{src} has no class subfolders (expected {src}/<class>/<image>)")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(os.path.join(src, name))):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(folder, f))
-                    labels.append(label)
-    if not paths:
-        raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} under {src}")
-    return paths, np.asarray(labels, dtype=np.int64), classes
-
-
 def prepare_images(
     src: str,                            # folder of class subfolders of images
     out_dir: str,                        # dataset directory to (over)write
@@ -236,6 +253,14 @@ def add_digits(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: prepare_digits(a.out, a.samples_per_shard, a.seed))
 
 
+def add_shapes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shapes", help="procedural colored shapes, 3 x 8 x 8, 4 classes (made from a seed, no download)")
+    p.add_argument("--out", default="data/shapes", help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=850, help="samples per tar shard")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images and of the train/val split")
+    p.set_defaults(func=lambda a: prepare_shapes(a.out, a.samples_per_shard, a.seed))
+
+
 def add_images(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("images", help="a folder of class subfolders of images (pixel-space, 3 x R x R)")
     p.add_argument("--src", required=True, help="folder with one subfolder of images per class")
@@ -279,8 +304,8 @@ def add_imagenet(sub: argparse._SubParsersAction) -> None:
     add(sub)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_images, add_array, add_text_array,
-                                                                    add_imagenet]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_shapes, add_images, add_array,
+                                                                    add_text_array, add_imagenet]
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowmap_lit.analytic import GaussianData, GaussianMixture
+from flowmap_lit.teachers.analytic import GaussianData, GaussianMixture
 from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
 from flowmap_lit.interpolant import edm_inputs, eps_to_velocity, x0_to_velocity
 
@@ -247,7 +247,7 @@ class GMMTeacher(MixtureTeacher):
         reg_covar: float = 1e-3,  # added to covariance diagonals (normalized units)
         split: str = "train",  # split to fit
         seed: int = 0,  # EM initialization seed
-        prepare_digits_if_missing: bool = True,  # write the digits shards when a data_root named "digits" has none
+        prepare_digits_if_missing: bool = True,  # write a built-in dataset when a data_root named after it ("digits", "shapes") has none
     ) -> None:
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
@@ -258,14 +258,14 @@ class GMMTeacher(MixtureTeacher):
             raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
         root = Path(data_root)
         if not (root / "stats.json").is_file():
-            if not (prepare_digits_if_missing and root.name == "digits"):
+            from flowmap_lit.data.prepare import BUILTIN_DATASETS
+
+            if not (prepare_digits_if_missing and root.name in BUILTIN_DATASETS):
                 raise FileNotFoundError(
                     f"GMMTeacher: no dataset at {data_root} ({root / 'stats.json'} is missing). Fix data_root, or "
                     "make the dataset first (python -m flowmap_lit.data.prepare ... --out DIR); only a directory "
-                    "named 'digits' is prepared automatically, with the embedded digits")
-            from flowmap_lit.data import prepare_digits
-
-            prepare_digits(str(root))
+                    f"named after a built-in dataset ({', '.join(sorted(BUILTIN_DATASETS))}) is prepared automatically")
+            BUILTIN_DATASETS[root.name][0](str(root))
         x, y = read_split(str(root), split)
         super().__init__(GaussianMixture.fit(x, y if per_class else None, num_components, x.shape[1:],
                                              covariance_scale=covariance_scale, reg_covar=reg_covar, seed=seed))

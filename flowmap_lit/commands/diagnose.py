@@ -1,7 +1,7 @@
 """Where a distilled flow map is wrong: single-jump errors over (t, s) and each step's share of the
 k-step error, for a checkpoint (``flowmap_lit.diagnostics``; docs/design.md section 9).
 
-    python -m flowmap_lit.diagnose --ckpt checkpoints/quickstart/last.ckpt --out diagnostics/quickstart
+    python -m flowmap_lit diagnose --ckpt checkpoints/quickstart/last.ckpt --out diagnostics/quickstart
 
 prints both tables and writes ``DIR/jump_error.png`` (the heatmap) and ``DIR/diagnostics.json``.
 The teacher's reference is its closed-form flow map where it has one (unguided), else a Heun solve
@@ -19,11 +19,11 @@ import torch
 
 from flowmap_lit.callbacks.diagnostics import grid_table, path_table
 from flowmap_lit.diagnostics import diagnose, heatmap_figure
-from flowmap_lit.sample import generate, load_module
+from flowmap_lit.commands.sample import generate, load_module
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flowmap_lit diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="distillation checkpoint written by python -m flowmap_lit fit")
     p.add_argument("--out", default=None, help="directory for jump_error.png and diagnostics.json")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="sampling paths to decompose")

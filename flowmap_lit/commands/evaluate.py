@@ -1,6 +1,6 @@
 """Evaluate a checkpoint across step counts: FID, flow-map error, NFE and sampling speed.
 
-    python -m flowmap_lit.evaluate --ckpt checkpoints/quickstart/last.ckpt --steps 1 2 4 8
+    python -m flowmap_lit evaluate --ckpt checkpoints/quickstart/last.ckpt --steps 1 2 4 8
 
 prints one row per step count: NFE (network evaluations per sample: k for a flow map, 2k for a
 Heun teacher), FID against the data's reference statistics (digits classifier features by
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flowmap_lit.callbacks.flowmap_error import format_table
-from flowmap_lit.sample import denormalize, generate, load_module
+from flowmap_lit.commands.sample import denormalize, generate, load_module
 from flowmap_lit.teachers import load_checkpoint
 
 
@@ -70,7 +70,7 @@ def evaluate(module, steps: list[int], num: int = 2000, data_root: str | None = 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flowmap_lit evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by python -m flowmap_lit fit")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--num", type=int, default=2000, help="samples per step count")

@@ -1,6 +1,6 @@
 """Sample from a trained checkpoint: PNG grids and an ``.npz`` per run.
 
-    python -m flowmap_lit.sample --ckpt checkpoints/quickstart/last.ckpt --steps 1 2 4 8 \\
+    python -m flowmap_lit sample --ckpt checkpoints/quickstart/last.ckpt --steps 1 2 4 8 \\
         --num 100 --guidance 1.5 --seed 0 --out samples/quickstart
 
 Works for ``FlowMapDistillModule`` checkpoints (k-step flow-map or gamma sampling) and for
@@ -82,7 +82,8 @@ def generate(module, num: int, steps: list[int], guidance: float | None = None, 
 
 
 def main(argv: list[str] | None = None) -> dict[int, Path]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m flowmap_lit sample", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by python -m flowmap_lit fit")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (NFE for flow maps)")
     p.add_argument("--num", type=int, default=100, help="samples per step count")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap_lit.interpolant import eps_to_velocity, expand_like, x0_to_velocity
-from flowmap_lit.teachers import ConvertedTeacher, Teacher
+from flowmap_lit.teachers.base import ConvertedTeacher, Teacher
 
 __all__ = [
     "EDM2Teacher", "DiffusersTeacher", "SchedulerTeacher", "DiscreteVPConvention", "FlowMatchConvention",

@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flowmap_lit.networks.attention import math_only_active
 from flowmap_lit.networks.embeddings import FourierTimeEmbedding, batch_vector
-from flowmap_lit.teachers import Teacher
+from flowmap_lit.teachers.base import Teacher
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 DOWNLOAD_HINT = (

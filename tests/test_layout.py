@@ -1,0 +1,168 @@
+"""The package layout: every path a user is told about resolves, and no module imports itself back.
+
+- each ``class_path`` in ``configs/`` names an importable class;
+- each dotted ``flowmap_lit.…`` name in README.md, docs/, data/README.md and the notebooks
+  imports (as a module, or as an attribute of one);
+- each ``python -m flowmap_lit…`` command in them runs its ``--help``;
+- no module of ``flowmap_lit`` imports, at module level or on first use inside a function, one that
+  imports it back (directly or through others).
+"""
+
+import ast
+import importlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "flowmap_lit"
+DOCS = [ROOT / "README.md", ROOT / "data/README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def class_paths(tree) -> list[str]:
+    if isinstance(tree, dict):
+        own = [tree["class_path"]] if isinstance(tree.get("class_path"), str) else []
+        return own + [p for v in tree.values() for p in class_paths(v)]
+    if isinstance(tree, list):
+        return [p for v in tree for p in class_paths(v)]
+    return []
+
+
+def resolve(dotted: str):
+    """The module or attribute ``dotted`` names (the longest importable module prefix, then getattr)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def doc_texts() -> dict[str, str]:
+    texts = {str(p.relative_to(ROOT)): p.read_text() for p in DOCS}
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        texts[str(nb.relative_to(ROOT))] = "\n".join("".join(c["source"]) for c in cells)
+    return texts
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_config_class_paths_import(config):
+    paths = class_paths(yaml.safe_load((ROOT / config).read_text()))
+    for path in paths:
+        module, _, name = path.rpartition(".")
+        assert isinstance(getattr(importlib.import_module(module), name), type), path
+
+
+def test_documented_names_import():
+    names = set()
+    for text in doc_texts().values():
+        names |= set(re.findall(r"\bflowmap_lit(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text))
+        for module, imported in re.findall(r"from (flowmap_lit[\w.]*) import ([\w, ]+)", text):
+            names |= {f"{module}.{n.strip()}" for n in imported.split(",") if n.strip()}
+    names = {n.rstrip(".") for n in names if not n.endswith((".py", ".yaml"))}
+    assert len(names) > 20
+    missing = []
+    for name in sorted(names):
+        try:
+            resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing, f"documented names that do not import: {missing}"
+
+
+def test_documented_commands_run():
+    commands = set()
+    for text in doc_texts().values():
+        commands |= set(re.findall(r"python -m (flowmap_lit(?:\.[\w.]+)?(?: (?:sample|evaluate|diagnose)\b)?)", text))
+    assert {"flowmap_lit", "flowmap_lit sample", "flowmap_lit.data.prepare"} <= commands
+    for command in sorted(commands):
+        proc = subprocess.run([sys.executable, "-m", *command.split(), "--help"], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, f"python -m {command} --help failed:\n{proc.stderr[-2000:]}"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """``flowmap_lit`` names ``path`` imports anywhere (module level or inside functions; relative
+    imports resolved), except under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node):
+            if "TYPE_CHECKING" not in ast.dump(node.test):
+                self.generic_visit(node)
+
+        def visit_Import(self, node):
+            found.update(a.name for a in node.names if a.name.startswith("flowmap_lit"))
+
+        def visit_ImportFrom(self, node):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.startswith("flowmap_lit"):
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)  # submodules imported by name
+
+    Visitor().visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports. A module importing its own package (running the
+    package's ``__init__``, which may import the module back) is how packages work, not a cycle."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for dep in imported_modules(path):
+            while dep and dep not in modules:  # "pkg.mod.Name" -> "pkg.mod"
+                dep = dep.rpartition(".")[0]
+            if dep and dep != name and not name.startswith(dep + "."):
+                deps.add(dep)
+        graph[name] = deps
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    state, cycles = {}, []
+
+    def dfs(node, stack):
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                dfs(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            dfs(node, [node])
+    return cycles
+
+
+def test_no_import_cycles():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]  # the check can fail
+    graph = import_graph()
+    assert "flowmap_lit.teachers.analytic" in graph["flowmap_lit.teachers.base"]  # and sees imports
+    assert "flowmap_lit.data.imagenet" in graph["flowmap_lit.data.prepare"]  # including those inside functions
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
