@@ -245,20 +245,23 @@ def prepare_text_array(
 
 
 # --------------------------------------------------------------------------- CLI
+def _add_builtin(sub: argparse._SubParsersAction, name: str, help: str, samples_per_shard: int, seed_help: str) -> None:
+    """A built-in dataset's subcommand: ``--out data/<name>``, shard size, seed."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--out", default=f"data/{name}", help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=samples_per_shard, help="samples per tar shard")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.set_defaults(func=lambda a: BUILTIN_DATASETS[name][0](a.out, a.samples_per_shard, a.seed))
+
+
 def add_digits(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("digits", help="scikit-learn 8x8 digits (ships with scikit-learn, no download)")
-    p.add_argument("--out", default="data/digits", help="output directory")
-    p.add_argument("--samples-per-shard", type=int, default=750, help="samples per tar shard")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fixed train/val split")
-    p.set_defaults(func=lambda a: prepare_digits(a.out, a.samples_per_shard, a.seed))
+    _add_builtin(sub, "digits", "scikit-learn 8x8 digits (ships with scikit-learn, no download)", 750,
+                 "seed of the fixed train/val split")
 
 
 def add_shapes(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shapes", help="procedural colored shapes, 3 x 8 x 8, 4 classes (made from a seed, no download)")
-    p.add_argument("--out", default="data/shapes", help="output directory")
-    p.add_argument("--samples-per-shard", type=int, default=850, help="samples per tar shard")
-    p.add_argument("--seed", type=int, default=0, help="seed of the images and of the train/val split")
-    p.set_defaults(func=lambda a: prepare_shapes(a.out, a.samples_per_shard, a.seed))
+    _add_builtin(sub, "shapes", "procedural colored shapes, 3 x 8 x 8, 4 classes (made from a seed, no download)",
+                 850, "seed of the images and of the train/val split")
 
 
 def add_images(sub: argparse._SubParsersAction) -> None:
