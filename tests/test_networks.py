@@ -298,3 +298,27 @@ def test_activation_checkpointing_is_bypassed_without_grad(monkeypatch):
     torch.testing.assert_close(tangent, jvp(fn(ref), (x, t), (u, torch.ones_like(t))), rtol=0, atol=0)
     net(x, t, 0.5 * t, class_labels=labels).sum().backward()
     assert calls
+
+
+def test_mlp_scale_shift_modulation_starts_as_the_additive_network_and_trains():
+    from flowmap_lit.networks import MLP
+
+    torch.manual_seed(0)
+    shift = MLP(num_classes=10, width=64, depth=2)
+    torch.manual_seed(0)
+    film = MLP(num_classes=10, width=64, depth=2, modulation="scale_shift")
+    torch.nn.init.normal_(shift.out.weight, std=0.1)
+    film.out.weight.data.copy_(shift.out.weight)
+    x, t, labels = torch.randn(5, 1, 8, 8), torch.rand(5), torch.randint(10, (5,))
+    s = t * torch.rand(5)
+    torch.testing.assert_close(film(x, t, s, labels), shift(x, t, s, labels), rtol=0, atol=0)
+    film(x, t, s, labels).square().sum().backward()
+    assert all(lin.weight.grad.abs().sum() > 0 for lin in film.scales)
+    # the tangent along t sees the scale path (forward AD through both branches)
+    film.scales[0].weight.data.normal_(0, 0.1)
+    _, dt = torch.func.jvp(lambda tt: film(x, tt, s, labels), (t,), (torch.ones_like(t),))
+    eps = 1e-3
+    fd = (film(x, t + eps, s, labels) - film(x, t - eps, s, labels)) / (2 * eps)
+    torch.testing.assert_close(dt, fd, rtol=2e-2, atol=2e-3)
+    with pytest.raises(ValueError, match="modulation"):
+        MLP(modulation="film")

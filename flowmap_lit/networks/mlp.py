@@ -1,7 +1,9 @@
 """MLP backbone for small flattened data (the docs/design.md section 8 reference student: 3 x 768 SiLU).
 
 Each hidden layer adds a projection of the conditioning vector c(t, s, class, guidance):
-``h <- SiLU(W h + U c + b)``. The output layer is zero-initialized (F = 0 at the start).
+``h <- SiLU(W h + U c + b)``; with ``modulation="scale_shift"`` it also scales by it,
+``h <- SiLU((W h + b) * (1 + A c) + U c)`` (FiLM / adaLN style, ``A`` zero at initialization, so
+training starts from the additive network). The output layer is zero-initialized (F = 0 at the start).
 """
 
 import math
@@ -27,8 +29,11 @@ class MLP(nn.Module):
         time_min_freq: float = 0.5,  # lowest angular frequency of the t, t - s embeddings
         time_max_freq: float = 16.0,  # highest angular frequency; keep low (docs/design.md section 3, Stability)
         dropout: float = 0.0,  # dropout after each hidden layer
+        modulation: str = "shift",  # how c enters a layer: "shift" (added) or "scale_shift" (also multiplies)
     ) -> None:
         super().__init__()
+        if modulation not in ("shift", "scale_shift"):
+            raise ValueError(f"modulation must be 'shift' or 'scale_shift', got {modulation!r}")
         self.img_channels, self.img_resolution = img_channels, img_resolution
         dim = img_channels * img_resolution**2
         self.emb = ConditionEmbedding(emb_dim, num_classes, fourier_channels, time_min_freq, time_max_freq)
@@ -40,14 +45,20 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out.bias)
         for lin in self.conds:
             nn.init.normal_(lin.weight, std=1 / math.sqrt(emb_dim))
+        self.scales = None
+        if modulation == "scale_shift":
+            self.scales = nn.ModuleList([nn.Linear(emb_dim, width, bias=False) for _ in range(depth)])
+            for lin in self.scales:
+                nn.init.zeros_(lin.weight)
 
     def forward(self, x, t, s=None, class_labels=None, guidance=None) -> torch.Tensor:
         t, s = batch_vector(t, x), batch_vector(s, x)
         labels, guidance = batch_vector(class_labels, x), batch_vector(guidance, x)
         c = nn.functional.silu(self.emb(t, s, labels, guidance)).to(self.out.weight.dtype)
         h = x.flatten(1)
-        for lin, cond in zip(self.inputs, self.conds):
-            h = self.drop(nn.functional.silu(lin(h) + cond(c)))
+        for i, (lin, cond) in enumerate(zip(self.inputs, self.conds)):
+            pre = lin(h) if self.scales is None else lin(h) * (1 + self.scales[i](c))
+            h = self.drop(nn.functional.silu(pre + cond(c)))
         return self.out(h).reshape(x.shape)
 
     def zero_init_s_embedding(self) -> None:
