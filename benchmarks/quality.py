@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --budget small     # under 15 min on 2 CPU cores
     python benchmarks/quality.py --budget medium    # the quickstart budget per run (not timed; several times --budget small)
+    python benchmarks/quality.py --arms neural --seeds 0 1 2   # mean and spread over distillation seeds
 
 On the digits, every method of an arm gets the same budget (steps, batch, seed, learning rate,
 student); ``--budget small`` gives the exact arm 600 steps and the (slower) neural arm 400:
@@ -14,8 +15,10 @@ student); ``--budget small`` gives the exact arm 600 steps and the (slower) neur
   AYF-LMD, sCD.
 
 Each run reports FID (digits classifier features) and the relative flow-map error against the
-teacher's 64-step Heun ODE at 1, 2, 4 and 8 steps, next to the teacher's own FID. Prints a table
-and one JSON object, and writes ``quality.png`` (FID and flow-map error versus steps).
+teacher's 64-step Heun ODE at 1, 2, 4 and 8 steps, next to the teacher's own FID. With several
+``--seeds`` every run is repeated per seed (the neural teacher and guide are trained once) and
+``summary`` holds each method's mean and standard deviation. Prints one line per run and one JSON
+object, and writes ``quality_<budget>.png`` (mean FID and flow-map error versus steps).
 """
 
 from __future__ import annotations
@@ -87,15 +90,17 @@ def distill(name: str, module: FlowMapDistillModule, dm, budget, data_root: Path
     seconds = time.perf_counter() - start
     with ema.averaged(module):
         result = evaluate(module, dm, budget, data_root, cache)
-    result.update(method=name, train_seconds=round(seconds, 1))
+    result.update(method=name, seed=seed, train_seconds=round(seconds, 1))
     print(f"{name:<34} FID {' '.join(f'{v:7.2f}' for v in result['fid'])}   rel. error "
           f"{' '.join(f'{v:.4f}' for v in result['flowmap_rel_error'])}   ({seconds:.0f} s)", flush=True)
     return result
 
 
-def exact_arm(budget, data_root: Path, seed: int, lr: float) -> list[dict]:
-    teacher = GMMTeacher(str(data_root), num_components=2)
-    guide = GMMTeacher(str(data_root), num_components=1, covariance_scale=1.5)
+def exact_arm(budget, data_root: Path, seed: int, lr: float, cache: dict) -> list[dict]:
+    if "exact teachers" not in cache:  # fitted once; kept alive so that their ids key the evaluation cache
+        cache["exact teachers"] = (GMMTeacher(str(data_root), num_components=2),
+                                   GMMTeacher(str(data_root), num_components=1, covariance_scale=1.5))
+    teacher, guide = cache["exact teachers"]
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
     opt = lambda p: torch.optim.Adam(p, lr=lr)  # noqa: E731
 
@@ -117,7 +122,7 @@ def exact_arm(budget, data_root: Path, seed: int, lr: float) -> list[dict]:
         ("exact: AYF-EMD, CFG", module(AYFEMD(), guidance="cfg")),
         ("exact: AYF-EMD, no guidance", module(AYFEMD(), guidance="none")),
     ]
-    out, cache = [], {}
+    out = []
     for name, m in runs:
         if "sCD" in name:
             m.sample_gamma = 1.0  # consistency multistep sampling
@@ -137,7 +142,9 @@ def train_flow_matching(net, steps: int, dm, data_root: Path, seed: int) -> Netw
     return NetworkTeacher(net=module.net, num_classes=10)
 
 
-def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher_ckpt: str | None, guide_ckpt: str | None) -> list[dict]:
+def neural_teachers(budget, data_root: Path, seed: int, teacher_ckpt: str | None,
+                    guide_ckpt: str | None) -> tuple[NetworkTeacher, NetworkTeacher]:
+    """The digits U-Net teacher and its smaller guide: loaded, or trained here with ``seed``."""
     dm_fm = DigitsDataModule(root=str(data_root), batch_size=128, num_workers=1)
     start = time.perf_counter()
     teacher = NetworkTeacher(teacher_ckpt) if teacher_ckpt else train_flow_matching(
@@ -145,8 +152,13 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher_ckpt: str 
     guide = NetworkTeacher(guide_ckpt) if guide_ckpt else train_flow_matching(
         build_network("unet", "tiny", model_channels=16), budget["guide_steps"], dm_fm, data_root, seed)
     print(f"neural teacher and guide ready ({time.perf_counter() - start:.0f} s)", flush=True)
+    return teacher, guide
+
+
+def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTeacher, guide: NetworkTeacher,
+               cache: dict) -> list[dict]:
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
-    out, cache = [], {}
+    out = []
     for name, objective, gamma in (("neural: AYF-EMD", AYFEMD(), 0.0), ("neural: AYF-LMD", AYFLMD(), 0.0),
                                    ("neural: sCD", SCD(), 1.0)):
         pl.seed_everything(seed, verbose=False)
@@ -179,11 +191,29 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def summarize(results: list[dict]) -> list[dict]:
+    """Per method (in first-seen order): mean and standard deviation over seeds of FID and error."""
+    import statistics
+
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    out = []
+    for method in methods:
+        runs = [r for r in results if r["method"] == method]
+        row = {"method": method, "seeds": [r["seed"] for r in runs], "teacher_fid": runs[0]["teacher_fid"]}
+        for key in ("fid", "flowmap_rel_error"):
+            columns = list(zip(*(r[key] for r in runs)))
+            row[key] = [statistics.fmean(c) for c in columns]
+            row[key + "_std"] = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", default="small", choices=sorted(BUDGETS))
     p.add_argument("--data", default="data/digits")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="distillation seeds (the neural teacher and guide are trained once, with the first)")
     p.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate (every method)")
     p.add_argument("--arms", nargs="+", default=["exact", "neural"], choices=["exact", "neural"])
     p.add_argument("--teacher-ckpt", default=None)
@@ -195,16 +225,21 @@ def main(argv=None) -> dict:
     data_root = Path(args.data).resolve()
     DigitsDataModule(root=str(data_root)).prepare_data()
     start = time.perf_counter()
-    results = []
-    if "exact" in args.arms:
-        results += exact_arm(budget, data_root, args.seed, args.lr)
+    results, cache = [], {}
+    teachers = None
     if "neural" in args.arms:
-        results += neural_arm(budget, data_root, args.seed, args.lr, args.teacher_ckpt, args.guide_ckpt)
+        teachers = neural_teachers(budget, data_root, args.seeds[0], args.teacher_ckpt, args.guide_ckpt)
+    for seed in args.seeds:
+        if "exact" in args.arms:
+            results += exact_arm(budget, data_root, seed, args.lr, cache)
+        if teachers is not None:
+            results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache)
+    summary_rows = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(results, out / f"quality_{args.budget}.png")
-    summary = {"budget": args.budget, **budget, "seed": args.seed, "lr": args.lr, "steps_evaluated": STEPS,
-               "seconds": round(time.perf_counter() - start), "results": results,
+    plot(summary_rows, out / f"quality_{args.budget}.png")
+    summary = {"budget": args.budget, **budget, "seeds": args.seeds, "lr": args.lr, "steps_evaluated": STEPS,
+               "seconds": round(time.perf_counter() - start), "summary": summary_rows, "results": results,
                "plot": str(out / f"quality_{args.budget}.png")}
     (out / f"quality_{args.budget}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))

@@ -63,6 +63,21 @@ def test_quality_tiny_budget(tmp_path):
     out = run_script("quality.py", "--budget", "tiny", "--data", str(tmp_path / "digits"), "--out", str(tmp_path / "res"))
     assert len(out["results"]) == 10 and (tmp_path / "res/quality_tiny.png").is_file()
     assert all(len(r["fid"]) == 4 and len(r["flowmap_rel_error"]) == 4 for r in out["results"])
+    assert [r["method"] for r in out["summary"]] == [r["method"] for r in out["results"]]
+
+
+def test_quality_summary_is_the_mean_and_spread_over_seeds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks/quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    runs = [{"method": m, "seed": seed, "teacher_fid": 5.0, "fid": [10 + seed, 5, 4, 4 - seed],
+             "flowmap_rel_error": [0.1, 0.05, 0.04, 0.03 + 0.01 * seed]} for seed in (0, 1, 2) for m in ("b", "a")]
+    rows = quality.summarize(runs)
+    assert [r["method"] for r in rows] == ["b", "a"] and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["fid"] == [11, 5, 4, 3] and rows[0]["fid_std"] == [1, 0, 0, 1]
+    assert abs(rows[1]["flowmap_rel_error"][3] - 0.04) < 1e-12 and abs(rows[1]["flowmap_rel_error_std"][3] - 0.01) < 1e-12
 
 
 def test_gpu_step_runs_on_cpu_at_tiny_size():
