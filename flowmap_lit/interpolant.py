@@ -70,6 +70,32 @@ def edm_inputs(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 # --- time distributions and schedules ----------------------------------------------------------
 
 
+def flowmap_preconditioning(t: Tensor, s: Tensor, sigma_data: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c_in, c_skip, c_out)`` for ``F(x_t, t, s) = c_skip x_t + c_out net(c_in x_t, t, s)`` (docs/design.md section 2).
+
+    For data of per-element variance ``sigma_data^2`` and ``x_t = (1 - t) x0 + t eps``, with
+    ``sigma(t)^2 = (1 - t)^2 sigma_data^2 + t^2`` the variance of ``x_t``:
+
+    - ``c_in = 1 / sigma(t)``: the network's input has unit variance at every ``t``;
+    - ``c_skip x_t`` is the exact flow map of Gaussian data, ``f = x_t sigma(s) / sigma(t)``, written
+      as ``F = (x_t - f) / (t - s)``: ``c_skip = (sigma(t)^2 - sigma(s)^2) / ((t - s) sigma(t) (sigma(t)
+      + sigma(s)))``, with the ``(t - s)`` cancelled so that ``s = t`` is exact; there it is the best
+      linear predictor of ``v = eps - x0`` from ``x_t``;
+    - ``c_out`` is the standard deviation of what that predictor leaves of ``v`` at ``t``
+      (``sqrt(sigma_data^2 + 1 - c_skip(t, t)^2 sigma(t)^2)``), so the network's target is of unit scale.
+
+    A zero network is then the Gaussian flow map: the network learns only what is not Gaussian.
+    EDM's preconditioning, written for flow maps.
+    """
+    var_t = (1 - t) ** 2 * sigma_data**2 + t**2
+    var_s = (1 - s) ** 2 * sigma_data**2 + s**2
+    sig_t, sig_s = var_t.sqrt(), var_s.sqrt()
+    c_skip = (sigma_data**2 * (t + s - 2) + t + s) / (sig_t * (sig_t + sig_s))
+    c_skip_v = (t - (1 - t) * sigma_data**2) / var_t
+    c_out = (sigma_data**2 + 1 - c_skip_v**2 * var_t).clamp(min=0).sqrt()
+    return 1 / sig_t, c_skip, c_out
+
+
 def sample_logit_normal(
     n: int, mean: float, std: float, *, device=None, generator: torch.Generator | None = None
 ) -> Tensor:

@@ -322,3 +322,30 @@ def test_mlp_scale_shift_modulation_starts_as_the_additive_network_and_trains():
     torch.testing.assert_close(dt, fd, rtol=2e-2, atol=2e-3)
     with pytest.raises(ValueError, match="modulation"):
         MLP(modulation="film")
+
+
+def test_mlp_preconditioning_starts_at_the_exact_gaussian_flow_map():
+    """With precondition=True a zero network is the exact flow map of N(0, sigma_data^2 I), at
+    s < t and at s = t (the velocity); c_in and c_out give unit-variance input and target."""
+    from flowmap_lit.interpolant import flowmap_preconditioning, interpolate
+    from flowmap_lit.networks import MLP
+    from flowmap_lit.teachers.analytic import GaussianData
+
+    sd = 0.7
+    net = MLP(num_classes=0, width=32, depth=1, precondition=True, sigma_data=sd).double()
+    data = GaussianData(torch.zeros(1, 8, 8, dtype=torch.float64), torch.full((1, 8, 8), sd, dtype=torch.float64))
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([1.0, 0.9, 0.5, 0.3, 0.2, 0.05], dtype=torch.float64)
+    for s in (t * torch.rand(6, dtype=torch.float64), torch.zeros_like(t), t.clone()):
+        f = x - (t - s).reshape(-1, 1, 1, 1) * net(x, t, s)
+        torch.testing.assert_close(f, data.flow_map(x, t, s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net(x, t, t), data.velocity(x, t), rtol=1e-12, atol=1e-12)
+    x0, eps = sd * torch.randn(200_000, 1, 1, 1, dtype=torch.float64), torch.randn(200_000, 1, 1, 1, dtype=torch.float64)
+    for tt in (0.1, 0.5, 0.9):
+        c_in, c_skip, c_out = flowmap_preconditioning(torch.tensor(tt, dtype=torch.float64),
+                                                      torch.tensor(tt, dtype=torch.float64), sd)
+        x_t = interpolate(x0, eps, tt)
+        assert abs((c_in * x_t).std() - 1) < 0.01 and abs(((eps - x0 - c_skip * x_t) / c_out).std() - 1) < 0.01
+    torch.nn.init.normal_(net.out.weight, std=0.1)  # the network's part is scaled by c_out and carries grads
+    net(x, t, t * 0.5).square().sum().backward()
+    assert net.out.weight.grad.abs().sum() > 0

@@ -3,7 +3,9 @@
 Each hidden layer adds a projection of the conditioning vector c(t, s, class, guidance):
 ``h <- SiLU(W h + U c + b)``; with ``modulation="scale_shift"`` it also scales by it,
 ``h <- SiLU((W h + b) * (1 + A c) + U c)`` (FiLM / adaLN style, ``A`` zero at initialization, so
-training starts from the additive network). The output layer is zero-initialized (F = 0 at the start).
+training starts from the additive network). The output layer is zero-initialized (F = 0 at the start,
+or with ``precondition=True`` the exact flow map of Gaussian data: ``F = c_skip(t, s) x + c_out(t)
+net(c_in(t) x, ...)``, ``interpolant.flowmap_preconditioning``).
 """
 
 import math
@@ -11,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..interpolant import expand_like, flowmap_preconditioning
 from .embeddings import ConditionEmbedding, batch_vector
 
 
@@ -30,11 +33,14 @@ class MLP(nn.Module):
         time_max_freq: float = 16.0,  # highest angular frequency; keep low (docs/design.md section 3, Stability)
         dropout: float = 0.0,  # dropout after each hidden layer
         modulation: str = "shift",  # how c enters a layer: "shift" (added) or "scale_shift" (also multiplies)
+        precondition: bool = False,  # F = c_skip(t, s) x + c_out(t) net(c_in(t) x): net = 0 is the Gaussian flow map
+        sigma_data: float = 1.0,  # per-element data std the preconditioning assumes (1 for normalized latents)
     ) -> None:
         super().__init__()
         if modulation not in ("shift", "scale_shift"):
             raise ValueError(f"modulation must be 'shift' or 'scale_shift', got {modulation!r}")
         self.img_channels, self.img_resolution = img_channels, img_resolution
+        self.precondition, self.sigma_data = precondition, sigma_data
         dim = img_channels * img_resolution**2
         self.emb = ConditionEmbedding(emb_dim, num_classes, fourier_channels, time_min_freq, time_max_freq)
         self.inputs = nn.ModuleList([nn.Linear(dim if i == 0 else width, width) for i in range(depth)])
@@ -55,11 +61,18 @@ class MLP(nn.Module):
         t, s = batch_vector(t, x), batch_vector(s, x)
         labels, guidance = batch_vector(class_labels, x), batch_vector(guidance, x)
         c = nn.functional.silu(self.emb(t, s, labels, guidance)).to(self.out.weight.dtype)
-        h = x.flatten(1)
+        if self.precondition:
+            coefs = flowmap_preconditioning(t, t if s is None else s, self.sigma_data)
+            c_in, c_skip, c_out = (expand_like(v, x).to(x.dtype) for v in coefs)
+            x_in = c_in * x
+        else:
+            x_in = x
+        h = x_in.flatten(1)
         for i, (lin, cond) in enumerate(zip(self.inputs, self.conds)):
             pre = lin(h) if self.scales is None else lin(h) * (1 + self.scales[i](c))
             h = self.drop(nn.functional.silu(pre + cond(c)))
-        return self.out(h).reshape(x.shape)
+        out = self.out(h).reshape(x.shape)
+        return c_skip * x + c_out * out if self.precondition else out
 
     def zero_init_s_embedding(self) -> None:
         """Zero the s and guidance branches (student initialized from a teacher: F(x,t,s) = v(x,t))."""
