@@ -16,6 +16,7 @@ time per run. Prints one table and one JSON object (``--json`` also writes it).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import statistics
@@ -50,6 +51,8 @@ def run_once(config: str, overrides: list[str], seed: int, max_steps: int | None
         if isinstance(cb, FewStepFID):
             out["fid"] = {r["steps"]: r["fid"] for r in cb.results}
             out["teacher_fid"] = cb.teacher_fid
+    del cli  # the fit's objects sit in reference cycles; collecting them now also ends its loader workers
+    gc.collect()
     return out
 
 

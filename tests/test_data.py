@@ -458,3 +458,21 @@ def test_ddp_two_ranks(toy, tmp_path):
     assert len(keys[0]["train"]) == len(keys[1]["train"]) == 64 // 2 // 8 * 8
     assert keys[0]["train"] != keys[1]["train"]
     assert sorted(keys[0]["val"] + keys[1]["val"]) == [f"val_{i:08d}" for i in range(40)]
+
+
+def test_teardown_ends_persistent_workers_and_loaders_still_work(toy):
+    root, _, _ = toy
+    import multiprocessing
+
+    dm = LatentDataModule(root=str(root), batch_size=8, num_workers=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    before = len(multiprocessing.active_children())
+    first = [b["x"] for b in loader]
+    assert len(multiprocessing.active_children()) == before + 1  # the persistent worker stays between epochs
+    dm.teardown("fit")
+    assert len(multiprocessing.active_children()) == before
+    again = [b["x"] for b in loader]  # a later epoch starts a new worker
+    assert len(again) == len(first)
+    dm.teardown("fit")
+    assert len(multiprocessing.active_children()) == before

@@ -20,6 +20,7 @@ batch counts and DDP/FSDP collectives never wait), with deterministic posterior 
 """
 
 import os
+import weakref
 from typing import Literal
 
 import lightning as L
@@ -59,6 +60,7 @@ class LatentDataModule(L.LightningDataModule):
         cache_mb: float = 64.0,                          # keep a split's raw shards in memory (per worker) if they fit
     ):
         super().__init__()
+        self._worker_loaders: list[weakref.ref] = []  # loaders with persistent workers, ended in teardown
         self.save_hyperparameters()
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
@@ -178,8 +180,22 @@ class LatentDataModule(L.LightningDataModule):
                       seed=self.seed, rank=rank, epoch=self._start_epoch(), text=stats.get("text"))
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
-        return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
+        loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory)
+        if self.num_workers > 0:
+            self._worker_loaders.append(weakref.ref(loader.pipeline[0]))
+        return loader
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Ends the persistent worker processes of the loaders this module made, so that several
+        fits in one process (a notebook, an ablation) do not each leave their workers behind."""
+        for ref in self._worker_loaders:
+            loader = ref()
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                loader._iterator = None
+        self._worker_loaders = [ref for ref in self._worker_loaders if ref() is not None]
 
     def train_batches_per_epoch(self) -> int:
         """Batches per training epoch on every rank (at least 1)."""
