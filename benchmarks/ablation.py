@@ -33,7 +33,8 @@ from flowmap_lit.cli import FlowMapCLI  # noqa: E402
 
 
 def run_once(config: str, overrides: list[str], seed: int, max_steps: int | None, workdir: Path) -> dict:
-    """One fit; returns ``{"rel": {k: ...}, "fid": {k: ...}, "euler": {k: ...}, "teacher_fid", "seconds"}``."""
+    """One fit; returns ``{"rel": {k: ...}, "fid": {k: ...}, "euler": {k: ...}, "teacher_fid", "seconds",
+    "velocity_limit"}`` (the last: FlowMapError's many-step limit, when the config asks for it)."""
     args = ["fit", "--config", config, "--seed_everything", str(seed), "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", str(workdir)]
@@ -43,11 +44,13 @@ def run_once(config: str, overrides: list[str], seed: int, max_steps: int | None
     start = time.perf_counter()
     cli = FlowMapCLI(args=[*args, *overrides], save_config_callback=None)
     seconds = time.perf_counter() - start
-    out = {"seconds": seconds, "rel": {}, "fid": {}, "euler": {}, "teacher_fid": None}
+    out = {"seconds": seconds, "rel": {}, "fid": {}, "euler": {}, "teacher_fid": None, "velocity_limit": None}
     for cb in cli.trainer.callbacks:
         if isinstance(cb, FlowMapError):
             out["rel"] = {r["steps"]: r["relative_error"] for r in cb.results}
             out["euler"] = {r["steps"]: r.get("teacher_euler_relative_error") for r in cb.results}
+            if cb.velocity_limit is not None:
+                out["velocity_limit"] = cb.velocity_limit["relative_error"]
         if isinstance(cb, FewStepFID):
             out["fid"] = {r["steps"]: r["fid"] for r in cb.results}
             out["teacher_fid"] = cb.teacher_fid
@@ -70,6 +73,7 @@ def summarize(runs: list[dict]) -> dict:
         "fid": {k: stats([r["fid"].get(k) for r in runs]) for k in steps},
         "euler": {k: runs[0]["euler"].get(k) for k in steps},
         "teacher_fid": stats([r["teacher_fid"] for r in runs]),
+        "velocity_limit": stats([r.get("velocity_limit") for r in runs]),
         "seconds": stats([r["seconds"] for r in runs]),
     }
 
@@ -104,6 +108,10 @@ def main(argv=None) -> dict:
                          "fid": f"{fid['mean']:.2f} ± {fid['std']:.2f}" if fid else "-",
                          "teacher_fid": f"{v['teacher_fid']['mean']:.2f}" if v["teacher_fid"] else "-",
                          "s_per_run": f"{v['seconds']['mean']:.0f}"})
+        if v["velocity_limit"]:
+            lim = v["velocity_limit"]
+            rows.append({"variant": name, "steps": "limit", "rel_error": f"{lim['mean']:.4f} ± {lim['std']:.4f}",
+                         "teacher_euler": "-", "fid": "-", "teacher_fid": "-", "s_per_run": ""})
     print(format_table(rows, ["variant", "steps", "rel_error", "teacher_euler", "fid", "teacher_fid", "s_per_run"]))
     print(json.dumps(result))
     if args.json:

@@ -517,6 +517,14 @@ class FlowMapDistillModule(pl.LightningModule):
         return gamma_sample(self.student_fn(class_labels, lam, cond), noise, sched, gamma, generator)
 
     @torch.no_grad()
+    def velocity_sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 64,
+                        guidance: float | None = None, cond: dict[str, Tensor] | None = None) -> Tensor:
+        """The ODE of the student's own velocity ``F(x, t, t)`` (EDM schedule, Heun): the limit that
+        k-step flow-map sampling tends to as k grows."""
+        F = self.student_fn(class_labels, self._eval_inputs(noise, guidance), cond)
+        return ode_sample(lambda x, t: F(x, t, t), noise, num_steps, "heun", schedule=edm_schedule(num_steps))
+
+    @torch.no_grad()
     def teacher_sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 64,
                        guidance: float | None = None, solver: Literal["euler", "heun"] = "heun",
                        cond: dict[str, Tensor] | None = None) -> Tensor:

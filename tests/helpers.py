@@ -23,7 +23,7 @@ class MLPVelocity(nn.Module):
 
 class ExactGaussianStudent(nn.Module):
     """The closed-form average velocity ``F = (f(x, t, s) - x) / (s - t)`` of Gaussian data,
-    plus ``perturb * sin(3 t) * x`` (0 gives the exact flow map). Needs ``t - s`` bounded away from 0."""
+    plus ``perturb * sin(3 t) * x`` (0 gives the exact flow map); at ``s = t`` the exact velocity."""
 
     def __init__(self, data, perturb: float = 0.0) -> None:
         super().__init__()
@@ -35,7 +35,8 @@ class ExactGaussianStudent(nn.Module):
         t = torch.as_tensor(t, dtype=x.dtype).expand(b)
         s = torch.as_tensor(s, dtype=x.dtype).expand(b)
         gap = (s - t).reshape(-1, *([1] * (x.ndim - 1)))
-        F = (self.data.flow_map(x, t, s) - x) / gap
+        safe = torch.where(gap == 0, torch.ones_like(gap), gap)
+        F = torch.where(gap == 0, self.data.velocity(x, t), (self.data.flow_map(x, t, s) - x) / safe)
         return F + self.perturb * torch.sin(3 * t).reshape(gap.shape) * x
 
 

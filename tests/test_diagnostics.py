@@ -90,3 +90,30 @@ def test_path_contributions_telescope_to_the_sampling_error():
     torch.testing.assert_close(sum(contributions), xs[-1] - phi(one, 1.0, 0.0))
     ref_sq = phi(one, 1.0, 0.0).square().mean().item()
     assert path.contribution == pytest.approx([c.square().mean().item() / ref_sq for c in contributions], rel=1e-9)
+
+
+def test_velocity_limit_is_where_many_step_sampling_converges():
+    """The student's own velocity F(x, t, t) integrated finely (FlowMapError's velocity limit) is
+    the exact flow for the exact student, and what k-step flow-map sampling tends to as k grows
+    for a perturbed one."""
+    from types import SimpleNamespace
+
+    from flowmap_lit.callbacks import FlowMapError
+
+    z = noise(256)
+    ones, zeros = torch.ones(len(z), dtype=z.dtype), torch.zeros(len(z), dtype=z.dtype)
+    module, data = gaussian_module(0.0)
+    exact = data.flow_map(z, ones, zeros)
+    assert (module.velocity_sample(z, None, num_steps=256) - exact).square().mean() < 1e-7  # Heun: second order
+    module, data = gaussian_module(0.3)
+    limit = module.velocity_sample(z, None, num_steps=256)
+    errors = [(module.sample(z, None, num_steps=k) - limit).square().mean().item() for k in (2, 8, 32, 128)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * errors[0]
+    assert (limit - exact).square().mean() > 1e-3  # the perturbation survives at s = t
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(shape=SHAPE), callbacks=[])
+    module.double()
+    cb = FlowMapError(step_counts=[1, 8], num_samples=128, reference_steps=64, velocity_limit_steps=64)
+    cb.evaluate(trainer, module)
+    noise_cb, _, ref = cb.reference(trainer, module)
+    direct = (module.velocity_sample(noise_cb, None, num_steps=64) - ref).square().mean() / ref.square().mean()
+    assert cb.velocity_limit["steps"] == 64 and cb.velocity_limit["relative_error"] == pytest.approx(direct.item())

@@ -5,6 +5,11 @@ many Heun steps), the student's k-step map from noise should reproduce the teach
 the same noise. Logged per k as ``flowmap_error/{k}step`` (mean squared distance per element)
 and ``flowmap_rel_error/{k}step`` (that divided by the reference's mean square, the relative error
 of docs/design.md section 8). For scale, the table also gives the teacher's own k-step Euler error.
+
+With ``velocity_limit_steps > 0`` it also integrates the student's own velocity ``F(x, t, t)``
+with that many Heun steps (``flowmap_rel_error/velocity_limit``): the error that k-step sampling
+tends to as k grows (docs/design.md section 9). A flow map whose error rises with steps has a
+velocity limit above its few-step error: its ``s = t`` diagonal is less accurate than its jumps.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class FlowMapError(pl.Callback):
         batch_size: int = 500,  # samples per network call
         seed: int = 0,  # seed of the noise and labels
         print_table: bool = True,  # print the table at the end of fit
+        velocity_limit_steps: int = 0,  # > 0: also the student's own velocity F(x, t, t), Heun with this many steps
     ) -> None:
         self.step_counts = list(step_counts)
         self.num_samples = num_samples
@@ -56,6 +62,8 @@ class FlowMapError(pl.Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.print_table = print_table
+        self.velocity_limit_steps = velocity_limit_steps
+        self.velocity_limit: dict | None = None  # {"steps", "flowmap_mse", "relative_error"} of the last evaluation
         self._reference: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
         self.results: list[dict] = []
         self._last_step = -1  # global step of the last evaluation during fit
@@ -91,12 +99,25 @@ class FlowMapError(pl.Callback):
                 x = self._batched(pl_module.sample, noise, labels, num_steps=k)
                 mse = (x - ref).square().mean().item()
                 rows.append({"steps": k, "flowmap_mse": mse, "relative_error": mse / ref.square().mean().item()})
+            if self.velocity_limit_steps > 0:
+                x = self._batched(pl_module.velocity_sample, noise, labels, num_steps=self.velocity_limit_steps)
+                mse = (x - ref).square().mean().item()
+                self.velocity_limit = {"steps": self.velocity_limit_steps, "flowmap_mse": mse,
+                                       "relative_error": mse / ref.square().mean().item()}
         return rows
+
+    def _limit_metrics(self) -> dict[str, float]:
+        if self.velocity_limit is None:
+            return {}
+        return {"flowmap_error/velocity_limit": self.velocity_limit["flowmap_mse"],
+                "flowmap_rel_error/velocity_limit": self.velocity_limit["relative_error"]}
 
     def _log(self, trainer, pl_module, rows):
         for row in rows:
             pl_module.log(f"flowmap_error/{row['steps']}step", row["flowmap_mse"], rank_zero_only=True)
             pl_module.log(f"flowmap_rel_error/{row['steps']}step", row["relative_error"], rank_zero_only=True)
+        for name, value in self._limit_metrics().items():
+            pl_module.log(name, value, rank_zero_only=True)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -113,7 +134,8 @@ class FlowMapError(pl.Callback):
             self.results = self.evaluate(trainer, pl_module)
             log_at_fit_end(trainer, {f"{name}/{row['steps']}step": row[key] for row in self.results
                                      for name, key in (("flowmap_error", "flowmap_mse"),
-                                                       ("flowmap_rel_error", "relative_error"))})
+                                                       ("flowmap_rel_error", "relative_error"))}
+                           | self._limit_metrics())
         self._print(trainer, pl_module)
 
     def _print(self, trainer, pl_module) -> None:
@@ -129,4 +151,7 @@ class FlowMapError(pl.Callback):
             f"{self.reference_steps}-step Heun ODE from the same {self.num_samples} noises "
             "(relative_error = mean squared error / mean square of the reference):\n"
             + format_table(self.results, ["steps", "flowmap_mse", "relative_error", "teacher_euler_relative_error"])
+            + ("" if self.velocity_limit is None else
+               f"\nstudent's own velocity F(x, t, t), {self.velocity_limit['steps']}-step Heun (the many-step limit): "
+               f"relative_error {self.velocity_limit['relative_error']:.4g}")
         )
