@@ -98,6 +98,8 @@ def main(argv=None) -> dict:
             rel = " / ".join(f"{v['mean']:.4f}" for v in summary["rel"].values() if v)
             print(f"{name}: relative error {rel} ({statistics.fmean(r['seconds'] for r in runs):.0f} s per run)",
                   file=sys.stderr)
+            if args.json:  # after every variant, so that a stopped ablation keeps the finished ones
+                Path(args.json).write_text(json.dumps(result, indent=2))
     rows = []
     for name, v in result["variants"].items():
         for k, rel in v["rel"].items():
