@@ -7,6 +7,12 @@ AYF-EMD, AYF-LMD and sCD steps with autoguidance, and each part alone: teacher f
 forward, student JVP, student forward+backward+optimizer step. Prints a table and one JSON object:
 each distillation step over the flow-matching step, and each step over the sum of its own parts
 (the overhead; 1.0 means no pass is wasted).
+
+With a forward-AD backend (``func``, ``forward_ad``) each distillation step is timed with the
+tangent computed both ways (docs/design.md section 4): ``two_pass`` (grad forward + separate JVP)
+and ``one_pass`` (one grad-enabled forward-mode pass whose primal is the trained output). Each row
+also carries the activation memory the step keeps for its backward (bytes of the distinct tensors
+saved by autograd, a device-independent proxy for peak activation memory).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from flowmap_lit.jvp import jvp  # noqa: E402
 from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule  # noqa: E402
 from flowmap_lit.networks import build_network  # noqa: E402
 from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD  # noqa: E402
+from flowmap_lit.objectives.base import primal_and_tangent  # noqa: E402
 from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
 
 
@@ -38,6 +45,28 @@ def randomize_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if not p.any():
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     return net
+
+
+def saved_for_backward_mb(fn) -> float:
+    """MiB of the distinct tensors autograd saves while ``fn`` runs (the step's backward activations)."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        if t.numel():
+            try:
+                key, nbytes = (t.untyped_storage().data_ptr(), str(t.device)), t.untyped_storage().nbytes()
+            except RuntimeError:  # a forward-AD dual view has no accessible storage: count its elements
+                key, nbytes = ("tensor", id(t)), t.numel() * t.element_size()
+            seen[key] = max(seen.get(key, 0), nbytes)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
+def passes(backend: str) -> list[str]:
+    return ["two_pass"] if backend == "finite_difference" else ["two_pass", "one_pass"]
 
 
 def main(argv=None) -> dict:
@@ -75,21 +104,26 @@ def main(argv=None) -> dict:
 
     ops["flow_matching_step"] = fm_step
     modules = {}
+    memory = {}
     for backend in args.backends:
-        for name, cls in (("ayf_emd", AYFEMD), ("ayf_lmd", AYFLMD), ("scd", SCD)):
-            m = FlowMapDistillModule(teacher, cls(jvp_backend=backend), guide=guide, guidance="autoguidance",
-                                     guidance_min=1.5, guidance_max=1.5, num_classes=10, warmup_steps=0).to(dev)
-            opt = torch.optim.Adam(m.student.parameters(), lr=1e-4)
-            modules[(name, backend)] = m
+        for tangent_pass in passes(backend):
+            for name, cls in (("ayf_emd", AYFEMD), ("ayf_lmd", AYFLMD), ("scd", SCD)):
+                m = FlowMapDistillModule(teacher, cls(jvp_backend=backend, tangent_pass=tangent_pass), guide=guide,
+                                         guidance="autoguidance", guidance_min=1.5, guidance_max=1.5, num_classes=10,
+                                         warmup_steps=0).to(dev)
+                opt = torch.optim.Adam(m.student.parameters(), lr=1e-4)
+                modules[(name, backend, tangent_pass)] = m
 
-            def step(m=m, opt=opt):
-                loss, _ = m.step_loss(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.mean().backward()
-                opt.step()
+                def step(m=m, opt=opt):
+                    loss, _ = m.step_loss(batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.mean().backward()
+                    opt.step()
 
-            ops[f"{name}_step[{backend}]"] = step
-    student = modules[(("ayf_emd", args.backends[0]))].student
+                key = f"{name}_step[{backend},{tangent_pass}]"
+                ops[key] = step
+                memory[key] = saved_for_backward_mb(lambda m=m: m.step_loss(batch)[0].mean())
+    student = modules[(("ayf_emd", args.backends[0], "two_pass"))].student
     s_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
 
     def teacher_fwd():
@@ -104,6 +138,12 @@ def main(argv=None) -> dict:
         out.square().mean().backward()
         s_opt.step()
 
+    def one_pass_fwd_bwd(tangents):
+        F, _ = primal_and_tangent(lambda a, b, c: student(a, b, c, class_labels=labels), x_t, t, s, tangents)
+        s_opt.zero_grad(set_to_none=True)
+        F.square().mean().backward()
+        s_opt.step()
+
     ops["part:teacher_forward"] = teacher_fwd
     ops["part:guide_forward"] = guide_fwd
     ops["part:student_forward_backward_step"] = fwd_bwd
@@ -113,6 +153,8 @@ def main(argv=None) -> dict:
             lambda x, tt: student(x, tt, s, class_labels=labels), (x_t, t), (v, torch.ones_like(t)), backend=b)
         ops[f"part:student_jvp_s[{backend}]"] = lambda b=backend: jvp(
             lambda ss: student(x_t, t, ss, class_labels=labels), (s,), (torch.ones_like(s),), backend=b)
+    ops["part:student_one_pass_forward_backward_step_t"] = lambda: one_pass_fwd_bwd({"x": v, "t": torch.ones_like(t)})
+    ops["part:student_one_pass_forward_backward_step_s"] = lambda: one_pass_fwd_bwd({"s": torch.ones_like(s)})
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = {k: [] for k in ops}
@@ -126,23 +168,32 @@ def main(argv=None) -> dict:
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     fm_ms = med["flow_matching_step"]
-    parts_common = med["part:teacher_forward"] + med["part:guide_forward"] + med["part:student_forward_backward_step"]
+    teachers_ms = med["part:teacher_forward"] + med["part:guide_forward"]
     rows = []
     for backend in args.backends:
-        for name, jvp_key in (("ayf_emd", "t"), ("ayf_lmd", "s"), ("scd", "t")):
-            step_ms = med[f"{name}_step[{backend}]"]
-            parts = parts_common + med[f"part:student_jvp_{jvp_key}[{backend}]"]
-            rows.append({"step": name, "jvp_backend": backend, "ms": round(step_ms, 2),
-                         "over_flow_matching": round(step_ms / fm_ms, 2), "sum_of_parts_ms": round(parts, 2),
-                         "over_sum_of_parts": round(step_ms / parts, 3)})
+        for tangent_pass in passes(backend):
+            for name, jvp_key in (("ayf_emd", "t"), ("ayf_lmd", "s"), ("scd", "t")):
+                key = f"{name}_step[{backend},{tangent_pass}]"
+                step_ms = med[key]
+                if tangent_pass == "two_pass":
+                    parts = teachers_ms + med["part:student_forward_backward_step"] + \
+                        med[f"part:student_jvp_{jvp_key}[{backend}]"]
+                else:
+                    parts = teachers_ms + med[f"part:student_one_pass_forward_backward_step_{jvp_key}"]
+                rows.append({"step": name, "jvp_backend": backend, "tangent_pass": tangent_pass,
+                             "ms": round(step_ms, 2), "over_flow_matching": round(step_ms / fm_ms, 2),
+                             "sum_of_parts_ms": round(parts, 2), "over_sum_of_parts": round(step_ms / parts, 3),
+                             "saved_for_backward_mib": round(memory[key], 2)})
     result = {"arch": args.arch, "preset": args.preset, "batch": args.batch, "device": str(dev),
               "threads": torch.get_num_threads(), "repeats": args.repeats,
               "median_ms": {k: round(v, 2) for k, v in med.items()}, "flow_matching_step_ms": round(fm_ms, 2),
               "steps": rows}
-    print(f"{'step':<10} {'jvp':<18} {'ms':>8} {'/FM step':>9} {'parts ms':>9} {'/parts':>7}")
+    print(f"{'step':<10} {'jvp':<18} {'tangent':<9} {'ms':>8} {'/FM step':>9} {'parts ms':>9} {'/parts':>7} "
+          f"{'saved MiB':>10}")
     for r in rows:
-        print(f"{r['step']:<10} {r['jvp_backend']:<18} {r['ms']:>8.2f} {r['over_flow_matching']:>9.2f} "
-              f"{r['sum_of_parts_ms']:>9.2f} {r['over_sum_of_parts']:>7.3f}")
+        print(f"{r['step']:<10} {r['jvp_backend']:<18} {r['tangent_pass']:<9} {r['ms']:>8.2f} "
+              f"{r['over_flow_matching']:>9.2f} {r['sum_of_parts_ms']:>9.2f} {r['over_sum_of_parts']:>7.3f} "
+              f"{r['saved_for_backward_mib']:>10.2f}")
     print(json.dumps(result))
     return result
 

@@ -23,6 +23,12 @@ def test_step_cost(arch):
     out = run_script("step_cost.py", "--arch", arch, "--batch", "4", "--repeats", "1", "--warmup", "1")
     assert {r["step"] for r in out["steps"]} == {"ayf_emd", "ayf_lmd", "scd"}
     assert all(r["ms"] > 0 and r["sum_of_parts_ms"] > 0 for r in out["steps"])
+    passes = {(r["jvp_backend"], r["tangent_pass"]) for r in out["steps"]}
+    assert passes == {("func", "two_pass"), ("func", "one_pass"), ("finite_difference", "two_pass")}
+    mem = {(r["step"], r["jvp_backend"], r["tangent_pass"]): r["saved_for_backward_mib"] for r in out["steps"]}
+    assert all(v > 0 for v in mem.values())
+    # the two-pass step saves exactly the grad forward's activations, whatever the JVP backend
+    assert mem[("ayf_emd", "func", "two_pass")] == mem[("ayf_emd", "finite_difference", "two_pass")]
 
 
 def test_data_throughput():

@@ -139,3 +139,50 @@ def test_tangent_normalization_and_weighting():
     assert torch.allclose(adaptive(loss, t, s), loss)
     adaptive(loss, t, s).sum().backward()
     assert adaptive.u[-1].bias.grad is not None
+
+
+class DropoutVelocity(torch.nn.Module):
+    """``F(x, t, s)``: an MLP of ``[x, t, t - s]`` with dropout (train mode), float64."""
+
+    def __init__(self, d: int = 6, width: int = 32) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(d + 2, width), torch.nn.SiLU(), torch.nn.Dropout(0.3),
+                                        torch.nn.Linear(width, d)).double()
+
+    def forward(self, x, t, s):
+        b = x.shape[0]
+        return self.body(torch.cat([x.reshape(b, -1), t[:, None], (t - s)[:, None]], 1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("objective", [AYFEMD, AYFLMD, SCD])
+def test_one_pass_and_two_pass_give_the_same_loss_and_gradient(objective):
+    """F and its tangent from one forward-mode pass equal the grad forward plus a separate JVP
+    (docs/design.md section 4), dropout included: same loss, same gradient, in float64."""
+    data = gaussian()
+    x, t, s = batch(32)
+    results = {}
+    for mode in ("one_pass", "two_pass"):
+        torch.manual_seed(0)
+        student = DropoutVelocity()
+        obj = objective(tangent_pass=mode)
+        assert obj.uses_one_pass(x) == (mode == "one_pass")
+        torch.manual_seed(1)  # the dropout masks of the step
+        out = obj(student, data.velocity, x, t, obj.select_s(t, s), r=0.7)
+        out.loss.mean().backward()
+        results[mode] = out.loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()])
+    (l1, g1), (l2, g2) = results["one_pass"], results["two_pass"]
+    assert ((l1 - l2).abs().max() / l2.abs().max()) < 1e-12
+    assert ((g1 - g2).norm() / g2.norm()) < 1e-10
+    assert g2.norm() > 0
+
+
+def test_tangent_pass_choice_and_its_errors():
+    assert not AYFEMD().uses_one_pass(torch.zeros(1))  # the default: two passes
+    assert AYFEMD(tangent_pass="auto").uses_one_pass(torch.zeros(1))  # forward AD, no autocast: one pass
+    assert not AYFEMD(tangent_pass="auto", jvp_backend="finite_difference").uses_one_pass(torch.zeros(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not AYFEMD(tangent_pass="auto").uses_one_pass(torch.zeros(1))  # keeps the fp32 tangent of the two-pass form
+    with pytest.raises(ValueError, match="one_pass needs forward-mode AD"):
+        AYFEMD(tangent_pass="one_pass", jvp_backend="finite_difference")
+    with pytest.raises(ValueError, match="tangent_pass must be"):
+        AYFEMD(tangent_pass="fused")

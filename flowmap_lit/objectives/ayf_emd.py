@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from flowmap_lit.jvp import jvp
 from flowmap_lit.objectives.base import TangentObjective, bcast, fp32
 
 
 class AYFEMD(TangentObjective):
     """Eulerian map distillation: one teacher velocity at (x_t, t) and one student JVP."""
 
-    def tangent(self, student, teacher, x_t, t, s, F_sg, r, rng):
+    def direction(self, teacher, x_t, t, s):
         v = fp32(teacher(x_t, t))
-        dF_dt = jvp(lambda x, tt: student(x, tt, s), (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)),
-                    backend=self.jvp_backend, fd_step=self.fd_step, rng=rng)
-        return (F_sg - v) + r * bcast(t - s, F_sg) * dF_dt
+        return {"x": v.to(x_t.dtype), "t": torch.ones_like(t)}, v
+
+    def assemble(self, teacher, x_t, t, s, F_sg, dF, r, v):
+        return (F_sg - v) + r * bcast(t - s, F_sg) * dF

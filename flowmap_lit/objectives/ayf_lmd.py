@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from flowmap_lit.jvp import jvp
 from flowmap_lit.objectives.base import TangentObjective, bcast, fp32
 
 
 class AYFLMD(TangentObjective):
     """Lagrangian map distillation: one teacher velocity at (x_hat_s, s) and one student JVP."""
 
-    def tangent(self, student, teacher, x_t, t, s, F_sg, r, rng):
+    def direction(self, teacher, x_t, t, s):
+        return {"s": torch.ones_like(s)}, None
+
+    def assemble(self, teacher, x_t, t, s, F_sg, dF, r, aux):
         x_hat_s = fp32(x_t) + bcast(s - t, F_sg) * F_sg
         v_s = fp32(teacher(x_hat_s.to(x_t.dtype), s))
-        dF_ds = jvp(lambda ss: student(x_t, t, ss), (s,), (torch.ones_like(s),),
-                    backend=self.jvp_backend, fd_step=self.fd_step, rng=rng)
-        return (F_sg - v_s) - r * bcast(t - s, F_sg) * dF_ds
+        return (F_sg - v_s) - r * bcast(t - s, F_sg) * dF
