@@ -29,11 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowmap_lit.interpolant import interpolate  # noqa: E402
-from flowmap_lit.jvp import jvp  # noqa: E402
+from flowmap_lit.jvp import jvp, primal_and_tangent  # noqa: E402
 from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule  # noqa: E402
 from flowmap_lit.networks import build_network  # noqa: E402
 from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD  # noqa: E402
-from flowmap_lit.objectives.base import primal_and_tangent  # noqa: E402
 from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
 
 

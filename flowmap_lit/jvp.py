@@ -11,6 +11,9 @@ passes draw the same dropout masks). Backends:
   forwards) for kernels or wrappers without forward AD (e.g. FSDP); inputs are cast to
   ``fd_dtype`` when given (float64 needs a float64 ``fn``), else kept in the primals' dtype.
 
+``primal_and_tangent`` is the one-pass form: a grad-enabled forward-mode pass whose primal is
+the trained output and whose tangent is the JVP (the objectives' ``tangent_pass: one_pass``).
+
 All attention inside runs on the SDPA math kernel (flash kernels have no forward-AD rule), and
 autocast is switched off inside, so the JVP is computed in the parameters' precision (fp32).
 """
@@ -81,6 +84,21 @@ def jvp(
         if backend == "finite_difference":
             return _central_difference(fn, primals, tangents, fd_step, fd_dtype)
     raise ValueError(f"unknown JVP backend {backend!r}; use 'func', 'forward_ad' or 'finite_difference'")
+
+
+def primal_and_tangent(student: Callable[..., Tensor], x_t: Tensor, t: Tensor, s: Tensor,
+                       tangents: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(F, dF)``: the student's output (grad-enabled, at the caller's precision) and its derivative
+    along ``tangents`` (detached), from one forward-mode pass (docs/design.md section 4)."""
+    inputs = dict(x=x_t, t=t, s=s)
+    with forward_ad_safe_attention(), forward_ad.dual_level():
+        for name, u in tangents.items():
+            inputs[name] = forward_ad.make_dual(inputs[name], u)
+        out = forward_ad.unpack_dual(student(inputs["x"], inputs["t"], inputs["s"]))
+        F, dF = out.primal, out.tangent
+        if dF is None:  # the output does not depend on the tangent inputs
+            dF = torch.zeros_like(F)
+        return F, dF.detach()
 
 
 def _central_difference(fn, primals, tangents, h: float, dtype: torch.dtype | None) -> Tensor:

@@ -14,10 +14,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from torch.autograd import forward_ad
-
-from flowmap_lit.jvp import JVPBackend, RNGState, jvp
-from flowmap_lit.networks.attention import forward_ad_safe_attention
+from flowmap_lit.jvp import JVPBackend, RNGState, jvp, primal_and_tangent
 from flowmap_lit.objectives.weighting import Weighting
 
 StudentFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # F(x, t, s)
@@ -91,7 +88,7 @@ class TangentObjective(Objective):
       autocast active), else ``two_pass``.
 
     The default stays ``two_pass``: the one-pass form keeps the tangent's graph alive through the
-    backward (2.2x to 2.8x the saved activations of the two-pass step on the tiny U-Net,
+    backward (2.8x the saved activations of the two-pass step on the tiny U-Net at batch 64,
     ``benchmarks/step_cost.py``), for about 9% less time on CPU.
     """
 
@@ -185,17 +182,3 @@ def _restricted(student: StudentFn, x_t: Tensor, t: Tensor, s: Tensor, tangents:
 
     return fn
 
-
-def primal_and_tangent(student: StudentFn, x_t: Tensor, t: Tensor, s: Tensor,
-                       tangents: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(F, dF)``: the student's output (grad-enabled, at the caller's precision) and its derivative
-    along ``tangents`` (detached), from one forward-mode pass (docs/design.md section 4)."""
-    inputs = dict(x=x_t, t=t, s=s)
-    with forward_ad_safe_attention(), forward_ad.dual_level():
-        for name, u in tangents.items():
-            inputs[name] = forward_ad.make_dual(inputs[name], u)
-        out = forward_ad.unpack_dual(student(inputs["x"], inputs["t"], inputs["s"]))
-        F, dF = out.primal, out.tangent
-        if dF is None:  # the output does not depend on the tangent inputs
-            dF = torch.zeros_like(F)
-        return F, dF.detach()
