@@ -111,7 +111,9 @@ data:
 """
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+# DDP's two-process step is checked against one process in test_distributed.py; the full fit under
+# DDP repeats the FSDP2 one and runs on demand (pytest -m slow).
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
 def test_digits_distillation_fits_with_two_processes(strategy, digits_checkpoints, tmp_path):
     small = tmp_path / "small.yaml"
     small.write_text(SMALL_EVAL % (tmp_path / "ckpt"))
