@@ -41,6 +41,7 @@ from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule  # noqa
 from flowmap_lit.networks import MLP, build_network  # noqa: E402
 from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD  # noqa: E402
 from flowmap_lit.teachers import GMMTeacher, NetworkTeacher  # noqa: E402
+from flowmap_lit.time_sampling import TimePairSampler  # noqa: E402
 
 BUDGETS = {  # distillation steps per run (exact / neural arm), batch, warmup, teacher/guide pretraining, eval samples
     "tiny": dict(steps=20, neural_steps=20, batch=64, warmup=10, teacher_steps=30, guide_steps=10, eval_samples=100),
@@ -156,7 +157,7 @@ def neural_teachers(budget, data_root: Path, seed: int, teacher_ckpt: str | None
 
 
 def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTeacher, guide: NetworkTeacher,
-               cache: dict) -> list[dict]:
+               cache: dict, diagonal_fraction: float = 0.0) -> list[dict]:
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
     out = []
     for name, objective, gamma in (("neural: AYF-EMD", AYFEMD(), 0.0), ("neural: AYF-LMD", AYFLMD(), 0.0),
@@ -165,6 +166,7 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTe
         m = FlowMapDistillModule(teacher, objective, guide=guide, guidance="autoguidance", guidance_min=1.0,
                                  guidance_max=2.0, condition_on_guidance=True, eval_guidance=1.5, num_classes=10,
                                  warmup_steps=budget["warmup"], sample_gamma=gamma,
+                                 time_sampler=TimePairSampler(diagonal_fraction=diagonal_fraction),
                                  optimizer=lambda p: torch.optim.Adam(p, lr=lr))
         out.append(distill(name, m, dm, budget, data_root, seed, budget["neural_steps"], cache))
     return out
@@ -215,6 +217,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="distillation seeds (the neural teacher and guide are trained once, with the first)")
     p.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate (every method)")
+    p.add_argument("--diagonal-fraction", type=float, default=0.0,
+                   help="neural arm: fraction of (t, s) pairs at s = t (every method; the quickstart uses 0.75)")
     p.add_argument("--arms", nargs="+", default=["exact", "neural"], choices=["exact", "neural"])
     p.add_argument("--teacher-ckpt", default=None)
     p.add_argument("--guide-ckpt", default=None)
@@ -233,12 +237,13 @@ def main(argv=None) -> dict:
         if "exact" in args.arms:
             results += exact_arm(budget, data_root, seed, args.lr, cache)
         if teachers is not None:
-            results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache)
+            results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache, args.diagonal_fraction)
     summary_rows = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(summary_rows, out / f"quality_{args.budget}.png")
     summary = {"budget": args.budget, **budget, "seeds": args.seeds, "lr": args.lr, "steps_evaluated": STEPS,
+               "diagonal_fraction": args.diagonal_fraction,
                "seconds": round(time.perf_counter() - start), "summary": summary_rows, "results": results,
                "plot": str(out / f"quality_{args.budget}.png")}
     (out / f"quality_{args.budget}.json").write_text(json.dumps(summary, indent=1))

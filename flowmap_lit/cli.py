@@ -181,12 +181,14 @@ COMMANDS = {
     "sample": "flowmap_lit.commands.sample",      # sample grids and .npz from a checkpoint
     "evaluate": "flowmap_lit.commands.evaluate",  # FID and flow-map error across step counts
     "diagnose": "flowmap_lit.commands.diagnose",  # where a flow map is wrong: jump grid, per-step errors
+    "schedule": "flowmap_lit.schedule",           # tuned k-step grids (docs/design.md section 11)
+    "export": "flowmap_lit.export",               # safetensors + JSON, load_flowmap, diffusers pipeline
 }
 
 
 def main(args: list[str] | None = None):
     """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script: ``sample``,
-    ``evaluate`` and ``diagnose`` run their command, anything else goes to LightningCLI. A config
+    ``evaluate``, ``diagnose``, ``schedule`` and ``export`` run their command, anything else goes to LightningCLI. A config
     whose objects cannot be built exits with status 2 and the message of the class that refused."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:

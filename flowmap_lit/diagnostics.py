@@ -194,11 +194,14 @@ def bind_module(module, guidance: float | None = None, reference_steps: int = 25
 def diagnose(module, noise: Tensor, labels: Tensor | None = None, step_counts: list[int] = [1, 2, 4, 8],
              times: list[float] | None = None, guidance: float | None = None, reference_steps: int = 256,
              batch_size: int = 1000) -> tuple[JumpGrid, list[PathSteps]]:
-    """The jump grid and the uniform-schedule path decomposition for each step count, of a module."""
+    """The jump grid and the path decomposition for each step count, of a module (on the module's
+    tuned grid for k where it has one, ``set_schedules``; else uniform)."""
     student, flow = bind_module(module, guidance, reference_steps)
     grid = jump_grid(student, flow, noise, labels, times, batch_size)
     reference = torch.cat([flow(lab, x.shape[0])(x, 1.0, 0.0) for x, lab in _chunks(noise, labels, batch_size)])
-    paths = [path_steps(student, flow, noise, labels, uniform_schedule(k), batch_size, reference) for k in step_counts]
+    tuned = getattr(module, "schedules", {})
+    paths = [path_steps(student, flow, noise, labels, tuned[k][0] if k in tuned else uniform_schedule(k), batch_size,
+                        reference) for k in step_counts]
     return grid, paths
 
 

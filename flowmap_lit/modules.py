@@ -274,6 +274,7 @@ class FlowMapDistillModule(pl.LightningModule):
         noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
         activation_checkpointing: bool = False,  # recompute the student's block activations in backward
         shard_teacher: bool = True,  # under ModelParallelStrategy (FSDP2) shard the frozen teacher and guide too
+        schedules: str | None = None,  # tuned k-step grids (python -m flowmap_lit.schedule); None: uniform
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
@@ -327,6 +328,15 @@ class FlowMapDistillModule(pl.LightningModule):
         self.bad_steps = 0
         self.noise_seed = resolve_noise_seed(noise_seed)
         self.activation_checkpointing, self.shard_teacher = activation_checkpointing, shard_teacher
+        self.schedules: dict[int, tuple[Tensor, float]] = {}
+        self.set_schedules(schedules)
+
+    def set_schedules(self, source: str | dict | None) -> None:
+        """Use the tuned grids (and gammas) of a schedules file for the step counts it covers
+        (docs/design.md section 11); other step counts stay uniform. None: uniform everywhere."""
+        from flowmap_lit.schedule import load_schedules
+
+        self.schedules = {} if source is None else load_schedules(source)
 
     # --- the pieces of a step ----------------------------------------------------------------------
     def ema_network(self) -> nn.Module:
@@ -509,11 +519,16 @@ class FlowMapDistillModule(pl.LightningModule):
     def sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int = 1,
                guidance: float | None = None, schedule: Tensor | None = None, gamma: float | None = None,
                generator: torch.Generator | None = None, cond: dict[str, Tensor] | None = None) -> Tensor:
-        """k-step samples from ``noise``: flow-map chaining, or gamma sampling (uniform schedule
-        unless one is given; ``gamma`` defaults to ``sample_gamma``); ``cond``: keyword conditioning."""
+        """k-step samples from ``noise``: flow-map chaining, or gamma sampling; ``cond``: keyword conditioning.
+
+        Without ``schedule`` the grid is the tuned one of ``schedules`` for ``num_steps`` (with its
+        gamma) where there is one, else uniform; ``gamma`` defaults to that or to ``sample_gamma``."""
         lam = self._eval_inputs(noise, guidance)
+        tuned_gamma = self.sample_gamma
+        if schedule is None and num_steps in self.schedules:
+            schedule, tuned_gamma = self.schedules[num_steps]
         sched = uniform_schedule(num_steps) if schedule is None else schedule
-        gamma = self.sample_gamma if gamma is None else gamma
+        gamma = tuned_gamma if gamma is None else gamma
         return gamma_sample(self.student_fn(class_labels, lam, cond), noise, sched, gamma, generator)
 
     @torch.no_grad()

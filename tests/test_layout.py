@@ -83,7 +83,7 @@ def test_documented_names_import():
 def test_documented_commands_run():
     commands = set()
     for text in doc_texts().values():
-        commands |= set(re.findall(r"python -m (flowmap_lit(?:\.[\w.]+)?(?: (?:sample|evaluate|diagnose)\b)?)", text))
+        commands |= set(re.findall(r"python -m (flowmap_lit(?:\.[\w.]+)?(?: (?:sample|evaluate|diagnose|schedule|export)\b)?)", text))
     assert {"flowmap_lit", "flowmap_lit sample", "flowmap_lit.data.prepare"} <= commands
     for command in sorted(commands):
         proc = subprocess.run([sys.executable, "-m", *command.split(), "--help"], capture_output=True, text=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flowmap_lit.callbacks.flowmap_error import format_table
-from flowmap_lit.commands.sample import denormalize, generate, load_module
+from flowmap_lit.commands.sample import denormalize, generate, load_module, use_schedules
 from flowmap_lit.teachers import load_checkpoint
 
 
@@ -83,8 +83,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit.schedule (default: "
+                                                     "the checkpoint's, else uniform)")
     args = p.parse_args(argv)
     module = load_module(args.ckpt, map_location=args.device)
+    if args.schedules:
+        use_schedules(module, args.schedules)
     data_root = None if args.no_fid else (args.data or _data_root(args.ckpt))
     rows = evaluate(module, args.steps, args.num, data_root, args.feature, args.feature_path,
                     args.reference_steps, args.guidance, args.seed)

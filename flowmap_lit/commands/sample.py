@@ -40,7 +40,16 @@ def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu",
     if shadow is not None:
         module.ema_network().load_state_dict(shadow, strict=False)
     module.data_info = ckpt.get("data_info")
+    module.checkpoint_hparams = ckpt.get("hyper_parameters", {})  # as written (configs, not the objects built)
     return module.eval()
+
+
+def use_schedules(module, path: str) -> None:
+    """Sample ``module`` on the tuned grids of ``path`` (a file of ``python -m flowmap_lit.schedule``)."""
+    if not hasattr(module, "set_schedules"):
+        raise SystemExit(f"error: --schedules needs a distilled flow map; {type(module).__name__} samples its ODE "
+                         "with a fixed solver grid")
+    module.set_schedules(path)
 
 
 def denormalize(x: Tensor, info: dict | None) -> Tensor:
@@ -93,8 +102,12 @@ def main(argv: list[str] | None = None) -> dict[int, Path]:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow-pickle", action="store_true", help="load with weights_only=False (trusted files only)")
+    p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit.schedule (default: "
+                                                     "the checkpoint's, else uniform)")
     args = p.parse_args(argv)
     module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device, allow_pickle=args.allow_pickle)
+    if args.schedules:
+        use_schedules(module, args.schedules)
     noise, labels, samples = generate(module, args.num, args.steps, args.guidance, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -101,9 +101,12 @@ class NetworkTeacher(Teacher):
         if checkpoint is None and net is None:
             raise ValueError("NetworkTeacher needs a checkpoint path, a net, or both")
         hparams = {}
+        self.net_config: dict | None = None  # {"class_path", "init_args"} of the network, when the checkpoint has it
         if checkpoint is not None:
             ckpt = load_checkpoint(checkpoint, allow_pickle)
             hparams = ckpt.get("hyper_parameters", {})
+            if isinstance(hparams.get("net"), dict):
+                self.net_config = hparams["net"]
             if net is None:
                 if not isinstance(hparams.get("net"), dict):
                     raise ValueError(

@@ -1,0 +1,296 @@
+"""Tuned k-step time grids (and gamma) for a distilled flow map (docs/design.md section 11).
+
+    python -m flowmap_lit.schedule --ckpt checkpoints/quickstart/last.ckpt --steps 2 4 8 \\
+        --out checkpoints/quickstart/schedules.json
+
+A flow map jumps between any two times, so the grid ``1 = t_0 > t_1 > ... > t_k = 0`` of k-step
+sampling is a free knob. For each k the search minimizes a criterion on held-out noise (a seed
+that the evaluation callbacks do not use):
+
+- ``flowmap_error`` (default): relative error of the k-step samples against the teacher's
+  many-step ODE from the same noise; no features, milliseconds per candidate on small models;
+- ``fid``: FID of the k-step samples with the configured feature network.
+
+Every candidate is a valid grid by construction: ``k`` unconstrained parameters ``theta`` give the
+increments ``t_{i} - t_{i+1} = softmax(theta)_i`` (``theta`` clipped to a bounded box, so no increment
+underflows), hence a strictly decreasing grid from exactly 1 to exactly 0. The search is a seeded
+evolution strategy with a diagonal covariance (a small CMA-ES without the rank updates) that starts
+from the better of the uniform and EDM grids and returns the best grid it evaluated, so the result
+is never worse than either on the criterion. With ``--gamma`` the re-noising of gamma sampling is
+searched too (one more parameter, clipped to [0, 1]).
+
+The output JSON is read by ``python -m flowmap_lit sample/evaluate --schedules FILE``, by
+``FlowMapDistillModule(schedules=FILE)`` (so the callbacks use it), and by ``flowmap_lit.export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flowmap_lit.interpolant import edm_schedule, uniform_schedule
+
+FORMAT = "flowmap-lit-schedules/1"
+THETA_BOUND = 8.0  # |theta| <= 8: the smallest increment is >= exp(-16) / k, far above float64 resolution
+
+Criterion = Callable[[Tensor, float], float]  # (grid of k + 1 times, gamma) -> value to minimize
+
+
+# --- grids -----------------------------------------------------------------------------------------
+def grid_from_params(theta: Tensor) -> Tensor:
+    """``(k,)`` parameters -> ``(k + 1,)`` float64 times, strictly decreasing from exactly 1 to exactly 0."""
+    theta = torch.as_tensor(theta, dtype=torch.float64).clamp(-THETA_BOUND, THETA_BOUND)
+    steps = torch.softmax(theta, 0)
+    inner = 1.0 - torch.cumsum(steps, 0)[:-1]
+    return torch.cat([torch.ones(1, dtype=torch.float64), inner.clamp(0.0, 1.0), torch.zeros(1, dtype=torch.float64)])
+
+
+def params_from_grid(grid: Tensor) -> Tensor:
+    """Inverse of :func:`grid_from_params` (up to the shift that softmax ignores): ``log`` of the increments."""
+    grid = check_grid(grid)
+    return torch.log(grid[:-1] - grid[1:]).clamp(-THETA_BOUND, THETA_BOUND)
+
+
+def check_grid(grid, num_steps: int | None = None) -> Tensor:
+    """``grid`` as float64, or a ValueError naming what is wrong with it."""
+    g = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if num_steps is not None and g.numel() != num_steps + 1:
+        raise ValueError(f"a {num_steps}-step grid has {num_steps + 1} times, got {g.numel()}: {g.tolist()}")
+    if g.numel() < 2 or g[0] != 1.0 or g[-1] != 0.0 or not bool((g[1:] < g[:-1]).all()):
+        raise ValueError(f"a time grid must decrease strictly from 1 to 0, got {g.tolist()}")
+    return g
+
+
+# --- search ----------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    grid: Tensor
+    gamma: float
+    value: float
+    baselines: dict[str, float]  # criterion of the uniform and EDM grids (at the starting gamma)
+    evaluations: int
+    history: list[float] = field(default_factory=list)  # best value after each generation
+
+
+def search_grid(criterion: Criterion, num_steps: int, budget: int = 64, seed: int = 0, gamma: float = 0.0,
+                search_gamma: bool = False, sigma: float = 0.7) -> SearchResult:
+    """Minimize ``criterion(grid, gamma)`` over valid ``num_steps``-step grids with at most ``budget`` calls.
+
+    Seeded (diagonal) evolution strategy in the softmax parameters: ``lam = 4 + 3 ln(d)`` candidates
+    per generation around the mean, the best half recombined with log-rank weights into the next
+    mean, the step size per coordinate set from the elites' spread (floored, so the search never
+    freezes). The uniform and EDM grids are the first two evaluations.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if budget < 2:
+        raise ValueError(f"budget must allow at least the 2 baseline evaluations, got {budget}")
+    gen = torch.Generator().manual_seed(seed)
+    evals = 0
+    best: tuple[float, Tensor, float] | None = None
+
+    def evaluate(theta: Tensor, g: float) -> float:
+        nonlocal evals, best
+        grid = grid_from_params(theta)
+        value = float(criterion(check_grid(grid, num_steps), g))
+        evals += 1
+        if not math.isfinite(value):
+            value = math.inf
+        if best is None or value < best[0]:
+            best = (value, grid, g)
+        return value
+
+    baselines = {}
+    starts = {}
+    for name, make in (("uniform", uniform_schedule), ("edm", edm_schedule)):
+        theta = params_from_grid(make(num_steps))
+        baselines[name] = evaluate(theta, gamma)
+        starts[name] = theta
+    free_grid = num_steps > 1  # a 1-step grid is always (1, 0)
+    dim = (num_steps if free_grid else 0) + (1 if search_gamma else 0)
+    history = [best[0]]
+    if dim > 0:
+        start = starts[min(baselines, key=baselines.get)]
+        mean = torch.cat([start if free_grid else start[:0], torch.tensor([gamma] if search_gamma else [],
+                                                                           dtype=torch.float64)])
+        scale = torch.full((dim,), sigma, dtype=torch.float64)
+        if search_gamma:
+            scale[-1] = 0.3
+        floor = scale * 0.05
+        lam = 4 + int(3 * math.log(dim))
+        mu = lam // 2
+        weights = torch.log(torch.tensor(mu + 0.5, dtype=torch.float64)) - torch.log(
+            torch.arange(1, mu + 1, dtype=torch.float64))
+        weights = weights / weights.sum()
+
+        def split(z: Tensor) -> tuple[Tensor, float]:
+            theta = z[:num_steps] if free_grid else starts["uniform"]
+            g = float(z[-1].clamp(0.0, 1.0)) if search_gamma else gamma
+            return theta, g
+
+        while evals + lam <= budget:
+            cand = mean + scale * torch.randn((lam, dim), generator=gen, dtype=torch.float64)
+            if free_grid:
+                cand[:, :num_steps] = cand[:, :num_steps].clamp(-THETA_BOUND, THETA_BOUND)
+            if search_gamma:
+                cand[:, -1] = cand[:, -1].clamp(0.0, 1.0)
+            values = torch.tensor([evaluate(*split(c)) for c in cand], dtype=torch.float64)
+            elite = cand[torch.argsort(values)[:mu]]
+            mean = (weights[:, None] * elite).sum(0)
+            scale = torch.maximum(0.5 * scale + 0.5 * elite.std(0, unbiased=False) * 1.5, floor)
+            history.append(best[0])
+    value, grid, g = best
+    return SearchResult(grid=grid, gamma=g, value=value, baselines=baselines, evaluations=evals, history=history)
+
+
+# --- criteria --------------------------------------------------------------------------------------
+def held_out_inputs(module, num: int, seed: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num, *shape), generator=gen)
+    k = getattr(module, "num_classes", 0)
+    labels = torch.randint(0, k, (num,), generator=gen) if k else None
+    return noise.to(module.device), (labels.to(module.device) if labels is not None else None)
+
+
+def _batched(fn, noise: Tensor, labels: Tensor | None, batch_size: int, **kw) -> Tensor:
+    return torch.cat([fn(noise[i:i + batch_size], labels[i:i + batch_size] if labels is not None else None, **kw)
+                      for i in range(0, noise.shape[0], batch_size)])
+
+
+def flowmap_error_criterion(module, noise: Tensor, labels: Tensor | None, reference_steps: int = 128,
+                            guidance: float | None = None, batch_size: int = 1000) -> Criterion:
+    """Relative error of k-step samples on ``grid`` against the teacher's ``reference_steps`` Heun ODE."""
+    kw = {} if guidance is None else {"guidance": guidance}
+    reference = _batched(module.teacher_sample, noise, labels, batch_size, num_steps=reference_steps, **kw)
+    ref_ms = reference.square().mean()
+
+    def criterion(grid: Tensor, gamma: float) -> float:
+        gen = torch.Generator(device=noise.device).manual_seed(0)  # the same re-noising for every candidate
+        x = _batched(module.sample, noise, labels, batch_size, schedule=grid, gamma=gamma, generator=gen, **kw)
+        return float((x - reference).square().mean() / ref_ms)
+
+    return criterion
+
+
+def fid_criterion(module, noise: Tensor, labels: Tensor | None, fid, guidance: float | None = None,
+                  batch_size: int = 500, to_data: Callable[[Tensor], Tensor] = lambda x: x) -> Criterion:
+    """FID of k-step samples on ``grid`` (``fid``: a ``flowmap_lit.metrics.FID`` with its reference set)."""
+    kw = {} if guidance is None else {"guidance": guidance}
+
+    def criterion(grid: Tensor, gamma: float) -> float:
+        gen = torch.Generator(device=noise.device).manual_seed(0)
+        fid.reset_fake()
+        for i in range(0, noise.shape[0], batch_size):
+            lab = labels[i:i + batch_size] if labels is not None else None
+            fid.update_fake(to_data(module.sample(noise[i:i + batch_size], lab, schedule=grid, gamma=gamma,
+                                                  generator=gen, **kw)))
+        return float(fid.compute())
+
+    return criterion
+
+
+# --- files -----------------------------------------------------------------------------------------
+def save_schedules(path: str | Path, grids: dict[int, Tensor], gammas: dict[int, float], meta: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "grids": {str(k): [float(t) for t in check_grid(g, k)] for k, g in sorted(grids.items())},
+           "gamma": {str(k): float(gammas.get(k, 0.0)) for k in sorted(grids)}, **(meta or {})}
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def load_schedules(source: str | Path | dict) -> dict[int, tuple[Tensor, float]]:
+    """``{k: (grid, gamma)}`` from a schedules file (or its parsed dict), each grid checked."""
+    if isinstance(source, dict):
+        doc, where = source, "schedules"
+    else:
+        where = str(source)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"schedules file {where} not found; write one with "
+                                    "`python -m flowmap_lit.schedule --ckpt CKPT --steps 2 4 8 --out FILE`")
+        doc = json.loads(Path(source).read_text())
+    if doc.get("format") != FORMAT or not isinstance(doc.get("grids"), dict):
+        raise ValueError(f"{where} is not a schedules file (expected format {FORMAT!r} with a 'grids' mapping)")
+    gammas = doc.get("gamma", {})
+    out = {}
+    for key, grid in doc["grids"].items():
+        k = int(key)
+        gamma = float(gammas.get(key, 0.0))
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"{where}: gamma of the {k}-step grid must be in [0, 1], got {gamma}")
+        out[k] = (check_grid(grid, k), gamma)
+    return out
+
+
+# --- command ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m flowmap_lit.schedule", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="FlowMapDistillModule checkpoint written by python -m flowmap_lit fit")
+    p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--criterion", default="flowmap_error", choices=["flowmap_error", "fid"])
+    p.add_argument("--budget", type=int, default=64, help="criterion evaluations per step count")
+    p.add_argument("--num", type=int, default=1000, help="held-out noise samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (the held-out noise uses 10_000 + seed)")
+    p.add_argument("--gamma", action="store_true", help="also search gamma (re-noising of gamma sampling)")
+    p.add_argument("--reference-steps", type=int, default=128, help="Heun steps of the teacher reference")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the module's)")
+    p.add_argument("--data", default=None, help="dataset root for --criterion fid (default: the checkpoint's)")
+    p.add_argument("--feature", default="digits", choices=["digits", "inception"])
+    p.add_argument("--feature-path", default=None, help="feature network weights (digits: DATA/classifier.pt)")
+    p.add_argument("--out", default=None, help="output JSON (default: schedules.json next to the checkpoint)")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    from flowmap_lit.commands.evaluate import _data_root
+    from flowmap_lit.commands.sample import denormalize, load_module
+
+    module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device)
+    if not hasattr(module, "teacher_sample"):
+        raise SystemExit(f"error: {args.ckpt} is not a distilled flow map (FlowMapDistillModule); its sampler "
+                         "has no free time grid to tune")
+    shape = tuple((module.data_info or {}).get("shape") or ())
+    if not shape:
+        raise SystemExit(f"error: {args.ckpt} records no data shape")
+    noise, labels = held_out_inputs(module, args.num, 10_000 + args.seed, shape)
+    if args.criterion == "flowmap_error":
+        criterion = flowmap_error_criterion(module, noise, labels, args.reference_steps, args.guidance)
+    else:
+        from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats
+
+        root = args.data or _data_root(args.ckpt)
+        if root is None:
+            raise SystemExit("error: --criterion fid needs the dataset root (--data)")
+        path = args.feature_path or (str(Path(root) / "classifier.pt") if args.feature == "digits" else None)
+        extractor = build_feature_extractor(args.feature, path).to(module.device)
+        fid = FID(extractor).to(module.device)
+        fid.set_reference(dataset_reference_stats(root, "train", extractor, device=module.device))
+        criterion = fid_criterion(module, noise, labels, fid, args.guidance,
+                                  to_data=lambda x: denormalize(x, module.data_info))
+    grids, gammas, report = {}, {}, {}
+    gamma0 = float(module.sample_gamma)
+    for k in args.steps:
+        res = search_grid(criterion, k, args.budget, args.seed, gamma0, args.gamma)
+        grids[k], gammas[k] = res.grid, res.gamma
+        report[str(k)] = {**res.baselines, "tuned": res.value, "evaluations": res.evaluations}
+        print(f"{k} steps: {args.criterion} uniform {res.baselines['uniform']:.5g}  edm {res.baselines['edm']:.5g}  "
+              f"tuned {res.value:.5g}  grid {[round(float(t), 4) for t in res.grid]}  gamma {res.gamma:.3g}",
+              flush=True)
+    out = Path(args.out) if args.out else Path(args.ckpt).parent / "schedules.json"
+    meta = {"criterion": args.criterion, "seed": args.seed, "budget": args.budget, "num": args.num,
+            "checkpoint": str(args.ckpt), "held_out": report}
+    save_schedules(out, grids, gammas, meta)
+    print(f"schedules: {out}")
+    return {"path": str(out), "report": report, "grids": {k: g.tolist() for k, g in grids.items()}, "gamma": gammas}
+
+
+if __name__ == "__main__":
+    main()
