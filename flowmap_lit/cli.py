@@ -181,7 +181,7 @@ COMMANDS = {
     "sample": "flowmap_lit.commands.sample",      # sample grids and .npz from a checkpoint
     "evaluate": "flowmap_lit.commands.evaluate",  # FID and flow-map error across step counts
     "diagnose": "flowmap_lit.commands.diagnose",  # where a flow map is wrong: jump grid, per-step errors
-    "schedule": "flowmap_lit.schedule",           # tuned k-step grids (docs/design.md section 11)
+    "schedule": "flowmap_lit.commands.schedule",  # tuned k-step grids (docs/design.md section 11)
     "export": "flowmap_lit.export",               # safetensors + JSON, load_flowmap, diffusers pipeline
 }
 

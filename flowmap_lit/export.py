@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowmap_lit.flowmap import FlowMap, instantiate
-from flowmap_lit.schedule import load_schedules
+from flowmap_lit.schedule import load_schedules, schedules_doc
 
 FORMAT = "flowmap-lit-flowmap/1"
 WEIGHTS, CONFIG = "student.safetensors", "flowmap.json"
@@ -68,9 +68,7 @@ def flowmap_config(module, schedules: dict[int, tuple[Tensor, float]] | None = N
         "condition_on_guidance": bool(module.condition_on_guidance),
         "guidance": None if module.guidance == "none" else float(module.eval_guidance),
         "sample_gamma": float(module.sample_gamma),
-        "schedules": {"format": "flowmap-lit-schedules/1",
-                      "grids": {str(k): [float(t) for t in g] for k, (g, _) in sorted(scheds.items())},
-                      "gamma": {str(k): float(gm) for k, (_, gm) in sorted(scheds.items())}},
+        "schedules": schedules_doc(scheds),
         "data": getattr(module, "data_info", None) or {},
     }
 

@@ -15,6 +15,15 @@ from flowmap_lit.sampling import gamma_sample
 from flowmap_lit.schedule import check_grid
 
 
+def denormalize(x: Tensor, info: dict | None) -> Tensor:
+    """Undo the per-channel normalization recorded with the data (``data_info``; identity without it)."""
+    if not info or not info.get("normalize"):
+        return x
+    mean = torch.tensor(info["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(info["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x * std + mean
+
+
 def instantiate(config):
     """Build ``{"class_path": ..., "init_args": {...}}`` (nested ones too) without jsonargparse."""
     if isinstance(config, dict) and "class_path" in config:
@@ -78,13 +87,8 @@ class FlowMap(nn.Module):
             labels = None
         elif labels is None:
             raise ValueError(f"this flow map is class-conditional ({self.num_classes} classes): pass labels")
-        student = lambda x, t, s: self.net(x, t, s, class_labels=labels, guidance=lam)  # noqa: E731
-        return gamma_sample(student, noise, grid, gamma, generator)
+        return gamma_sample(lambda x, t, s: self(x, t, s, labels, lam), noise, grid, gamma, generator)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Undo the per-channel normalization of the training data (identity without one)."""
-        if not self.data.get("normalize"):
-            return x
-        mean = torch.tensor(self.data["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.data["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return x * std + mean
+        return denormalize(x, self.data)

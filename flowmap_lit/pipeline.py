@@ -24,7 +24,7 @@ from diffusers.utils import BaseOutput
 
 from flowmap_lit.flowmap import FlowMap, instantiate
 from flowmap_lit.interpolant import uniform_schedule
-from flowmap_lit.schedule import check_grid
+from flowmap_lit.schedule import check_grid, schedules_doc
 
 
 class FlowMapModel(ModelMixin, ConfigMixin):
@@ -89,9 +89,8 @@ class FlowMapPipeline(DiffusionPipeline):
         model = FlowMapModel(fm.network_config, fm.num_classes, fm.condition_on_guidance, fm.guidance,
                              fm.sample_gamma, fm.data, scaling_factor)
         model.flowmap.net.load_state_dict(fm.net.state_dict())
-        scheduler = FlowMapGridScheduler(
-            grids={str(k): [float(t) for t in g] for k, (g, _) in fm.schedules.items()},
-            gammas={str(k): float(gm) for k, (_, gm) in fm.schedules.items()}, sample_gamma=fm.sample_gamma)
+        doc = schedules_doc(fm.schedules)
+        scheduler = FlowMapGridScheduler(grids=doc["grids"], gammas=doc["gamma"], sample_gamma=fm.sample_gamma)
         return cls(flowmap=model.eval(), vae=vae.eval(), scheduler=scheduler)
 
     @torch.no_grad()

@@ -25,7 +25,6 @@ The output JSON is read by ``python -m flowmap_lit sample/evaluate --schedules F
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -118,8 +117,8 @@ def search_grid(criterion: Criterion, num_steps: int, budget: int = 64, seed: in
     history = [best[0]]
     if dim > 0:
         start = starts[min(baselines, key=baselines.get)]
-        mean = torch.cat([start if free_grid else start[:0], torch.tensor([gamma] if search_gamma else [],
-                                                                           dtype=torch.float64)])
+        mean = torch.tensor(([*start.tolist()] if free_grid else []) + ([gamma] if search_gamma else []),
+                            dtype=torch.float64)
         scale = torch.full((dim,), sigma, dtype=torch.float64)
         if search_gamma:
             scale[-1] = 0.3
@@ -197,11 +196,17 @@ def fid_criterion(module, noise: Tensor, labels: Tensor | None, fid, guidance: f
 
 
 # --- files -----------------------------------------------------------------------------------------
+def schedules_doc(schedules: dict[int, tuple[Tensor, float]]) -> dict:
+    """The JSON form of ``{k: (grid, gamma)}`` (what :func:`load_schedules` reads back)."""
+    return {"format": FORMAT,
+            "grids": {str(k): [float(t) for t in check_grid(g, k)] for k, (g, _) in sorted(schedules.items())},
+            "gamma": {str(k): float(gm) for k, (_, gm) in sorted(schedules.items())}}
+
+
 def save_schedules(path: str | Path, grids: dict[int, Tensor], gammas: dict[int, float], meta: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": FORMAT, "grids": {str(k): [float(t) for t in check_grid(g, k)] for k, g in sorted(grids.items())},
-           "gamma": {str(k): float(gammas.get(k, 0.0)) for k in sorted(grids)}, **(meta or {})}
+    doc = {**schedules_doc({k: (g, gammas.get(k, 0.0)) for k, g in grids.items()}), **(meta or {})}
     path.write_text(json.dumps(doc, indent=1))
     return path
 
@@ -229,68 +234,7 @@ def load_schedules(source: str | Path | dict) -> dict[int, tuple[Tensor, float]]
     return out
 
 
-# --- command ---------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m flowmap_lit.schedule", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="FlowMapDistillModule checkpoint written by python -m flowmap_lit fit")
-    p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--criterion", default="flowmap_error", choices=["flowmap_error", "fid"])
-    p.add_argument("--budget", type=int, default=64, help="criterion evaluations per step count")
-    p.add_argument("--num", type=int, default=1000, help="held-out noise samples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search (the held-out noise uses 10_000 + seed)")
-    p.add_argument("--gamma", action="store_true", help="also search gamma (re-noising of gamma sampling)")
-    p.add_argument("--reference-steps", type=int, default=128, help="Heun steps of the teacher reference")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the module's)")
-    p.add_argument("--data", default=None, help="dataset root for --criterion fid (default: the checkpoint's)")
-    p.add_argument("--feature", default="digits", choices=["digits", "inception"])
-    p.add_argument("--feature-path", default=None, help="feature network weights (digits: DATA/classifier.pt)")
-    p.add_argument("--out", default=None, help="output JSON (default: schedules.json next to the checkpoint)")
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+if __name__ == "__main__":  # python -m flowmap_lit.schedule: the command lives with the others (by name, so
+    import importlib  # that this library module does not import the commands, which import it)
 
-    from flowmap_lit.commands.evaluate import _data_root
-    from flowmap_lit.commands.sample import denormalize, load_module
-
-    module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device)
-    if not hasattr(module, "teacher_sample"):
-        raise SystemExit(f"error: {args.ckpt} is not a distilled flow map (FlowMapDistillModule); its sampler "
-                         "has no free time grid to tune")
-    shape = tuple((module.data_info or {}).get("shape") or ())
-    if not shape:
-        raise SystemExit(f"error: {args.ckpt} records no data shape")
-    noise, labels = held_out_inputs(module, args.num, 10_000 + args.seed, shape)
-    if args.criterion == "flowmap_error":
-        criterion = flowmap_error_criterion(module, noise, labels, args.reference_steps, args.guidance)
-    else:
-        from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats
-
-        root = args.data or _data_root(args.ckpt)
-        if root is None:
-            raise SystemExit("error: --criterion fid needs the dataset root (--data)")
-        path = args.feature_path or (str(Path(root) / "classifier.pt") if args.feature == "digits" else None)
-        extractor = build_feature_extractor(args.feature, path).to(module.device)
-        fid = FID(extractor).to(module.device)
-        fid.set_reference(dataset_reference_stats(root, "train", extractor, device=module.device))
-        criterion = fid_criterion(module, noise, labels, fid, args.guidance,
-                                  to_data=lambda x: denormalize(x, module.data_info))
-    grids, gammas, report = {}, {}, {}
-    gamma0 = float(module.sample_gamma)
-    for k in args.steps:
-        res = search_grid(criterion, k, args.budget, args.seed, gamma0, args.gamma)
-        grids[k], gammas[k] = res.grid, res.gamma
-        report[str(k)] = {**res.baselines, "tuned": res.value, "evaluations": res.evaluations}
-        print(f"{k} steps: {args.criterion} uniform {res.baselines['uniform']:.5g}  edm {res.baselines['edm']:.5g}  "
-              f"tuned {res.value:.5g}  grid {[round(float(t), 4) for t in res.grid]}  gamma {res.gamma:.3g}",
-              flush=True)
-    out = Path(args.out) if args.out else Path(args.ckpt).parent / "schedules.json"
-    meta = {"criterion": args.criterion, "seed": args.seed, "budget": args.budget, "num": args.num,
-            "checkpoint": str(args.ckpt), "held_out": report}
-    save_schedules(out, grids, gammas, meta)
-    print(f"schedules: {out}")
-    return {"path": str(out), "report": report, "grids": {k: g.tolist() for k, g in grids.items()}, "gamma": gammas}
-
-
-if __name__ == "__main__":
-    main()
+    importlib.import_module("flowmap_lit.commands.schedule").main()

@@ -132,8 +132,8 @@ def test_schedule_command_then_sample_evaluate_and_export_read_its_grids(quickst
     from flowmap_lit.commands.sample import load_module
     from flowmap_lit.export import load_flowmap
 
-    from flowmap_lit import export, schedule
-    from flowmap_lit.commands import evaluate
+    from flowmap_lit import export
+    from flowmap_lit.commands import evaluate, schedule
 
     work = quickstart_ckpt.parents[1]
     out = work / "schedules.json"
@@ -150,6 +150,11 @@ def test_schedule_command_then_sample_evaluate_and_export_read_its_grids(quickst
                           "--reference-steps", "8", "--schedules", str(out)])
     assert rows[0]["flowmap_rel_error"] > 0
     export.main(["--ckpt", str(quickstart_ckpt), "--out", str(work / "exported"), "--schedules", str(out)])
+    from flowmap_lit.commands import diagnose
+
+    diag = diagnose.main(["--ckpt", str(quickstart_ckpt), "--steps", "4", "--num", "16", "--times", "1", "0.5", "0",
+                          "--reference-steps", "8", "--schedules", str(out)])
+    assert diag["paths"][0]["schedule"] == pytest.approx(scheds[4][0].tolist())  # the tuned path is decomposed
     # the same commands through the entry point
     proc = _cli(["flowmap_lit", "schedule", "--help"], cwd=work)
     assert proc.returncode == 0 and "--criterion" in proc.stdout, proc.stderr[-2000:]

@@ -19,7 +19,7 @@ import torch
 
 from flowmap_lit.callbacks.diagnostics import grid_table, path_table
 from flowmap_lit.diagnostics import diagnose, heatmap_figure
-from flowmap_lit.commands.sample import generate, load_module
+from flowmap_lit.commands.sample import generate, load_module, use_schedules
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the module's eval_guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--schedules", default=None, help="decompose the tuned grids of python -m flowmap_lit.schedule")
     args = p.parse_args(argv)
     module = load_module(args.ckpt, map_location=args.device)
+    if args.schedules:
+        use_schedules(module, args.schedules)
     if not hasattr(module, "teacher_fn"):
         raise SystemExit(f"{args.ckpt} is not a flow-map distillation checkpoint (no student and teacher)")
     noise, labels, _ = generate(module, args.num, [], seed=args.seed)

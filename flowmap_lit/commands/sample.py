@@ -21,6 +21,7 @@ from torch import Tensor
 
 from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
 from flowmap_lit.callbacks.sample_grid import make_grid, save_png, to_images
+from flowmap_lit.flowmap import denormalize  # noqa: F401 - also this module's public name (notebook, evaluate)
 from flowmap_lit.teachers import load_checkpoint
 
 
@@ -50,15 +51,6 @@ def use_schedules(module, path: str) -> None:
         raise SystemExit(f"error: --schedules needs a distilled flow map; {type(module).__name__} samples its ODE "
                          "with a fixed solver grid")
     module.set_schedules(path)
-
-
-def denormalize(x: Tensor, info: dict | None) -> Tensor:
-    """Undo the per-channel normalization recorded in the checkpoint (identity without it)."""
-    if not info or not info.get("normalize"):
-        return x
-    mean = torch.tensor(info["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(info["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return x * std + mean
 
 
 @torch.no_grad()
