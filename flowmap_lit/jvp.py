@@ -14,7 +14,8 @@ passes draw the same dropout masks). Backends:
 ``primal_and_tangent`` is the one-pass form: a grad-enabled forward-mode pass whose primal is
 the trained output and whose tangent is the JVP (the objectives' ``tangent_pass: one_pass``).
 
-All attention inside runs on the SDPA math kernel (flash kernels have no forward-AD rule), and
+Attention inside runs in a forward-AD-safe form (``attention``: the SDPA math kernel, or the
+chunked closed-form tangent on the fused kernel; flash kernels have no forward-AD rule), and
 autocast is switched off inside, so the JVP is computed in the parameters' precision (fp32).
 """
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from flowmap_lit.networks.attention import forward_ad_safe_attention
+from flowmap_lit.networks.attention import AttentionJVP, forward_ad_safe_attention
 
 JVPBackend = Literal["func", "forward_ad", "finite_difference"]
 
@@ -58,10 +59,12 @@ def jvp(
     fd_step: float = 1e-3,
     fd_dtype: torch.dtype | None = None,
     rng: RNGState | None = None,
+    attention: AttentionJVP = "math",
 ) -> Tensor:
     """``J_fn(primals) @ tangents`` under ``torch.no_grad()``.
 
     ``rng``: restored before every forward the backend runs (dropout masks match across passes).
+    ``attention``: the form of the package's attention op inside (``networks/attention.py``).
     """
     primals, tangents = tuple(primals), tuple(tangents)
     if rng is not None:
@@ -73,7 +76,7 @@ def jvp(
 
     # The tangent pass always runs in full precision: under bf16 autocast (``precision: bf16-mixed``)
     # the grad forward/backward stay in bf16 while the JVP, whose error bf16 would amplify, does not.
-    with torch.no_grad(), forward_ad_safe_attention(), torch.autocast(primals[0].device.type, enabled=False):
+    with torch.no_grad(), forward_ad_safe_attention(form=attention), torch.autocast(primals[0].device.type, enabled=False):
         if backend == "func":
             return torch.func.jvp(fn, primals, tangents)[1]
         if backend == "forward_ad":
@@ -87,11 +90,11 @@ def jvp(
 
 
 def primal_and_tangent(student: Callable[..., Tensor], x_t: Tensor, t: Tensor, s: Tensor,
-                       tangents: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+                       tangents: dict[str, Tensor], attention: AttentionJVP = "math") -> tuple[Tensor, Tensor]:
     """``(F, dF)``: the student's output (grad-enabled, at the caller's precision) and its derivative
     along ``tangents`` (detached), from one forward-mode pass (docs/design.md section 4)."""
     inputs = dict(x=x_t, t=t, s=s)
-    with forward_ad_safe_attention(), forward_ad.dual_level():
+    with forward_ad_safe_attention(form=attention), forward_ad.dual_level():
         for name, u in tangents.items():
             inputs[name] = forward_ad.make_dual(inputs[name], u)
         out = forward_ad.unpack_dual(student(inputs["x"], inputs["t"], inputs["s"]))

@@ -93,3 +93,13 @@ def test_gpu_step_runs_on_cpu_at_tiny_size():
         ("fp32", False), ("bf16-mixed", False), ("fp32", True), ("bf16-mixed", True)]
     jvp = out["jvp"]
     assert jvp["jvp_rel_error_fp32"] < 1e-4 < jvp["jvp_rel_error_bf16"]  # why the tangent pass stays fp32
+
+
+def test_attention_jvp_benchmark():
+    """Both attention forms measured per token count; their tangents agree."""
+    out = run_script("attention_jvp.py", "--tokens", "32", "--batch", "1", "--heads", "2", "--head-dim", "8",
+                     "--repeats", "1", "--chunk-elements", "64")
+    (row,) = out["rows"]
+    assert row["tokens"] == 32 and row["math"]["ms"] > 0 and row["chunked"]["ms"] > 0
+    assert row["math"]["peak_mib"] >= 0 and row["chunked"]["peak_mib"] >= 0
+    assert row["tangent_rel_difference"] < 1e-5

@@ -160,6 +160,73 @@ def test_attention_helper_forward_ad():
     torch.testing.assert_close(plain, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_elements", [2**26, 3 * 16, 7])  # one block, several, a row at a time
+def test_chunked_attention_tangent_equals_the_math_kernel(chunk_elements):
+    """The closed-form, query-blocked attention tangent (networks/attention.py) equals forward AD
+    through the math kernel, in float64, for every subset of tangent inputs, through both forward-AD
+    front ends; the primal stays the fused kernel's value."""
+    from torch.autograd import forward_ad
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, tq, tk, tv = (torch.randn(2, 3, 16, 8, generator=gen, dtype=torch.float64) for _ in range(6))
+    k, v, tk, tv = k[..., :12, :], v[..., :12, :], tk[..., :12, :], tv[..., :12, :]  # 16 queries, 12 keys
+    for mask in [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)]:
+        names = [i for i, m in enumerate(mask) if m]
+        tangents = tuple((tq, tk, tv)[i] for i in names)
+
+        def fn(op):
+            def call(*args):
+                qkv = [q, k, v]
+                for i, a in zip(names, args):
+                    qkv[i] = a
+                return op(*qkv)
+            return call
+
+        primals = tuple((q, k, v)[i] for i in names)
+        _, expected = torch.func.jvp(fn(reference_attention), primals, tangents)
+        with forward_ad_safe_attention(form="chunked", chunk_elements=chunk_elements):
+            out, tangent = torch.func.jvp(fn(attention), primals, tangents)
+            with forward_ad.dual_level():
+                dual = forward_ad.unpack_dual(fn(attention)(*(forward_ad.make_dual(p, u)
+                                                              for p, u in zip(primals, tangents))))
+        torch.testing.assert_close(tangent, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dual.tangent, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, reference_attention(q, k, v), rtol=1e-12, atol=1e-12)
+    # float32 inputs: the tangent is computed in float32 and agrees with the float64 one
+    with forward_ad_safe_attention(form="chunked", chunk_elements=chunk_elements):
+        _, t32 = torch.func.jvp(attention, (q.float(), k.float(), v.float()), (tq.float(), tk.float(), tv.float()))
+    _, t64 = torch.func.jvp(reference_attention, (q, k, v), (tq, tk, tv))
+    assert t32.dtype == torch.float32 and rel_err(t32.double(), t64) < 1e-5
+
+
+def test_chunked_attention_gradient_and_network_jvp():
+    """The chunked form's backward (used by the one-pass tangent) is the plain attention gradient,
+    and a DiT's and a U-Net's JVP is the same with either form."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 10, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 2, 10, 4, generator=gen, dtype=torch.float64)
+    with forward_ad_safe_attention(form="chunked", chunk_elements=8):
+        grads = torch.autograd.grad((attention(q, k, v) * w).sum(), (q, k, v))
+    expected = torch.autograd.grad((reference_attention(q, k, v) * w).sum(), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for arch in ("dit", "unet"):
+        net = randomize_zero_params_(make_net(arch)).double().eval()
+        x, t, s, labels, _ = inputs(batch=2)
+        x, t, s = x.double(), t.double(), s.double()
+        u = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        f = lambda x_, t_: net(x_, t_, s, labels)  # noqa: E731
+        tangents = {}
+        for form in ("math", "chunked"):
+            with forward_ad_safe_attention(form=form, chunk_elements=5):
+                tangents[form] = torch.func.jvp(f, (x, t), (u, torch.ones_like(t)))[1]
+        assert tangents["math"].abs().max() > 0
+        assert rel_err(tangents["chunked"], tangents["math"]) < 1e-10, arch
+    with pytest.raises(ValueError, match="'math' or 'chunked'"):
+        with forward_ad_safe_attention(form="flash"):
+            pass
+
+
 def test_forward_ad_safe_flag_is_thread_local_and_nests():
     seen = []
     with forward_ad_safe_attention():

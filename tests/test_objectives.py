@@ -186,3 +186,36 @@ def test_tangent_pass_choice_and_its_errors():
         AYFEMD(tangent_pass="one_pass", jvp_backend="finite_difference")
     with pytest.raises(ValueError, match="tangent_pass must be"):
         AYFEMD(tangent_pass="fused")
+
+
+@pytest.mark.parametrize("tangent_pass", ["two_pass", "one_pass"])
+def test_chunked_attention_jvp_gives_the_same_step(tangent_pass):
+    """``attention_jvp: chunked`` (fused kernel plus the closed-form tangent) and ``math`` give the
+    AYF-EMD step on a DiT student the same loss and gradient, in float64."""
+    from flowmap_lit.networks import build_network
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.rand(4, generator=gen, dtype=torch.float64) * 0.8 + 0.2
+    s = t * torch.rand(4, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 5, 10])
+    teacher = lambda x_, t_: -x_ * t_.reshape(-1, 1, 1, 1)  # noqa: E731
+    results = {}
+    for form in ("math", "chunked"):
+        torch.manual_seed(0)
+        net = build_network("dit", "tiny").double()
+        with torch.no_grad():
+            for p in net.parameters():
+                if not p.any():
+                    p.normal_(0, 0.1)
+        obj = AYFEMD(tangent_pass=tangent_pass, attention_jvp=form)
+        assert obj.attention_form(x) == form
+        out = obj(lambda x_, t_, s_: net(x_, t_, s_, labels), teacher, x, t, s, r=0.9)
+        out.loss.mean().backward()
+        results[form] = out.loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    (l1, g1), (l2, g2) = results["chunked"], results["math"]
+    assert ((l1 - l2).abs().max() / l2.abs().max()) < 1e-10
+    assert ((g1 - g2).norm() / g2.norm()) < 1e-10 and g2.norm() > 0
+    assert AYFEMD().attention_form(torch.zeros(1)) == "math"  # auto: math on CPU, chunked on CUDA
+    with pytest.raises(ValueError, match="attention_jvp must be"):
+        AYFEMD(attention_jvp="flash")

@@ -87,6 +87,11 @@ class TangentObjective(Objective):
     - ``"auto"``: ``one_pass`` where it is exact (``jvp_backend`` ``func``/``forward_ad`` and no
       autocast active), else ``two_pass``.
 
+    ``attention_jvp`` says how the package's attention op is differentiated in the tangent pass
+    (docs/design.md section 4): ``"math"`` (SDPA math kernel; quadratic memory in the tokens),
+    ``"chunked"`` (fused kernel plus a closed-form tangent in query blocks), or ``"auto"``:
+    chunked on CUDA, math elsewhere. Both give the same tangent (tests/test_networks.py).
+
     The default stays ``two_pass``: the one-pass form keeps the tangent's graph alive through the
     backward (2.8x the saved activations of the two-pass step on the tiny U-Net at batch 64,
     ``benchmarks/step_cost.py``), for about 9% less time on CPU.
@@ -100,6 +105,7 @@ class TangentObjective(Objective):
         fd_step: float = 1e-3,  # finite-difference step along the tangent
         weighting: Weighting | None = None,  # w(t, s); None: uniform
         tangent_pass: Literal["auto", "one_pass", "two_pass"] = "two_pass",  # F and dF in one pass or two
+        attention_jvp: Literal["auto", "math", "chunked"] = "auto",  # attention in the tangent pass
     ) -> None:
         super().__init__()
         if tangent_norm not in ("l2", "rms", "none"):
@@ -111,7 +117,10 @@ class TangentObjective(Objective):
         if tangent_pass == "one_pass" and jvp_backend == "finite_difference":
             raise ValueError("tangent_pass: one_pass needs forward-mode AD; use jvp_backend: func (or forward_ad), "
                              "or tangent_pass: two_pass with finite differences")
+        if attention_jvp not in ("auto", "math", "chunked"):
+            raise ValueError(f"attention_jvp must be 'auto', 'math' or 'chunked', got {attention_jvp!r}")
         self.tangent_norm = tangent_norm
+        self.attention_jvp = attention_jvp
         self.norm_const = norm_const
         self.jvp_backend = jvp_backend
         self.fd_step = fd_step
@@ -134,8 +143,14 @@ class TangentObjective(Objective):
         with torch.no_grad():
             tangents, aux = self.direction(teacher, x_t, t, s)
             dF = jvp(_restricted(student, x_t, t, s, tangents), [dict(x=x_t, t=t, s=s)[k] for k in tangents],
-                     list(tangents.values()), backend=self.jvp_backend, fd_step=self.fd_step, rng=rng)
+                     list(tangents.values()), backend=self.jvp_backend, fd_step=self.fd_step, rng=rng,
+                     attention=self.attention_form(x_t))
             return self.assemble(teacher, x_t, t, s, F_sg, fp32(dF), r, aux)
+
+    def attention_form(self, x_t: Tensor) -> str:
+        if self.attention_jvp != "auto":
+            return self.attention_jvp
+        return "chunked" if x_t.device.type == "cuda" else "math"
 
     def uses_one_pass(self, x_t: Tensor) -> bool:
         if self.tangent_pass != "auto":
@@ -155,7 +170,7 @@ class TangentObjective(Objective):
         if self.uses_one_pass(x_t):
             with torch.no_grad():
                 tangents, aux = self.direction(teacher, x_t, t, s)
-            F, dF = primal_and_tangent(student, x_t, t, s, tangents)  # F with grad, dF without
+            F, dF = primal_and_tangent(student, x_t, t, s, tangents, self.attention_form(x_t))  # dF detached
             F_sg = fp32(F.detach())
             with torch.no_grad():
                 g = self.assemble(teacher, x_t, t, s, F_sg, fp32(dF), r, aux)
