@@ -13,6 +13,11 @@ tangent computed both ways (docs/design.md section 4): ``two_pass`` (grad forwar
 and ``one_pass`` (one grad-enabled forward-mode pass whose primal is the trained output). Each row
 also carries the activation memory the step keeps for its backward (bytes of the distinct tensors
 saved by autograd, a device-independent proxy for peak activation memory).
+
+``--compile`` adds the AYF-EMD two-pass step with ``compile_student: true`` (``torch.compile`` of
+the student's grad forward and backward; the tangent pass stays eager) per backend, and a
+flow-matching step with a compiled network; compiled rows carry ``compiled: true`` and also
+``over_compiled_flow_matching``. Compilation happens in the warm-up repeats.
 """
 
 from __future__ import annotations
@@ -77,7 +82,10 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=["func", "finite_difference"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="also time compiled variants (compile_student)")
     args = p.parse_args(argv)
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the first call compiles)")
     torch.manual_seed(0)
     dev = torch.device(args.device)
     net = randomize_(build_network(args.arch, args.preset)).to(dev)
@@ -102,6 +110,18 @@ def main(argv=None) -> dict:
         fm_opt.step()
 
     ops["flow_matching_step"] = fm_step
+    if args.compile:
+        fm_c = FlowMatchingModule(build_network(args.arch, args.preset).to(dev), num_classes=10)
+        fm_c.net = torch.compile(fm_c.net)
+        fm_c_opt = torch.optim.Adam(fm_c.parameters(), lr=1e-4)
+
+        def fm_compiled_step():
+            loss = fm_c.training_step(batch, 0)
+            fm_c_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            fm_c_opt.step()
+
+        ops["flow_matching_step[compiled]"] = fm_compiled_step
     modules = {}
     memory = {}
     for backend in args.backends:
@@ -122,6 +142,23 @@ def main(argv=None) -> dict:
                 key = f"{name}_step[{backend},{tangent_pass}]"
                 ops[key] = step
                 memory[key] = saved_for_backward_mb(lambda m=m: m.step_loss(batch)[0].mean())
+    if args.compile:
+        for backend in args.backends:
+            m = FlowMapDistillModule(teacher, AYFEMD(jvp_backend=backend), guide=guide, guidance="autoguidance",
+                                     guidance_min=1.5, guidance_max=1.5, num_classes=10, warmup_steps=0,
+                                     compile_student=True).to(dev)
+            opt = torch.optim.Adam(m.student.parameters(), lr=1e-4)
+            modules[("ayf_emd", backend, "two_pass", "compiled")] = m
+
+            def step(m=m, opt=opt):
+                loss, _ = m.step_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.mean().backward()
+                opt.step()
+
+            key = f"ayf_emd_step[{backend},two_pass,compiled]"
+            ops[key] = step
+            memory[key] = saved_for_backward_mb(lambda m=m: m.step_loss(batch)[0].mean())
     student = modules[(("ayf_emd", args.backends[0], "two_pass"))].student
     s_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
 
@@ -146,6 +183,17 @@ def main(argv=None) -> dict:
     ops["part:teacher_forward"] = teacher_fwd
     ops["part:guide_forward"] = guide_fwd
     ops["part:student_forward_backward_step"] = fwd_bwd
+    if args.compile:
+        c_module = modules[("ayf_emd", args.backends[0], "two_pass", "compiled")]
+        c_opt = torch.optim.Adam(c_module.student.parameters(), lr=1e-4)
+
+        def compiled_fwd_bwd():
+            out = c_module.compiled_student()(x_t, t, s, class_labels=labels)
+            c_opt.zero_grad(set_to_none=True)
+            out.square().mean().backward()
+            c_opt.step()
+
+        ops["part:student_forward_backward_step[compiled]"] = compiled_fwd_bwd
     v = torch.randn_like(x_t)
     for backend in args.backends:
         ops[f"part:student_jvp_t[{backend}]"] = lambda b=backend: jvp(
@@ -182,15 +230,28 @@ def main(argv=None) -> dict:
                 rows.append({"step": name, "jvp_backend": backend, "tangent_pass": tangent_pass,
                              "ms": round(step_ms, 2), "over_flow_matching": round(step_ms / fm_ms, 2),
                              "sum_of_parts_ms": round(parts, 2), "over_sum_of_parts": round(step_ms / parts, 3),
-                             "saved_for_backward_mib": round(memory[key], 2)})
+                             "saved_for_backward_mib": round(memory[key], 2), "compiled": False})
+    if args.compile:
+        fm_c_ms = med["flow_matching_step[compiled]"]
+        for backend in args.backends:
+            key = f"ayf_emd_step[{backend},two_pass,compiled]"
+            step_ms = med[key]
+            parts = (teachers_ms + med["part:student_forward_backward_step[compiled]"]
+                     + med[f"part:student_jvp_t[{backend}]"])
+            rows.append({"step": "ayf_emd", "jvp_backend": backend, "tangent_pass": "two_pass", "compiled": True,
+                         "ms": round(step_ms, 2), "over_flow_matching": round(step_ms / fm_ms, 2),
+                         "over_compiled_flow_matching": round(step_ms / fm_c_ms, 2),
+                         "sum_of_parts_ms": round(parts, 2), "over_sum_of_parts": round(step_ms / parts, 3),
+                         "saved_for_backward_mib": round(memory[key], 2)})
     result = {"arch": args.arch, "preset": args.preset, "batch": args.batch, "device": str(dev),
               "threads": torch.get_num_threads(), "repeats": args.repeats,
               "median_ms": {k: round(v, 2) for k, v in med.items()}, "flow_matching_step_ms": round(fm_ms, 2),
               "steps": rows}
-    print(f"{'step':<10} {'jvp':<18} {'tangent':<9} {'ms':>8} {'/FM step':>9} {'parts ms':>9} {'/parts':>7} "
+    print(f"{'step':<10} {'jvp':<18} {'tangent':<18} {'ms':>8} {'/FM step':>9} {'parts ms':>9} {'/parts':>7} "
           f"{'saved MiB':>10}")
     for r in rows:
-        print(f"{r['step']:<10} {r['jvp_backend']:<18} {r['tangent_pass']:<9} {r['ms']:>8.2f} "
+        tangent = r["tangent_pass"] + (", compiled" if r["compiled"] else "")
+        print(f"{r['step']:<10} {r['jvp_backend']:<18} {tangent:<18} {r['ms']:>8.2f} "
               f"{r['over_flow_matching']:>9.2f} {r['sum_of_parts_ms']:>9.2f} {r['over_sum_of_parts']:>7.3f} "
               f"{r['saved_for_backward_mib']:>10.2f}")
     print(json.dumps(result))

@@ -237,6 +237,36 @@ class FlowMatchingModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class BoundStudent:
+    """``F(x, t, s)``: the student with its conditioning (labels, guidance, keyword inputs) bound.
+
+    ``eager`` is the same function on the uncompiled network: the tangent pass differentiates that
+    one, because ``torch.compile`` silently drops the custom forward-AD rules of an
+    ``autograd.Function`` (PITFALLS; the chunked attention tangent is one) and falls back to eager
+    under ``torch.func.jvp`` anyway.
+    """
+
+    def __init__(self, net: nn.Module, eager_net: nn.Module, kwargs: dict) -> None:
+        self.net, self.eager_net, self.kwargs = net, eager_net, kwargs
+
+    def __call__(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        return self.net(x, t, s, **self.kwargs)
+
+    @property
+    def eager(self) -> "BoundStudent":
+        return self if self.net is self.eager_net else BoundStudent(self.eager_net, self.eager_net, self.kwargs)
+
+
+class _CompileCache(dict):
+    """Holds the compiled student; neither copied nor pickled with the module (rebuilt on first use)."""
+
+    def __deepcopy__(self, memo) -> "_CompileCache":
+        return _CompileCache()
+
+    def __reduce__(self):
+        return (_CompileCache, ())
+
+
 class FlowMapDistillModule(pl.LightningModule):
     """Distills a frozen (guided) teacher into a flow map ``f(x, t, s) = x + (s - t) F(x, t, s)``.
 
@@ -275,6 +305,8 @@ class FlowMapDistillModule(pl.LightningModule):
         activation_checkpointing: bool = False,  # recompute the student's block activations in backward
         shard_teacher: bool = True,  # under ModelParallelStrategy (FSDP2) shard the frozen teacher and guide too
         schedules: str | None = None,  # tuned k-step grids (python -m flowmap_lit.schedule); None: uniform
+        compile_student: bool = False,  # torch.compile the student's grad-enabled forward and backward (not the JVP)
+        compile_options: dict | None = None,  # keyword arguments of torch.compile (mode, dynamic, fullgraph, ...)
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
@@ -330,6 +362,8 @@ class FlowMapDistillModule(pl.LightningModule):
         self.activation_checkpointing, self.shard_teacher = activation_checkpointing, shard_teacher
         self.schedules: dict[int, tuple[Tensor, float]] = {}
         self.set_schedules(schedules)
+        self.compile_student, self.compile_options = compile_student, dict(compile_options or {})
+        self._compiled = _CompileCache()
 
     def set_schedules(self, source: str | dict | None) -> None:
         """Use the tuned grids (and gammas) of a schedules file for the step counts it covers
@@ -358,13 +392,22 @@ class FlowMapDistillModule(pl.LightningModule):
         u = torch.rand(n, device=self.device, generator=generator)
         return self.guidance_min + (self.guidance_max - self.guidance_min) * u
 
-    def student_fn(self, labels: Tensor | None, lam: Tensor | None, cond: dict[str, Tensor] | None = None):
+    def student_fn(self, labels: Tensor | None, lam: Tensor | None, cond: dict[str, Tensor] | None = None,
+                   compiled: bool = False) -> BoundStudent:
         """``F(x, t, s)`` with labels, (if the student is conditioned on it) lam, and the keyword
-        conditioning ``cond`` (``batch["cond"]``, e.g. text embeddings) bound."""
-        labels = self._labels(labels)
+        conditioning ``cond`` (``batch["cond"]``, e.g. text embeddings) bound; ``compiled``: through
+        the ``torch.compile``d student when ``compile_student`` is on (its ``eager`` stays plain)."""
         lam_in = lam if self.condition_on_guidance else None
-        kw = cond or {}
-        return lambda x, t, s: self.student(x, t, s, class_labels=labels, guidance=lam_in, **kw)
+        kw = dict(class_labels=self._labels(labels), guidance=lam_in, **(cond or {}))
+        net = self.compiled_student() if compiled and self.compile_student else self.student
+        return BoundStudent(net, self.student, kw)
+
+    def compiled_student(self) -> nn.Module:
+        """``torch.compile(student, **compile_options)``, built on first use (after sharding and the move
+        to the device) and kept outside the module's state (checkpoints hold the plain student)."""
+        if "student" not in self._compiled:
+            self._compiled["student"] = torch.compile(self.student, **self.compile_options)
+        return self._compiled["student"]
 
     def teacher_fn(self, labels: Tensor | None, lam: Tensor | None, cond: dict[str, Tensor] | None = None):
         """Guided teacher velocity ``v(x, t)`` with labels, lam and ``cond`` bound (no grad); CFG of
@@ -396,8 +439,8 @@ class FlowMapDistillModule(pl.LightningModule):
         x0, labels, cond = batch["x"], batch["label"], batch.get("cond")
         t, s, eps, lam = self.draw_noise(x0, generator, rank, world_size)
         x_t = interpolate(x0, eps, t)
-        out = self.objective(self.student_fn(labels, lam, cond), self.teacher_fn(labels, lam, cond), x_t, t, s,
-                             r=self.tangent_warmup())
+        student = self.student_fn(labels, lam, cond, compiled=True)
+        out = self.objective(student, self.teacher_fn(labels, lam, cond), x_t, t, s, r=self.tangent_warmup())
         stats = dict(out.stats)
         if lam is not None:
             stats["lambda"] = lam.mean()

@@ -31,6 +31,15 @@ def test_step_cost(arch):
     assert mem[("ayf_emd", "func", "two_pass")] == mem[("ayf_emd", "finite_difference", "two_pass")]
 
 
+def test_step_cost_compiled_rows():
+    out = run_script("step_cost.py", "--arch", "mlp", "--batch", "4", "--repeats", "1", "--warmup", "1",
+                     "--backends", "func", "--compile")
+    compiled = [r for r in out["steps"] if r["compiled"]]
+    assert [(r["step"], r["jvp_backend"]) for r in compiled] == [("ayf_emd", "func")]
+    assert compiled[0]["over_compiled_flow_matching"] > 0 and compiled[0]["over_sum_of_parts"] > 0
+    assert "flow_matching_step[compiled]" in out["median_ms"]
+
+
 def test_data_throughput():
     out = run_script("data_throughput.py", "--num-samples", "200", "--shards", "2", "--batch", "16", "--batches", "3",
                      "--workers", "0", "2", "--shape", "2", "8", "8")

@@ -1,5 +1,7 @@
 """FlowMapDistillModule: teachers, guidance, student initialization, checkpoints, guards, learning."""
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -207,3 +209,53 @@ def test_a_student_of_the_wrong_shape_fails_at_setup_naming_both_shapes_and_the_
         module.setup("fit")
     module.student = MLP(img_channels=1, img_resolution=8, width=32, depth=1)
     module.setup("fit")  # a matching student passes
+
+
+def _compiled_against_eager(student_factory, objective, x0, labels, num_classes, steps=1):
+    """Loss and gradient of ``steps`` Adam steps (one by default: Adam's normalized update turns
+    float reassociation into larger weight differences), eager and compiled."""
+    mixture_teacher = MixtureTeacher(small_mixture(tuple(x0.shape[1:]), classes=max(num_classes, 1)))
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = FlowMapDistillModule(mixture_teacher, objective, student=student_factory(), num_classes=num_classes,
+                                      init_student_from_teacher=False, warmup_steps=0, compile_student=compiled,
+                                      compile_options={"dynamic": False})
+        opt = torch.optim.Adam(module.student.parameters(), lr=1e-3)
+        losses, grads = [], []
+        for step in range(steps):
+            loss, _ = module.step_loss({"x": x0, "label": labels}, torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            loss.mean().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in module.student.parameters()]))
+            losses.append(loss.detach())
+            opt.step()
+        bound = module.student_fn(labels, None, compiled=True)
+        assert (bound.net is not module.student) == compiled and bound.eager.net is module.student
+        results[compiled] = torch.stack(losses), torch.stack(grads)
+        # the compiled student stays out of the module's state: checkpoints and copies hold the plain one
+        assert all(not k.startswith("_compiled") for k in module.state_dict())
+        assert "student" not in copy.deepcopy(module)._compiled
+    (l0, g0), (l1, g1) = results[False], results[True]
+    assert ((l1 - l0).abs().max() / l0.abs().max()) < 1e-5
+    assert ((g1 - g0).norm() / g0.norm()) < 1e-5 and g0.norm() > 0
+
+
+def test_compiled_student_gives_the_eager_step():
+    """``compile_student: true`` (torch.compile of the grad forward/backward; the JVP stays eager)
+    gives the same AYF-EMD loss and gradients as eager (relative 1e-5)."""
+    gen = torch.Generator().manual_seed(1)
+    x0, labels = torch.randn(16, 1, 2, 2, generator=gen), torch.randint(0, 2, (16,), generator=gen)
+    _compiled_against_eager(lambda: MLPVelocity((1, 2, 2), 32), AYFEMD(), x0, labels, num_classes=2)
+
+
+@pytest.mark.slow
+def test_compiled_dit_student_with_the_chunked_attention_tangent_gives_the_eager_step():
+    """A compiled DiT with ``attention_jvp: chunked``: torch.compile would drop the custom forward-AD
+    rule of the chunked attention, so the tangent pass must see the eager network; same step as eager."""
+    gen = torch.Generator().manual_seed(2)
+    x0, labels = torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 2, (8,), generator=gen)
+    from tests.test_networks import randomize_zero_params_  # a well-conditioned random DiT
+
+    _compiled_against_eager(lambda: randomize_zero_params_(build_network("dit", "tiny", num_classes=2)),
+                            AYFEMD(attention_jvp="chunked"), x0, labels, num_classes=2)

@@ -142,7 +142,7 @@ class TangentObjective(Objective):
         """The un-normalized tangent ``g`` (at least float32) by a separate JVP, without grad."""
         with torch.no_grad():
             tangents, aux = self.direction(teacher, x_t, t, s)
-            dF = jvp(_restricted(student, x_t, t, s, tangents), [dict(x=x_t, t=t, s=s)[k] for k in tangents],
+            dF = jvp(_restricted(eager(student), x_t, t, s, tangents), [dict(x=x_t, t=t, s=s)[k] for k in tangents],
                      list(tangents.values()), backend=self.jvp_backend, fd_step=self.fd_step, rng=rng,
                      attention=self.attention_form(x_t))
             return self.assemble(teacher, x_t, t, s, F_sg, fp32(dF), r, aux)
@@ -170,7 +170,7 @@ class TangentObjective(Objective):
         if self.uses_one_pass(x_t):
             with torch.no_grad():
                 tangents, aux = self.direction(teacher, x_t, t, s)
-            F, dF = primal_and_tangent(student, x_t, t, s, tangents, self.attention_form(x_t))  # dF detached
+            F, dF = primal_and_tangent(eager(student), x_t, t, s, tangents, self.attention_form(x_t))  # dF detached
             F_sg = fp32(F.detach())
             with torch.no_grad():
                 g = self.assemble(teacher, x_t, t, s, F_sg, fp32(dF), r, aux)
@@ -184,6 +184,11 @@ class TangentObjective(Objective):
             target = F_sg - g
         loss = per_sample_mean((fp32(F) - target) ** 2)
         return ObjectiveOutput(self.weighting(loss, t, s), {"tangent_norm": g_norm.mean()})
+
+
+def eager(student: StudentFn) -> StudentFn:
+    """The student's uncompiled form for the tangent pass (``BoundStudent.eager``), else itself."""
+    return getattr(student, "eager", student)
 
 
 def _restricted(student: StudentFn, x_t: Tensor, t: Tensor, s: Tensor, tangents: dict[str, Tensor]):
