@@ -1,9 +1,10 @@
 """Tuned k-step grids against the uniform and EDM grids on one checkpoint, over search seeds.
 
     python benchmarks/schedule_gain.py --ckpt checkpoints/quickstart/last.ckpt --seeds 0 1 2
+    python benchmarks/schedule_gain.py --ckpt checkpoints/quickstart/last.ckpt --seeds 0 1 2 --criterion fid
 
-For each seed, ``flowmap_lit.schedule``'s search (flow-map error criterion, held-out noise of that
-seed, ``--budget`` evaluations per step count) picks a grid per step count; every grid is then
+For each seed, ``flowmap_lit.schedule``'s search (``--criterion``: the flow-map error or FID,
+held-out noise of that seed, ``--budget`` evaluations per step count) picks a grid per step count; every grid is then
 scored on the evaluation noise the callbacks and ``evaluate`` use (seed 0, disjoint from the
 search's): relative flow-map error against the teacher's ODE and FID (the checkpoint's dataset,
 digits features). Prints one JSON object: per step count the uniform and EDM scores and the
@@ -38,6 +39,8 @@ def main(argv=None) -> dict:
     p.add_argument("--num", type=int, default=1000, help="held-out noise samples of the search")
     p.add_argument("--eval-num", type=int, default=2000, help="evaluation samples (error and FID)")
     p.add_argument("--reference-steps", type=int, default=128)
+    p.add_argument("--criterion", default="flowmap_error", choices=["flowmap_error", "fid"],
+                   help="what the search minimizes on its held-out noise (scoring reports both)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -60,7 +63,11 @@ def main(argv=None) -> dict:
     searches = {}  # per seed: the criterion on its held-out noise (the teacher reference is solved once)
     for seed in args.seeds:
         h_noise, h_labels = held_out_inputs(module, args.num, 10_000 + seed, shape)
-        searches[seed] = flowmap_error_criterion(module, h_noise, h_labels, args.reference_steps)
+        if args.criterion == "flowmap_error":
+            searches[seed] = flowmap_error_criterion(module, h_noise, h_labels, args.reference_steps)
+        else:  # the same feature network and reference statistics, on the held-out noise
+            searches[seed] = fid_criterion(module, h_noise, h_labels, fid,
+                                           to_data=lambda x: denormalize(x, module.data_info))
     rows = {}
     for k in args.steps:
         base = {"uniform": score(uniform_schedule(k)), "edm": score(edm_schedule(k))}
@@ -80,7 +87,7 @@ def main(argv=None) -> dict:
               f"{base['edm']['flowmap_rel_error']:.5f} tuned {row['tuned_flowmap_rel_error_mean']:.5f}"
               f"±{row['tuned_flowmap_rel_error_std']:.5f}; FID uniform {base['uniform']['fid']:.3f} edm "
               f"{base['edm']['fid']:.3f} tuned {row['tuned_fid_mean']:.3f}±{row['tuned_fid_std']:.3f}", flush=True)
-    out = {"checkpoint": args.ckpt, "seeds": args.seeds, "budget": args.budget, "search_num": args.num,
+    out = {"checkpoint": args.ckpt, "criterion": args.criterion, "seeds": args.seeds, "budget": args.budget, "search_num": args.num,
            "eval_num": args.eval_num, "reference_steps": args.reference_steps, "steps": rows,
            "seconds": round(time.perf_counter() - start)}
     if args.json:

@@ -246,3 +246,14 @@ def test_schedule_gain_benchmark_scores_every_grid_on_the_evaluation_noise(quick
     assert row["uniform"]["flowmap_rel_error"] != row["edm"]["flowmap_rel_error"]
     assert row["flowmap_rel_error_ratio_to_uniform"] == pytest.approx(
         row["tuned_flowmap_rel_error_mean"] / row["uniform"]["flowmap_rel_error"])
+    # the FID criterion: the search's value is an FID on its own held-out noise, every grid valid
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/schedule_gain.py"), "--ckpt", str(quickstart_ckpt),
+                           "--steps", "2", "--seeds", "0", "--budget", "4", "--num", "64", "--eval-num", "64",
+                           "--reference-steps", "8", "--criterion", "fid", "--json", str(tmp_path / "fid.json")],
+                          cwd=work, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "fid.json").read_text())
+    assert out["criterion"] == "fid"
+    (tuned,) = out["steps"]["2"]["tuned"]
+    check_grid(tuned["grid"], 2)
+    assert tuned["held_out"] > 0 and tuned["held_out"] != tuned["flowmap_rel_error"]
