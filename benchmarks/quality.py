@@ -1,8 +1,10 @@
 """Small-scale reproduction: flow maps vs consistency models across step counts, plus ablations.
 
     python benchmarks/quality.py --budget small     # under 15 min on 2 CPU cores
-    python benchmarks/quality.py --budget medium    # the quickstart budget per run (not timed; several times --budget small)
+    python benchmarks/quality.py --budget medium    # the quickstart budget per run (several times --budget small)
     python benchmarks/quality.py --arms neural --seeds 0 1 2   # mean and spread over distillation seeds
+    python benchmarks/quality.py --arms neural --methods ayf_emd --seeds 0 1 2 --grid-fraction 0 \
+        --teacher-ckpt T --guide-ckpt G    # one ablation row on teachers saved by --save-teachers
 
 On the digits, every method of an arm gets the same budget (steps, batch, seed, learning rate,
 student); ``--budget small`` gives the exact arm 600 steps and the (slower) neural arm 400:
@@ -12,13 +14,16 @@ student); ``--budget small`` gives the exact arm 600 steps and the (slower) neur
   ablations (no tangent normalization, no tangent warmup, CFG instead of autoguidance, no guidance);
 - neural arm: the digits U-Net teacher and guide (trained here at the budget's size unless
   ``--teacher-ckpt``/``--guide-ckpt`` are given), student = a copy of the teacher: AYF-EMD,
-  AYF-LMD, sCD.
+  AYF-LMD, sCD; ``(t, s)`` pairs 60% at ``s = t``, 25% on the 1/2/4/8-step sampling grids, the
+  rest logit-normal(-0.8, 1) (``--diagonal-fraction``, ``--grid-fraction``; chosen on 3 seeds,
+  README "What matters for quality"; one seed of the arm takes about 13 min on 2 cores).
 
 Each run reports FID (digits classifier features) and the relative flow-map error against the
 teacher's 64-step Heun ODE at 1, 2, 4 and 8 steps, next to the teacher's own FID. With several
 ``--seeds`` every run is repeated per seed (the neural teacher and guide are trained once) and
 ``summary`` holds each method's mean and standard deviation. Prints one line per run and one JSON
-object, and writes ``quality_<budget>.png`` (mean FID and flow-map error versus steps).
+object, and writes ``quality_<budget>.png`` (mean FID and flow-map error versus steps, the
+teacher's FID as a dotted line).
 """
 
 from __future__ import annotations
@@ -143,30 +148,54 @@ def train_flow_matching(net, steps: int, dm, data_root: Path, seed: int) -> Netw
     return NetworkTeacher(net=module.net, num_classes=10)
 
 
+TEACHER_ARCH, GUIDE_ARCH = {}, {"model_channels": 16}  # overrides of the tiny U-Net preset
+
+
+def save_teacher(teacher: NetworkTeacher, overrides: dict, path: Path) -> None:
+    """A checkpoint ``NetworkTeacher(path)`` reads (network config + weights), as the CLI writes them."""
+    from flowmap_lit.networks.presets import UNET_PRESETS
+
+    net = teacher.network
+    config = {"class_path": f"{type(net).__module__}.{type(net).__name__}",
+              "init_args": {**UNET_PRESETS["tiny"], **overrides}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"net": config, "num_classes": 10}}, path)
+
+
 def neural_teachers(budget, data_root: Path, seed: int, teacher_ckpt: str | None,
-                    guide_ckpt: str | None) -> tuple[NetworkTeacher, NetworkTeacher]:
-    """The digits U-Net teacher and its smaller guide: loaded, or trained here with ``seed``."""
+                    guide_ckpt: str | None, save_dir: str | None = None) -> tuple[NetworkTeacher, NetworkTeacher]:
+    """The digits U-Net teacher and its smaller guide: loaded, or trained here with ``seed`` (and
+    saved to ``save_dir``, so that other runs can share them through ``--teacher-ckpt``/``--guide-ckpt``)."""
     dm_fm = DigitsDataModule(root=str(data_root), batch_size=128, num_workers=1)
     start = time.perf_counter()
     teacher = NetworkTeacher(teacher_ckpt) if teacher_ckpt else train_flow_matching(
-        build_network("unet", "tiny"), budget["teacher_steps"], dm_fm, data_root, seed)
+        build_network("unet", "tiny", **TEACHER_ARCH), budget["teacher_steps"], dm_fm, data_root, seed)
     guide = NetworkTeacher(guide_ckpt) if guide_ckpt else train_flow_matching(
-        build_network("unet", "tiny", model_channels=16), budget["guide_steps"], dm_fm, data_root, seed)
+        build_network("unet", "tiny", **GUIDE_ARCH), budget["guide_steps"], dm_fm, data_root, seed)
+    if save_dir:
+        save_teacher(teacher, TEACHER_ARCH, Path(save_dir) / "teacher.ckpt")
+        save_teacher(guide, GUIDE_ARCH, Path(save_dir) / "guide.ckpt")
     print(f"neural teacher and guide ready ({time.perf_counter() - start:.0f} s)", flush=True)
     return teacher, guide
 
 
 def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTeacher, guide: NetworkTeacher,
-               cache: dict, diagonal_fraction: float = 0.0) -> list[dict]:
+               cache: dict, diagonal_fraction: float = 0.6, grid_fraction: float = 0.25,
+               methods: tuple[str, ...] = ("ayf_emd", "ayf_lmd", "scd")) -> list[dict]:
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
     out = []
-    for name, objective, gamma in (("neural: AYF-EMD", AYFEMD(), 0.0), ("neural: AYF-LMD", AYFLMD(), 0.0),
-                                   ("neural: sCD", SCD(), 1.0)):
+    for key, name, objective, gamma in (("ayf_emd", "neural: AYF-EMD", AYFEMD(), 0.0),
+                                        ("ayf_lmd", "neural: AYF-LMD", AYFLMD(), 0.0),
+                                        ("scd", "neural: sCD", SCD(), 1.0)):
+        if key not in methods:
+            continue
         pl.seed_everything(seed, verbose=False)
         m = FlowMapDistillModule(teacher, objective, guide=guide, guidance="autoguidance", guidance_min=1.0,
                                  guidance_max=2.0, condition_on_guidance=True, eval_guidance=1.5, num_classes=10,
                                  warmup_steps=budget["warmup"], sample_gamma=gamma,
-                                 time_sampler=TimePairSampler(diagonal_fraction=diagonal_fraction),
+                                 time_sampler=TimePairSampler(diagonal_fraction=diagonal_fraction,
+                                                              grid_fraction=grid_fraction),
                                  optimizer=lambda p: torch.optim.Adam(p, lr=lr))
         out.append(distill(name, m, dm, budget, data_root, seed, budget["neural_steps"], cache))
     return out
@@ -183,6 +212,10 @@ def plot(results: list[dict], path: Path) -> None:
         style = "--" if "sCD" in r["method"] else ":" if "," in r["method"] else "-"
         axes[0].plot(STEPS, r["fid"], style, marker="o", label=r["method"])
         axes[1].plot(STEPS, r["flowmap_rel_error"], style, marker="o", label=r["method"])
+    for teacher_fid in sorted({r["teacher_fid"] for r in results}):
+        axes[0].axhline(teacher_fid, color="gray", lw=0.8, ls=":")
+        axes[0].annotate(f"teacher ODE {teacher_fid:.2f}", (STEPS[-1], teacher_fid), fontsize=7, color="gray",
+                         ha="right", va="bottom")
     for ax, label in zip(axes, ["FID (digits features)", "relative flow-map error"]):
         ax.set(xscale="log", xlabel="sampling steps", ylabel=label, yscale="log")
         ax.minorticks_off()
@@ -217,11 +250,16 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="distillation seeds (the neural teacher and guide are trained once, with the first)")
     p.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate (every method)")
-    p.add_argument("--diagonal-fraction", type=float, default=0.0,
+    p.add_argument("--diagonal-fraction", type=float, default=0.6,
                    help="neural arm: fraction of (t, s) pairs at s = t (every method; the quickstart uses 0.75)")
+    p.add_argument("--grid-fraction", type=float, default=0.25,
+                   help="neural arm: fraction of sampling-grid pairs (t_i, t_i+1) of the 1/2/4/8-step grids")
     p.add_argument("--arms", nargs="+", default=["exact", "neural"], choices=["exact", "neural"])
+    p.add_argument("--methods", nargs="+", default=["ayf_emd", "ayf_lmd", "scd"],
+                   choices=["ayf_emd", "ayf_lmd", "scd"], help="neural arm: the objectives to run")
     p.add_argument("--teacher-ckpt", default=None)
     p.add_argument("--guide-ckpt", default=None)
+    p.add_argument("--save-teachers", default=None, help="neural arm: write the trained teacher.ckpt and guide.ckpt here")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
@@ -232,18 +270,20 @@ def main(argv=None) -> dict:
     results, cache = [], {}
     teachers = None
     if "neural" in args.arms:
-        teachers = neural_teachers(budget, data_root, args.seeds[0], args.teacher_ckpt, args.guide_ckpt)
+        teachers = neural_teachers(budget, data_root, args.seeds[0], args.teacher_ckpt, args.guide_ckpt,
+                                   args.save_teachers)
     for seed in args.seeds:
         if "exact" in args.arms:
             results += exact_arm(budget, data_root, seed, args.lr, cache)
         if teachers is not None:
-            results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache, args.diagonal_fraction)
+            results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache, args.diagonal_fraction,
+                                  args.grid_fraction, tuple(args.methods))
     summary_rows = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(summary_rows, out / f"quality_{args.budget}.png")
     summary = {"budget": args.budget, **budget, "seeds": args.seeds, "lr": args.lr, "steps_evaluated": STEPS,
-               "diagonal_fraction": args.diagonal_fraction,
+               "diagonal_fraction": args.diagonal_fraction, "grid_fraction": args.grid_fraction,
                "seconds": round(time.perf_counter() - start), "summary": summary_rows, "results": results,
                "plot": str(out / f"quality_{args.budget}.png")}
     (out / f"quality_{args.budget}.json").write_text(json.dumps(summary, indent=1))

@@ -95,6 +95,31 @@ def test_quality_summary_is_the_mean_and_spread_over_seeds():
     assert abs(rows[1]["flowmap_rel_error"][3] - 0.04) < 1e-12 and abs(rows[1]["flowmap_rel_error_std"][3] - 0.01) < 1e-12
 
 
+def test_quality_saved_teachers_load_back_as_the_same_teacher(tmp_path):
+    """``--save-teachers`` writes checkpoints that ``--teacher-ckpt``/``--guide-ckpt`` read back exactly."""
+    import importlib.util
+
+    import torch
+
+    from flowmap_lit.networks import build_network
+    from flowmap_lit.teachers import NetworkTeacher
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks/quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    for overrides in (quality.TEACHER_ARCH, quality.GUIDE_ARCH):
+        torch.manual_seed(0)
+        net = build_network("unet", "tiny", **overrides)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        quality.save_teacher(NetworkTeacher(net=net, num_classes=10), overrides, tmp_path / "t.ckpt")
+        loaded = NetworkTeacher(str(tmp_path / "t.ckpt"))
+        x, t, labels = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 4, 9])
+        assert loaded.num_classes == 10
+        assert torch.equal(loaded.velocity(x, t, labels), NetworkTeacher(net=net, num_classes=10).velocity(x, t, labels))
+
+
 def test_gpu_step_runs_on_cpu_at_tiny_size():
     out = run_script("gpu_step.py", "--preset", "tiny", "--guide-preset", "tiny", "--batch", "2", "--jvp-batch", "2",
                      "--repeats", "1", "--warmup", "0", "--device", "cpu")

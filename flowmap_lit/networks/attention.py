@@ -83,19 +83,22 @@ def attention_tangent(q, k, v, out, tq, tk, tv, chunk_elements: int = DEFAULT_CH
     rows = max(1, min(n, chunk_elements // max(1, m * math.prod(lead))))
     k_t = k.transpose(-1, -2)
     tk_t = tk.transpose(-1, -2) if tk is not None else None
-    blocks = []
-    for i in range(0, n, rows):
+    d_out = torch.zeros_like(out)
+    for i in range(0, n, rows):  # in place where possible: about 3 score blocks alive at a time
         block = slice(i, i + rows)
-        p = (q[..., block, :] @ k_t * scale).softmax(-1)  # (..., rows, m)
-        d_out = p @ tv if tv is not None else torch.zeros_like(out[..., block, :])
+        p = torch.matmul(q[..., block, :], k_t).mul_(scale).softmax(-1)  # (..., rows, m)
+        if tv is not None:
+            d_out[..., block, :] = p @ tv
         if tq is not None or tk is not None:
-            d_scores = tq[..., block, :] @ k_t if tq is not None else 0.0
+            d_scores = torch.matmul(tq[..., block, :], k_t) if tq is not None else None
             if tk_t is not None:
-                d_scores = d_scores + q[..., block, :] @ tk_t
-            p_ds = p * d_scores * scale
-            d_out = d_out + p_ds @ v - p_ds.sum(-1, keepdim=True) * out[..., block, :]
-        blocks.append(d_out)
-    return torch.cat(blocks, dim=-2).to(dtype)
+                extra = torch.matmul(q[..., block, :], tk_t)
+                d_scores = extra if d_scores is None else d_scores.add_(extra)
+                del extra
+            p_ds = d_scores.mul_(p).mul_(scale)  # P * dS, in the buffer of dS
+            del p
+            d_out[..., block, :] += p_ds @ v - p_ds.sum(-1, keepdim=True) * out[..., block, :]
+    return d_out.to(dtype)
 
 
 class AttentionWithTangent(torch.autograd.Function):
