@@ -124,41 +124,32 @@ def main(argv=None) -> dict:
         ops["flow_matching_step[compiled]"] = fm_compiled_step
     modules = {}
     memory = {}
+
+    def add_step(key: str, objective, compiled: bool = False) -> FlowMapDistillModule:
+        """A distillation step under ``key`` (timed, with its saved activations measured once)."""
+        m = FlowMapDistillModule(teacher, objective, guide=guide, guidance="autoguidance", guidance_min=1.5,
+                                 guidance_max=1.5, num_classes=10, warmup_steps=0, compile_student=compiled).to(dev)
+        opt = torch.optim.Adam(m.student.parameters(), lr=1e-4)
+
+        def step():
+            loss, _ = m.step_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            opt.step()
+
+        ops[key] = step
+        memory[key] = saved_for_backward_mb(lambda: m.step_loss(batch)[0].mean())
+        return m
+
     for backend in args.backends:
         for tangent_pass in passes(backend):
             for name, cls in (("ayf_emd", AYFEMD), ("ayf_lmd", AYFLMD), ("scd", SCD)):
-                m = FlowMapDistillModule(teacher, cls(jvp_backend=backend, tangent_pass=tangent_pass), guide=guide,
-                                         guidance="autoguidance", guidance_min=1.5, guidance_max=1.5, num_classes=10,
-                                         warmup_steps=0).to(dev)
-                opt = torch.optim.Adam(m.student.parameters(), lr=1e-4)
-                modules[(name, backend, tangent_pass)] = m
-
-                def step(m=m, opt=opt):
-                    loss, _ = m.step_loss(batch)
-                    opt.zero_grad(set_to_none=True)
-                    loss.mean().backward()
-                    opt.step()
-
-                key = f"{name}_step[{backend},{tangent_pass}]"
-                ops[key] = step
-                memory[key] = saved_for_backward_mb(lambda m=m: m.step_loss(batch)[0].mean())
+                modules[(name, backend, tangent_pass)] = add_step(
+                    f"{name}_step[{backend},{tangent_pass}]", cls(jvp_backend=backend, tangent_pass=tangent_pass))
     if args.compile:
         for backend in args.backends:
-            m = FlowMapDistillModule(teacher, AYFEMD(jvp_backend=backend), guide=guide, guidance="autoguidance",
-                                     guidance_min=1.5, guidance_max=1.5, num_classes=10, warmup_steps=0,
-                                     compile_student=True).to(dev)
-            opt = torch.optim.Adam(m.student.parameters(), lr=1e-4)
-            modules[("ayf_emd", backend, "two_pass", "compiled")] = m
-
-            def step(m=m, opt=opt):
-                loss, _ = m.step_loss(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.mean().backward()
-                opt.step()
-
-            key = f"ayf_emd_step[{backend},two_pass,compiled]"
-            ops[key] = step
-            memory[key] = saved_for_backward_mb(lambda m=m: m.step_loss(batch)[0].mean())
+            modules[("ayf_emd", backend, "two_pass", "compiled")] = add_step(
+                f"ayf_emd_step[{backend},two_pass,compiled]", AYFEMD(jvp_backend=backend), compiled=True)
     student = modules[(("ayf_emd", args.backends[0], "two_pass"))].student
     s_opt = torch.optim.Adam(student.parameters(), lr=1e-4)
 
