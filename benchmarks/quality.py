@@ -259,7 +259,8 @@ def main(argv=None) -> dict:
                    choices=["ayf_emd", "ayf_lmd", "scd"], help="neural arm: the objectives to run")
     p.add_argument("--teacher-ckpt", default=None)
     p.add_argument("--guide-ckpt", default=None)
-    p.add_argument("--save-teachers", default=None, help="neural arm: write the trained teacher.ckpt and guide.ckpt here")
+    p.add_argument("--save-teachers", default=None,
+                   help="neural arm: write the trained teacher.ckpt and guide.ckpt here")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())

@@ -99,29 +99,25 @@ def main(argv=None) -> dict:
     s = t * torch.rand(args.batch, device=dev)
     x_t = interpolate(x0, torch.randn_like(x0), t)
 
-    fm = FlowMatchingModule(build_network(args.arch, args.preset).to(dev), num_classes=10)
-    fm_opt = torch.optim.Adam(fm.parameters(), lr=1e-4)
     ops = {}
 
-    def fm_step():
-        loss = fm.training_step(batch, 0)
-        fm_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        fm_opt.step()
+    def add_flow_matching_step(key: str, compiled: bool = False) -> None:
+        fm = FlowMatchingModule(build_network(args.arch, args.preset).to(dev), num_classes=10)
+        if compiled:
+            fm.net = torch.compile(fm.net)
+        fm_opt = torch.optim.Adam(fm.parameters(), lr=1e-4)
 
-    ops["flow_matching_step"] = fm_step
-    if args.compile:
-        fm_c = FlowMatchingModule(build_network(args.arch, args.preset).to(dev), num_classes=10)
-        fm_c.net = torch.compile(fm_c.net)
-        fm_c_opt = torch.optim.Adam(fm_c.parameters(), lr=1e-4)
-
-        def fm_compiled_step():
-            loss = fm_c.training_step(batch, 0)
-            fm_c_opt.zero_grad(set_to_none=True)
+        def fm_step():
+            loss = fm.training_step(batch, 0)
+            fm_opt.zero_grad(set_to_none=True)
             loss.backward()
-            fm_c_opt.step()
+            fm_opt.step()
 
-        ops["flow_matching_step[compiled]"] = fm_compiled_step
+        ops[key] = fm_step
+
+    add_flow_matching_step("flow_matching_step")
+    if args.compile:
+        add_flow_matching_step("flow_matching_step[compiled]", compiled=True)
     modules = {}
     memory = {}
 

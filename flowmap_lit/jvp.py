@@ -76,7 +76,8 @@ def jvp(
 
     # The tangent pass always runs in full precision: under bf16 autocast (``precision: bf16-mixed``)
     # the grad forward/backward stay in bf16 while the JVP, whose error bf16 would amplify, does not.
-    with torch.no_grad(), forward_ad_safe_attention(form=attention), torch.autocast(primals[0].device.type, enabled=False):
+    no_autocast = torch.autocast(primals[0].device.type, enabled=False)
+    with torch.no_grad(), forward_ad_safe_attention(form=attention), no_autocast:
         if backend == "func":
             return torch.func.jvp(fn, primals, tangents)[1]
         if backend == "forward_ad":
