@@ -18,6 +18,9 @@ saved by autograd, a device-independent proxy for peak activation memory).
 the student's grad forward and backward; the tangent pass stays eager) per backend, and a
 flow-matching step with a compiled network; compiled rows carry ``compiled: true`` and also
 ``over_compiled_flow_matching``. Compilation happens in the warm-up repeats.
+
+The row of what a config without ``jvp_backend``/``tangent_pass`` runs on this device carries
+``default: true`` (marked ``*`` in the table). ``--out FILE`` also writes the JSON object there.
 """
 
 from __future__ import annotations
@@ -80,9 +83,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--backends", nargs="+", default=["func", "finite_difference"])
+    p.add_argument("--backends", nargs="+", default=["forward_ad", "func", "finite_difference"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time compiled variants (compile_student)")
+    p.add_argument("--out", type=Path, help="also write the JSON object to this file")
     args = p.parse_args(argv)
     if args.compile and args.warmup < 1:
         p.error("--compile needs --warmup >= 1 (the first call compiles)")
@@ -204,6 +208,9 @@ def main(argv=None) -> dict:
     fm_ms = med["flow_matching_step"]
     teachers_ms = med["part:teacher_forward"] + med["part:guide_forward"]
     rows = []
+    default_objective = AYFEMD()  # what a config without jvp_backend / tangent_pass gets on this device
+    default = (default_objective.jvp_backend,
+               "one_pass" if default_objective.uses_one_pass(x_t) else "two_pass")
     for backend in args.backends:
         for tangent_pass in passes(backend):
             for name, jvp_key in (("ayf_emd", "t"), ("ayf_lmd", "s"), ("scd", "t")):
@@ -217,7 +224,8 @@ def main(argv=None) -> dict:
                 rows.append({"step": name, "jvp_backend": backend, "tangent_pass": tangent_pass,
                              "ms": round(step_ms, 2), "over_flow_matching": round(step_ms / fm_ms, 2),
                              "sum_of_parts_ms": round(parts, 2), "over_sum_of_parts": round(step_ms / parts, 3),
-                             "saved_for_backward_mib": round(memory[key], 2), "compiled": False})
+                             "saved_for_backward_mib": round(memory[key], 2), "compiled": False,
+                             "default": (backend, tangent_pass) == default})
     if args.compile:
         fm_c_ms = med["flow_matching_step[compiled]"]
         for backend in args.backends:
@@ -229,15 +237,17 @@ def main(argv=None) -> dict:
                          "ms": round(step_ms, 2), "over_flow_matching": round(step_ms / fm_ms, 2),
                          "over_compiled_flow_matching": round(step_ms / fm_c_ms, 2),
                          "sum_of_parts_ms": round(parts, 2), "over_sum_of_parts": round(step_ms / parts, 3),
-                         "saved_for_backward_mib": round(memory[key], 2)})
+                         "saved_for_backward_mib": round(memory[key], 2), "default": False})
     result = {"arch": args.arch, "preset": args.preset, "batch": args.batch, "device": str(dev),
               "threads": torch.get_num_threads(), "repeats": args.repeats,
               "median_ms": {k: round(v, 2) for k, v in med.items()}, "flow_matching_step_ms": round(fm_ms, 2),
               "steps": rows}
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'step':<10} {'jvp':<18} {'tangent':<18} {'ms':>8} {'/FM step':>9} {'parts ms':>9} {'/parts':>7} "
           f"{'saved MiB':>10}")
     for r in rows:
-        tangent = r["tangent_pass"] + (", compiled" if r["compiled"] else "")
+        tangent = r["tangent_pass"] + (", compiled" if r["compiled"] else "") + (" *" if r["default"] else "")
         print(f"{r['step']:<10} {r['jvp_backend']:<18} {tangent:<18} {r['ms']:>8.2f} "
               f"{r['over_flow_matching']:>9.2f} {r['sum_of_parts_ms']:>9.2f} {r['over_sum_of_parts']:>7.3f} "
               f"{r['saved_for_backward_mib']:>10.2f}")

@@ -5,14 +5,18 @@ at ``e = 0`` without building an autograd graph: the objectives use it under sto
 to a separate grad-enabled forward whose detached output is ``F-`` (with the RNG forked so both
 passes draw the same dropout masks). Backends:
 
-- ``"func"``: ``torch.func.jvp`` (forward-mode AD; the default);
-- ``"forward_ad"``: ``torch.autograd.forward_ad`` dual tensors (same result, a few % faster);
+- ``"forward_ad"``: ``torch.autograd.forward_ad`` dual tensors (the default), with the package's
+  lean tangent rules for convolutions and linear layers (``networks/tangent_ops.py``: no product
+  with the weights' zero tangent);
+- ``"func"``: ``torch.func.jvp`` (the same numbers; PyTorch's own rules, since ``torch.func``
+  wraps every custom rule in per-call machinery that costs more than it saves on small layers);
 - ``"finite_difference"``: central difference ``(fn(p + h u) - fn(p - h u)) / (2 h)`` (two
   forwards) for kernels or wrappers without forward AD (e.g. FSDP); inputs are cast to
   ``fd_dtype`` when given (float64 needs a float64 ``fn``), else kept in the primals' dtype.
 
-``primal_and_tangent`` is the one-pass form: a grad-enabled forward-mode pass whose primal is
-the trained output and whose tangent is the JVP (the objectives' ``tangent_pass: one_pass``).
+``primal_and_tangent`` is the one-pass form: a grad-enabled forward-mode pass (dual tensors, lean
+rules) whose primal is the trained output and whose tangent is the JVP (the objectives'
+``tangent_pass: one_pass``).
 
 Attention inside runs in a forward-AD-safe form (``attention``: the SDPA math kernel, or the
 chunked closed-form tangent on the fused kernel; flash kernels have no forward-AD rule), and
@@ -28,6 +32,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from flowmap_lit.networks.attention import AttentionJVP, forward_ad_safe_attention
+from flowmap_lit.networks.tangent_ops import lean_tangents
 
 JVPBackend = Literal["func", "forward_ad", "finite_difference"]
 
@@ -55,7 +60,7 @@ def jvp(
     fn: Callable[..., Tensor],
     primals: Sequence[Tensor],
     tangents: Sequence[Tensor],
-    backend: JVPBackend = "func",
+    backend: JVPBackend = "forward_ad",
     fd_step: float = 1e-3,
     fd_dtype: torch.dtype | None = None,
     rng: RNGState | None = None,
@@ -81,7 +86,7 @@ def jvp(
         if backend == "func":
             return torch.func.jvp(fn, primals, tangents)[1]
         if backend == "forward_ad":
-            with forward_ad.dual_level():
+            with lean_tangents(), forward_ad.dual_level():
                 duals = [forward_ad.make_dual(p, u) for p, u in zip(primals, tangents)]
                 out = forward_ad.unpack_dual(fn(*duals))
                 return out.tangent
@@ -95,7 +100,7 @@ def primal_and_tangent(student: Callable[..., Tensor], x_t: Tensor, t: Tensor, s
     """``(F, dF)``: the student's output (grad-enabled, at the caller's precision) and its derivative
     along ``tangents`` (detached), from one forward-mode pass (docs/design.md section 4)."""
     inputs = dict(x=x_t, t=t, s=s)
-    with forward_ad_safe_attention(form=attention), forward_ad.dual_level():
+    with forward_ad_safe_attention(form=attention), lean_tangents(), forward_ad.dual_level():
         for name, u in tangents.items():
             inputs[name] = forward_ad.make_dual(inputs[name], u)
         out = forward_ad.unpack_dual(student(inputs["x"], inputs["t"], inputs["s"]))

@@ -244,17 +244,28 @@ class BoundStudent:
     one, because ``torch.compile`` silently drops the custom forward-AD rules of an
     ``autograd.Function`` (PITFALLS; the chunked attention tangent is one) and falls back to eager
     under ``torch.func.jvp`` anyway.
+
+    ``checkpointed``: the network recomputes its activations in the backward (activation
+    checkpointing), which a one-pass tangent cannot go through (the recomputation runs outside the
+    forward-AD level). ``two_pass_only`` tells the objectives to take two passes: with a compiled
+    network (only the two-pass form trains the compiled forward) or a checkpointed one.
     """
 
-    def __init__(self, net: nn.Module, eager_net: nn.Module, kwargs: dict) -> None:
-        self.net, self.eager_net, self.kwargs = net, eager_net, kwargs
+    def __init__(self, net: nn.Module, eager_net: nn.Module, kwargs: dict, checkpointed: bool = False) -> None:
+        self.net, self.eager_net, self.kwargs, self.checkpointed = net, eager_net, kwargs, checkpointed
 
     def __call__(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return self.net(x, t, s, **self.kwargs)
 
     @property
     def eager(self) -> "BoundStudent":
-        return self if self.net is self.eager_net else BoundStudent(self.eager_net, self.eager_net, self.kwargs)
+        if self.net is self.eager_net:
+            return self
+        return BoundStudent(self.eager_net, self.eager_net, self.kwargs, self.checkpointed)
+
+    @property
+    def two_pass_only(self) -> bool:
+        return self.checkpointed or self.net is not self.eager_net
 
 
 class _CompileCache(dict):
@@ -400,7 +411,7 @@ class FlowMapDistillModule(pl.LightningModule):
         lam_in = lam if self.condition_on_guidance else None
         kw = dict(class_labels=self._labels(labels), guidance=lam_in, **(cond or {}))
         net = self.compiled_student() if compiled and self.compile_student else self.student
-        return BoundStudent(net, self.student, kw)
+        return BoundStudent(net, self.student, kw, checkpointed=self.activation_checkpointing)
 
     def compiled_student(self) -> nn.Module:
         """``torch.compile(student, **compile_options)``, built on first use (after sharding and the move

@@ -24,7 +24,10 @@ def test_step_cost(arch):
     assert {r["step"] for r in out["steps"]} == {"ayf_emd", "ayf_lmd", "scd"}
     assert all(r["ms"] > 0 and r["sum_of_parts_ms"] > 0 for r in out["steps"])
     passes = {(r["jvp_backend"], r["tangent_pass"]) for r in out["steps"]}
-    assert passes == {("func", "two_pass"), ("func", "one_pass"), ("finite_difference", "two_pass")}
+    assert passes == {("forward_ad", "two_pass"), ("forward_ad", "one_pass"), ("func", "two_pass"),
+                      ("func", "one_pass"), ("finite_difference", "two_pass")}
+    defaults = [(r["step"], r["jvp_backend"], r["tangent_pass"]) for r in out["steps"] if r["default"]]
+    assert ("ayf_emd", "forward_ad", "one_pass") in defaults and len(defaults) == 3  # CPU: one pass
     mem = {(r["step"], r["jvp_backend"], r["tangent_pass"]): r["saved_for_backward_mib"] for r in out["steps"]}
     assert all(v > 0 for v in mem.values())
     # the two-pass step saves exactly the grad forward's activations, whatever the JVP backend

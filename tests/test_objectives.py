@@ -177,8 +177,18 @@ def test_one_pass_and_two_pass_give_the_same_loss_and_gradient(objective):
 
 
 def test_tangent_pass_choice_and_its_errors():
-    assert not AYFEMD().uses_one_pass(torch.zeros(1))  # the default: two passes
-    assert AYFEMD(tangent_pass="auto").uses_one_pass(torch.zeros(1))  # forward AD, no autocast: one pass
+    assert AYFEMD().tangent_pass == "auto" and AYFEMD().jvp_backend == "forward_ad"  # the defaults
+    assert AYFEMD().uses_one_pass(torch.zeros(1))  # CPU, forward AD, no autocast: one pass
+    assert not AYFEMD().uses_one_pass(torch.zeros(1, device="meta"))  # off the CPU: two passes (memory)
+    from flowmap_lit.modules import BoundStudent
+
+    net = torch.nn.Identity()
+    compiled, checkpointed = BoundStudent(torch.nn.Identity(), net, {}), BoundStudent(net, net, {}, checkpointed=True)
+    assert not AYFEMD().uses_one_pass(torch.zeros(1), compiled)  # the compiled forward trains in two passes
+    assert not AYFEMD().uses_one_pass(torch.zeros(1), checkpointed)  # recomputation has no tangents
+    assert AYFEMD().uses_one_pass(torch.zeros(1), BoundStudent(net, net, {}))
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        AYFEMD(tangent_pass="one_pass").uses_one_pass(torch.zeros(1), checkpointed)
     assert not AYFEMD(tangent_pass="auto", jvp_backend="finite_difference").uses_one_pass(torch.zeros(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not AYFEMD(tangent_pass="auto").uses_one_pass(torch.zeros(1))  # keeps the fp32 tangent of the two-pass form

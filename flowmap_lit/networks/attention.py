@@ -114,6 +114,7 @@ class AttentionWithTangent(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, chunk_elements = inputs
         ctx.chunk_elements = chunk_elements
+        ctx.set_materialize_grads(False)  # absent tangents arrive as None, not zeros
         ctx.save_for_forward(q, k, v, output)
         ctx.save_for_backward(q, k, v)
 
@@ -124,6 +125,8 @@ class AttentionWithTangent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None
         q, k, v = ctx.saved_tensors
         with torch.enable_grad():
             q, k, v = (z.detach().requires_grad_() for z in (q, k, v))

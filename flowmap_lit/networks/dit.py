@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import attention
 from .embeddings import ConditionEmbedding, batch_vector
+from .tangent_ops import Conv2d, Linear
 from .mp import force_normalize_
 
 
@@ -32,7 +33,7 @@ def sincos_pos_embed_2d(dim: int, height: int, width: int) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation x * (1 + scale) + shift, with (B, D) shift/scale broadcast over tokens."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return x * torch.ops.aten.add.Scalar(scale, 1)[:, None] + shift[:, None]  # add.Scalar: 1 + scale, lean tangent
 
 
 class SelfAttention(nn.Module):
@@ -41,8 +42,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
@@ -60,10 +61,10 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(hidden, dim)
+            Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), Linear(hidden, dim)
         )
         self.dropout = nn.Dropout(dropout)
-        self.modulation = nn.Linear(dim, 6 * dim)  # from silu(c); zero-initialized (adaLN-Zero)
+        self.modulation = Linear(dim, 6 * dim)  # from silu(c); zero-initialized (adaLN-Zero)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)
@@ -78,8 +79,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = nn.Linear(dim, 2 * dim)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.modulation = Linear(dim, 2 * dim)
+        self.linear = Linear(dim, patch_size * patch_size * out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(c).chunk(2, dim=1)
@@ -113,7 +114,7 @@ class DiT(nn.Module):
             raise ValueError(f"img_resolution {img_resolution} not divisible by patch_size {patch_size}")
         self.img_channels, self.img_resolution, self.patch_size = img_channels, img_resolution, patch_size
         grid = img_resolution // patch_size
-        self.patch_embed = nn.Conv2d(img_channels, hidden_size, patch_size, stride=patch_size)
+        self.patch_embed = Conv2d(img_channels, hidden_size, patch_size, stride=patch_size)
         pos = sincos_pos_embed_2d(hidden_size, grid, grid)[None]
         if learn_pos_embed:
             self.pos_embed = nn.Parameter(pos)

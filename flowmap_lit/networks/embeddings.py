@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mp import MPConv, MPEmbedding, mp_silu, mp_sum
+from .tangent_ops import linear, scale
 
 
 def batch_vector(value, x: torch.Tensor) -> torch.Tensor | None:
@@ -64,7 +65,7 @@ class _Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return linear(x, self.weight.to(x.dtype), bias)
 
 
 class _Branch(nn.Module):
@@ -89,7 +90,7 @@ class _Branch(nn.Module):
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         if self.mp:
             gain = self.gain.to(e.dtype)
-            return self.fc1(mp_silu(self.fc0(e * math.sqrt(2))), gain=gain)
+            return self.fc1(mp_silu(self.fc0(scale(e, math.sqrt(2)))), gain=gain)
         return self.fc1(F.silu(self.fc0(e)))
 
     @torch.no_grad()

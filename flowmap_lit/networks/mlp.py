@@ -15,6 +15,7 @@ from torch import nn
 
 from ..interpolant import expand_like, flowmap_preconditioning
 from .embeddings import ConditionEmbedding, batch_vector
+from .tangent_ops import Linear
 
 
 class MLP(nn.Module):
@@ -43,17 +44,17 @@ class MLP(nn.Module):
         self.precondition, self.sigma_data = precondition, sigma_data
         dim = img_channels * img_resolution**2
         self.emb = ConditionEmbedding(emb_dim, num_classes, fourier_channels, time_min_freq, time_max_freq)
-        self.inputs = nn.ModuleList([nn.Linear(dim if i == 0 else width, width) for i in range(depth)])
-        self.conds = nn.ModuleList([nn.Linear(emb_dim, width, bias=False) for _ in range(depth)])
+        self.inputs = nn.ModuleList([Linear(dim if i == 0 else width, width) for i in range(depth)])
+        self.conds = nn.ModuleList([Linear(emb_dim, width, bias=False) for _ in range(depth)])
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(width, dim)
+        self.out = Linear(width, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         for lin in self.conds:
             nn.init.normal_(lin.weight, std=1 / math.sqrt(emb_dim))
         self.scales = None
         if modulation == "scale_shift":
-            self.scales = nn.ModuleList([nn.Linear(emb_dim, width, bias=False) for _ in range(depth)])
+            self.scales = nn.ModuleList([Linear(emb_dim, width, bias=False) for _ in range(depth)])
             for lin in self.scales:
                 nn.init.zeros_(lin.weight)
 

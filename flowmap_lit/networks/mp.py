@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tangent_ops import conv2d, linear, scale, unscale
+
 SILU_RMS = 0.596  # sqrt(E[silu(z)^2]) for z ~ N(0, 1)
 
 
@@ -38,7 +40,7 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU rescaled to unit output RMS for unit-normal input (EDM2 eq. 81)."""
-    return F.silu(x) / SILU_RMS
+    return unscale(F.silu(x), SILU_RMS)
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
@@ -48,16 +50,16 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     taken in the wider dtype.
     """
     dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
+    return unscale(a.to(dtype).lerp(b.to(dtype), t), math.sqrt((1 - t) ** 2 + t**2))
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
     """Concatenation along `dim` with relative contributions (1 - t) and t (eq. 103)."""
     na, nb = a.shape[dim], b.shape[dim]
-    scale = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
-    wa = scale / math.sqrt(na) * (1 - t)
-    wb = scale / math.sqrt(nb) * t
-    return torch.cat([wa * a, wb * b], dim=dim)
+    gain = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
+    wa = gain / math.sqrt(na) * (1 - t)
+    wb = gain / math.sqrt(nb) * t
+    return torch.cat([scale(a, wa), scale(b, wb)], dim=dim)
 
 
 class MPConv(nn.Module):
@@ -78,8 +80,8 @@ class MPConv(nn.Module):
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))  # out of place: JVP-safe
         w = w.to(x.dtype)
         if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+            return linear(x, w)
+        return conv2d(x, w, padding=w.shape[-1] // 2)
 
     @torch.no_grad()
     def normalize_weight_(self) -> None:

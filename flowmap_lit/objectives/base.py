@@ -84,27 +84,28 @@ class TangentObjective(Objective):
       primal is the trained ``F`` and whose tangent is ``dF``: the same loss and gradient with one
       student forward fewer. Needs a forward-AD backend (``func``/``forward_ad``), and the tangent
       is computed at the forward's precision (under bf16 autocast: in bf16);
-    - ``"auto"``: ``one_pass`` where it is exact (``jvp_backend`` ``func``/``forward_ad`` and no
-      autocast active), else ``two_pass``.
+    - ``"auto"`` (the default): ``one_pass`` on CPU where it is exact (a forward-AD backend, no
+      autocast) and the student is neither compiled nor checkpointed, else ``two_pass``.
 
     ``attention_jvp`` says how the package's attention op is differentiated in the tangent pass
     (docs/design.md section 4): ``"math"`` (SDPA math kernel; quadratic memory in the tokens),
     ``"chunked"`` (fused kernel plus a closed-form tangent in query blocks), or ``"auto"``:
     chunked on CUDA, math elsewhere. Both give the same tangent (tests/test_networks.py).
 
-    The default stays ``two_pass``: the one-pass form keeps the tangent's graph alive through the
-    backward (2.8x the saved activations of the two-pass step on the tiny U-Net at batch 64,
-    ``benchmarks/step_cost.py``), for about 9% less time on CPU.
+    Why ``auto`` decides so (``benchmarks/step_cost.py``, docs/design.md section 4): on CPU the one
+    pass is as fast or faster (tiny U-Net and DiT at batch 64), but it keeps the tangent's graph
+    alive through the backward (2.5-2.8x the saved activations), and on accelerators memory, not
+    time, bounds the batch; a compiled student trains its compiled forward only in two passes.
     """
 
     def __init__(
         self,
         tangent_norm: Literal["l2", "rms", "none"] = "l2",  # ||g|| per sample: L2, L2/sqrt(D), or off
         norm_const: float = 0.1,  # c in g / (||g|| + c)
-        jvp_backend: JVPBackend = "func",  # "func" | "forward_ad" | "finite_difference"
+        jvp_backend: JVPBackend = "forward_ad",  # "forward_ad" | "func" | "finite_difference"
         fd_step: float = 1e-3,  # finite-difference step along the tangent
         weighting: Weighting | None = None,  # w(t, s); None: uniform
-        tangent_pass: Literal["auto", "one_pass", "two_pass"] = "two_pass",  # F and dF in one pass or two
+        tangent_pass: Literal["auto", "one_pass", "two_pass"] = "auto",  # F and dF in one pass or two
         attention_jvp: Literal["auto", "math", "chunked"] = "auto",  # attention in the tangent pass
     ) -> None:
         super().__init__()
@@ -152,10 +153,17 @@ class TangentObjective(Objective):
             return self.attention_jvp
         return "chunked" if x_t.device.type == "cuda" else "math"
 
-    def uses_one_pass(self, x_t: Tensor) -> bool:
+    def uses_one_pass(self, x_t: Tensor, student: StudentFn | None = None) -> bool:
+        """Whether ``forward`` computes ``F`` and ``dF`` in one pass (see ``tangent_pass``); ``student``
+        may say it takes two only (``BoundStudent.two_pass_only``: compiled or checkpointed)."""
+        if getattr(student, "checkpointed", False) and self.tangent_pass == "one_pass":
+            raise ValueError("tangent_pass: one_pass cannot run through activation checkpointing (the "
+                             "backward's recomputation has no tangents); use tangent_pass: auto or two_pass, "
+                             "or activation_checkpointing: false")
         if self.tangent_pass != "auto":
             return self.tangent_pass == "one_pass"
-        return self.jvp_backend != "finite_difference" and not torch.is_autocast_enabled(x_t.device.type)
+        return (x_t.device.type == "cpu" and self.jvp_backend != "finite_difference"
+                and not getattr(student, "two_pass_only", False) and not torch.is_autocast_enabled(x_t.device.type))
 
     def normalize(self, g: Tensor) -> tuple[Tensor, Tensor]:
         """``(g / (||g|| + c), ||g||)`` per sample, as configured."""
@@ -167,7 +175,7 @@ class TangentObjective(Objective):
         return g / bcast(norm + self.norm_const, g), norm
 
     def forward(self, student, teacher, x_t, t, s, r=1.0) -> ObjectiveOutput:
-        if self.uses_one_pass(x_t):
+        if self.uses_one_pass(x_t, student):
             with torch.no_grad():
                 tangents, aux = self.direction(teacher, x_t, t, s)
             F, dF = primal_and_tangent(eager(student), x_t, t, s, tangents, self.attention_form(x_t))  # dF detached
