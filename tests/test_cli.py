@@ -71,6 +71,14 @@ FID_CALLBACK = """
 """
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def make_quickstart_checkpoint(tmp_path, steps=4) -> Path:
     """A tiny quickstart run (FID and flow-map error callbacks included); returns last.ckpt."""
     small = tmp_path / "small.yaml"
@@ -117,6 +125,18 @@ def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(tmp_path):
     assert [r["nfe"] for r in rows] == [1, 2]
     assert all(r["fid"] > 0 and 0 < r["flowmap_rel_error"] and r["samples_per_s"] > 0 for r in rows)
     assert "flowmap_rel_error" in proc.stdout
+
+    # The same evaluation by 2 processes (torchrun, gloo): each its own share, sums all-reduced.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "flowmap_lit", "evaluate", "--run-dir", str(ckpt_path.parent),
+                           "--out-dir", str(tmp_path / "eval2"), "--steps", "1", "2", "--num-samples", "100",
+                           "--reference-steps", "8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "eval2/last.json").read_text())
+    assert two["processes"] == 2 and (tmp_path / "eval2/distance_versus_steps.png").is_file()
+    for one_row, two_row in zip(rows, two["rows"]):
+        for key in ("fid", "flowmap_rel_error"):
+            assert abs(two_row[key] - one_row[key]) <= 1e-6 * abs(one_row[key]), (key, one_row, two_row)
 
     # The diagnostics command: jump-error table, per-step decomposition, heatmap and JSON.
     proc = subprocess.run([sys.executable, "-m", "flowmap_lit", "diagnose", "--ckpt", str(ckpt_path), "--steps", "1", "2",

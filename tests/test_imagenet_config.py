@@ -25,6 +25,10 @@ def test_print_config_runs(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ModelParallelStrategy" in proc.stdout and "precision: bf16-mixed" in proc.stdout
+    fid = proc.stdout[proc.stdout.index("flowmap_lit.callbacks.FewStepFID"):]
+    fid = fid[:fid.index("class_path", 10)]
+    for setting in ("- inception", "- dinov2", "vae: /models/sd-vae-ft-mse", "num_samples: 10000"):
+        assert setting in fid, setting  # decoding and both feature networks
 
 
 RANDOM_WEIGHTS = """\

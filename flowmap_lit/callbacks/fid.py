@@ -1,9 +1,14 @@
-"""FID across step counts (``fid/{k}step``) as a callback, with a FID-versus-steps plot.
+"""FID (and FD_DINOv2) across step counts (``fid/{k}step``, ``fd_dinov2/{k}step``) as a callback,
+with a distance-versus-steps plot.
 
 At every validation (and, if the last validation was not at the final step, at the end of fit)
-each rank generates its share of ``num_samples`` with the EMA student at every step count in
-``step_counts``; features are gathered by torchmetrics across ranks. Reference statistics of the
-data are computed once and cached next to the shards (``flowmap_lit.metrics.fid``).
+each rank generates its contiguous share of ``num_samples`` with the EMA student at every step
+count in ``step_counts``; sample ``i`` has the same noise and label whatever the number of ranks
+(``flowmap_lit.metrics.few_step``), and the metrics' float64 feature sums are all-reduced, so
+1 and N processes give the same numbers. Latent samples are un-normalized and decoded once by a
+local VAE (``vae``) for every feature network. Reference statistics of the data are computed
+with the same pipeline once and cached next to the shards (``flowmap_lit.metrics.fid``; or ahead
+of time by ``python -m flowmap_lit.metrics.reference``).
 """
 
 from __future__ import annotations
@@ -18,101 +23,156 @@ from flowmap_lit.callbacks.ema import evaluation_mode
 from flowmap_lit.callbacks.flowmap_error import format_table, log_at_fit_end
 
 
-class FewStepFID(pl.Callback):
-    """FID of k-step samples against the data, for each k in ``step_counts``.
+DISPLAY = {"fid": "FID", "fd_dinov2": "FD_DINOv2"}
 
-    ``feature``: ``"digits"`` (a small classifier trained on the digits, ``feature_path`` =
-    its file, made by ``python -m flowmap_lit.metrics.digits_classifier``) or ``"inception"``
-    (Inception-v3 pool features for real images, ``feature_path`` = local weights file). Samples
-    are mapped to images by the data module's ``denormalize`` (the digits are their own images).
+
+def _as_list(value, n: int | None = None) -> list:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return items * n if n is not None and len(items) == 1 else items
+
+
+class FewStepFID(pl.Callback):
+    """Fréchet distances of k-step samples to the data, for each k in ``step_counts``.
+
+    ``feature``: one kind or a list of kinds, each with its weights in ``feature_path`` (one path
+    per kind): ``"digits"`` (a small classifier trained on the digits, made by ``python -m
+    flowmap_lit.metrics.digits_classifier``), ``"inception"`` (Inception-v3 pool features, FID;
+    local weights file) or ``"dinov2"`` (DINOv2 class token, FD_DINOv2; local transformers
+    directory). Samples are mapped to images by the data module's ``denormalize`` and, for latent
+    data, by the diffusers ``AutoencoderKL`` in the local directory ``vae`` (stored latents =
+    ``(z - vae_shift_factor) * vae_scaling_factor``); the digits are their own images.
     """
 
     def __init__(
         self,
-        feature: str = "digits",  # feature network kind: "digits" or "inception"
-        feature_path: str | None = "data/digits/classifier.pt",  # its weights file (never downloaded)
+        feature: str | list[str] = "digits",  # feature network kind(s): "digits", "inception", "dinov2"
+        feature_path: str | None | list[str | None] = "data/digits/classifier.pt",  # weights, one per kind
         step_counts: list[int] = [1, 2, 4, 8],  # sampler step counts
         num_samples: int = 2000,  # generated samples per step count, over all ranks
         reference_split: str = "train",  # data split of the reference statistics
+        reference_samples: int | None = None,  # the first this many samples of the split (None: all)
         batch_size: int = 500,  # samples per network call
-        seed: int = 0,  # noise seed (rank r uses seed + r)
+        seed: int = 0,  # noise seed: sample i's noise and label depend on (seed, i) only
         guidance: float | None = None,  # guidance scale for sampling; None: the module's default
         print_table: bool = True,  # print the table at the end of fit / validate
         train_if_missing: bool = False,  # "digits": train the classifier (~10 s) when feature_path is missing
-        teacher_steps: int | None = 64,  # at the end, also the teacher's FID with this many Heun steps (None: skip)
+        teacher_steps: int | None = 64,  # at the end, also the teacher's distances with this many Heun steps (None: skip)
+        vae: str | None = None,  # local diffusers AutoencoderKL directory: decode latent samples (None: pixels)
+        vae_scaling_factor: float = 1.0,  # how the stored latents were scaled (flowmap_lit.metrics.decode)
+        vae_shift_factor: float = 0.0,
+        vae_batch_size: int = 32,  # latents per decoder call
     ) -> None:
-        self.feature, self.feature_path = feature, feature_path
+        from flowmap_lit.metrics.features import FEATURE_KINDS, METRIC_NAMES
+
+        self.features = _as_list(feature)
+        self.feature_paths = _as_list(feature_path, len(self.features))
+        if len(self.feature_paths) != len(self.features):
+            raise ValueError(f"FewStepFID: {len(self.features)} feature kinds but {len(self.feature_paths)} "
+                             "feature paths; give one path per kind")
+        unknown = [k for k in self.features if k not in FEATURE_KINDS]
+        if unknown:
+            raise ValueError(f"FewStepFID: unknown feature kind(s) {unknown}; expected {FEATURE_KINDS}")
+        self.metric_names = [METRIC_NAMES[k] for k in self.features]
+        if len(set(self.metric_names)) != len(self.metric_names):
+            raise ValueError(f"FewStepFID: feature kinds {self.features} give the same metric twice "
+                             f"({self.metric_names}); use one of digits/inception")
+        self.feature, self.feature_path = self.features[0], self.feature_paths[0]  # the first one, for callers
         self.step_counts = list(step_counts)
         self.num_samples = num_samples
-        self.reference_split = reference_split
+        self.reference_split, self.reference_samples = reference_split, reference_samples
         self.batch_size = batch_size
         self.seed = seed
         self.guidance = guidance
         self.print_table = print_table
         self.train_if_missing = train_if_missing
         self.teacher_steps = teacher_steps
-        self.teacher_fid: float | None = None
-        self.fid = None
+        self.vae, self.vae_scaling_factor, self.vae_shift_factor = vae, vae_scaling_factor, vae_shift_factor
+        self.vae_batch_size = vae_batch_size
+        self.teacher_distances: dict[str, float] | None = None
+        self.metrics: dict | None = None
+        self.decoder = None
         self.results: list[dict] = []
         self._last_step = -1
 
+    @property
+    def teacher_fid(self) -> float | None:
+        """The teacher's distance under the first feature network (None until computed)."""
+        return None if self.teacher_distances is None else self.teacher_distances[self.metric_names[0]]
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Here, not in a validation hook: validation runs without grad and the classifier must train.
-        if self.train_if_missing and self.feature == "digits" and not Path(self.feature_path).is_file():
-            if trainer.is_global_zero:
-                from flowmap_lit.metrics import train_digits_classifier
+        for kind, path in zip(self.features, self.feature_paths):
+            if self.train_if_missing and kind == "digits" and not Path(path).is_file():
+                if trainer.is_global_zero:
+                    from flowmap_lit.metrics import train_digits_classifier
 
-                result = train_digits_classifier(trainer.datamodule.root, self.feature_path)
-                rank_zero_info(f"trained the digits FID feature network: held-out accuracy "
-                               f"{100 * result['accuracy']:.2f}% -> {self.feature_path}")
-            trainer.strategy.barrier("fid_classifier")
+                    result = train_digits_classifier(trainer.datamodule.root, path)
+                    rank_zero_info(f"trained the digits FID feature network: held-out accuracy "
+                                   f"{100 * result['accuracy']:.2f}% -> {path}")
+                trainer.strategy.barrier("fid_classifier")
 
     def _setup_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fid is not None:
+        if self.metrics is not None:
             return
         from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats
+        from flowmap_lit.metrics.features import DecodedFeatures
 
-        dm = trainer.datamodule
-        extractor = build_feature_extractor(self.feature, self.feature_path).to(pl_module.device)
-        if trainer.is_global_zero:  # rank 0 computes and caches; the others then read the cache
-            stats = dataset_reference_stats(dm.root, self.reference_split, extractor, device=pl_module.device)
-        trainer.strategy.barrier("fid_reference")
-        if not trainer.is_global_zero:
-            stats = dataset_reference_stats(dm.root, self.reference_split, extractor, device=pl_module.device)
-        self.fid = FID(extractor).to(pl_module.device)
-        self.fid.set_reference(stats)
+        dm, device = trainer.datamodule, pl_module.device
+        if self.vae is not None:
+            from flowmap_lit.metrics.decode import LatentDecoder
+
+            self.decoder = LatentDecoder(self.vae, self.vae_scaling_factor, self.vae_shift_factor,
+                                         self.vae_batch_size).to(device)
+        self.metrics = {}
+        for kind, path, name in zip(self.features, self.feature_paths, self.metric_names):
+            extractor = build_feature_extractor(kind, path).to(device)
+            reference_net = DecodedFeatures(extractor, self.decoder) if self.decoder is not None else extractor
+
+            def stats():
+                return dataset_reference_stats(dm.root, self.reference_split, reference_net, device=device,
+                                               num_samples=self.reference_samples)
+
+            if trainer.is_global_zero:  # rank 0 computes and caches; the others then read the cache
+                reference = stats()
+            trainer.strategy.barrier("fid_reference")
+            if not trainer.is_global_zero:
+                reference = stats()
+            self.metrics[name] = FID(extractor).to(device)
+            self.metrics[name].set_reference(reference)
+
+    def _to_images(self, dm):
+        if self.decoder is None:
+            return dm.denormalize
+        return lambda x: self.decoder(dm.denormalize(x))
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
+        from flowmap_lit.metrics.few_step import rank_share, sampler_distances, seeded_noise
+
         self._setup_metric(trainer, pl_module)
         dm = trainer.datamodule
-        rank, world = trainer.global_rank, trainer.world_size
-        n_local = self.num_samples // world + (1 if rank < self.num_samples % world else 0)
-        gen = torch.Generator().manual_seed(self.seed + rank)
-        noise = torch.randn((n_local, *dm.shape), generator=gen).to(pl_module.device)
-        k_classes = getattr(pl_module, "num_classes", 0)
-        labels = torch.randint(0, k_classes, (n_local,), generator=gen).to(pl_module.device) if k_classes else None
+        share = rank_share(self.num_samples, trainer.global_rank, trainer.world_size)
+        noise, labels = seeded_noise(share, self.num_samples, tuple(dm.shape), self.seed,
+                                     getattr(pl_module, "num_classes", 0))
+        noise = noise.to(pl_module.device)
+        labels = labels.to(pl_module.device) if labels is not None else None
         kwargs = {} if self.guidance is None else {"guidance": self.guidance}
+        to_images = self._to_images(dm)
         with evaluation_mode(trainer, pl_module):
-            rows = [{"steps": k, "fid": self._fid_of(dm, pl_module.sample, noise, labels, num_steps=k, **kwargs)}
+            rows = [{"steps": k, **sampler_distances(self.metrics, pl_module.sample, noise, labels, self.batch_size,
+                                                     to_images, num_steps=k, **kwargs)}
                     for k in self.step_counts]
-            if self.teacher_steps and self.teacher_fid is None and hasattr(pl_module, "teacher_sample"):
-                self.teacher_fid = self._fid_of(dm, pl_module.teacher_sample, noise, labels,
-                                                num_steps=self.teacher_steps, **kwargs)
+            if self.teacher_steps and self.teacher_distances is None and hasattr(pl_module, "teacher_sample"):
+                self.teacher_distances = sampler_distances(self.metrics, pl_module.teacher_sample, noise, labels,
+                                                           self.batch_size, to_images, num_steps=self.teacher_steps,
+                                                           **kwargs)
         self._last_step = trainer.global_step
         return rows
 
-    def _fid_of(self, dm, sampler, noise, labels, **kwargs) -> float:
-        """FID of ``sampler(noise, labels, **kwargs)`` over this rank's noise (and the other ranks')."""
-        self.fid.reset_fake()
-        for i in range(0, len(noise), self.batch_size):
-            lab = labels[i:i + self.batch_size] if labels is not None else None
-            self.fid.update_fake(dm.denormalize(sampler(noise[i:i + self.batch_size], lab, **kwargs)))
-        return self.fid.compute()
-
     def _log(self, trainer, pl_module, rows) -> None:
         for row in rows:
-            pl_module.log(f"fid/{row['steps']}step", row["fid"], rank_zero_only=True)
+            for name in self.metric_names:
+                pl_module.log(f"{name}/{row['steps']}step", row[name], rank_zero_only=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.is_global_zero and experiment is not None and hasattr(experiment, "add_figure"):
             import matplotlib
@@ -120,12 +180,14 @@ class FewStepFID(pl.Callback):
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
 
-            fig, ax = plt.subplots(figsize=(4, 3))
-            ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], "o-")
-            ax.set(xscale="log", xticks=self.step_counts, xticklabels=self.step_counts, xlabel="steps", ylabel="FID")
-            fig.tight_layout()
-            experiment.add_figure("fid/versus_steps", fig, trainer.global_step)
-            plt.close(fig)
+            for name in self.metric_names:
+                fig, ax = plt.subplots(figsize=(4, 3))
+                ax.plot([r["steps"] for r in rows], [r[name] for r in rows], "o-")
+                ax.set(xscale="log", xticks=self.step_counts, xticklabels=self.step_counts, xlabel="steps",
+                       ylabel=DISPLAY[name])
+                fig.tight_layout()
+                experiment.add_figure(f"{name}/versus_steps", fig, trainer.global_step)
+                plt.close(fig)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -139,14 +201,17 @@ class FewStepFID(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._last_step != trainer.global_step:  # a validation at the final step already evaluated and logged it
             self.results = self.evaluate(trainer, pl_module)
-            log_at_fit_end(trainer, {f"fid/{row['steps']}step": row["fid"] for row in self.results})
+            log_at_fit_end(trainer, {f"{name}/{row['steps']}step": row[name]
+                                     for row in self.results for name in self.metric_names})
         if self.print_table:
             self._print(trainer)
 
     def _print(self, trainer) -> None:
         if trainer.is_global_zero:
-            rank_zero_info(f"\nFID ({self.feature} features, {self.num_samples} samples, reference: "
-                           f"{self.reference_split} split) at step {trainer.global_step}:\n"
-                           + format_table(self.results, ["steps", "fid"])
-                           + (f"\nteacher, {self.teacher_steps}-step Heun ODE: FID {self.teacher_fid:.4g}"
-                              if self.teacher_fid is not None else ""))
+            teacher = "" if self.teacher_distances is None else (
+                f"\nteacher, {self.teacher_steps}-step Heun ODE: "
+                + ", ".join(f"{DISPLAY[name]} {value:.4g}" for name, value in self.teacher_distances.items()))
+            rank_zero_info(f"\n{' and '.join(DISPLAY[n] for n in self.metric_names)} ({', '.join(self.features)} features, "
+                           f"{self.num_samples} samples, reference: {self.reference_split} split) at step "
+                           f"{trainer.global_step}:\n" + format_table(self.results, ["steps", *self.metric_names])
+                           + teacher)

@@ -232,7 +232,11 @@ class LatentDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Equal shares of the validation samples per rank (``EvenSplit``), in shard order; [] if no val split."""
-        rank, world_size = self._rank_info()
+        return self.split_loader(*self._rank_info())
+
+    def split_loader(self, rank: int = 0, world_size: int = 1) -> wds.WebLoader | list:
+        """Share ``rank`` of ``world_size`` of the ``val_split`` samples, in shard order (the whole split
+        by default, whatever process group is running, e.g. for reference statistics on one rank)."""
         urls = self._urls(self.val_split)
         if not urls:
             return []

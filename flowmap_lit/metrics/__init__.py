@@ -3,7 +3,11 @@
 - ``digits_classifier.py``: a small CNN for the 8x8 digits, trained by
   ``python -m flowmap_lit.metrics.digits_classifier --data data/digits --out data/digits/classifier.pt``.
 - ``features.py``: ``FeatureExtractor`` (images in [-1, 1] -> (N, d) float64), ``DigitsFeatures``,
-  ``InceptionFeatures`` (local weights, needs torch-fidelity), ``build_feature_extractor``.
+  ``InceptionFeatures`` (local weights, needs torch-fidelity), ``DinoV2Features`` (local
+  transformers directory), ``DecodedFeatures`` (behind a latent decoder), ``build_feature_extractor``.
+- ``decode.py``: ``LatentDecoder``, a frozen local diffusers VAE for latent datasets.
+- ``few_step.py``: process-count-independent seeded noise, shares and distances of a sampler.
+- ``reference.py``: ``python -m flowmap_lit.metrics.reference``, reference statistics ahead of a job.
 - ``fid.py``: ``FID`` (torchmetrics with fixed reference statistics), cached reference statistics,
   and ``frechet_distance`` in float64.
 
@@ -17,7 +21,9 @@ _EXPORTS = {
     "DigitsClassifier": "digits_classifier", "load_digits_classifier": "digits_classifier",
     "train_digits_classifier": "digits_classifier",
     "FeatureExtractor": "features", "DigitsFeatures": "features", "InceptionFeatures": "features",
-    "build_feature_extractor": "features",
+    "DinoV2Features": "features", "DecodedFeatures": "features", "build_feature_extractor": "features",
+    "LatentDecoder": "decode", "seeded_noise": "few_step", "rank_share": "few_step",
+    "sampler_distances": "few_step", "image_distances": "few_step",
     "FID": "fid", "reference_stats": "fid", "load_or_compute_reference_stats": "fid",
     "dataset_reference_stats": "fid", "reference_cache_path": "fid", "frechet_distance": "fid",
 }
@@ -25,7 +31,10 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .digits_classifier import DigitsClassifier, load_digits_classifier, train_digits_classifier
-    from .features import DigitsFeatures, FeatureExtractor, InceptionFeatures, build_feature_extractor
+    from .decode import LatentDecoder
+    from .features import (DecodedFeatures, DigitsFeatures, DinoV2Features, FeatureExtractor, InceptionFeatures,
+                           build_feature_extractor)
+    from .few_step import image_distances, rank_share, sampler_distances, seeded_noise
     from .fid import (FID, dataset_reference_stats, frechet_distance, load_or_compute_reference_stats,
                       reference_cache_path, reference_stats)
 

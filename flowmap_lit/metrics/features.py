@@ -2,9 +2,12 @@
 
 - ``DigitsFeatures``: the penultimate activations (128-d) of the digits classifier (``digits_classifier.py``).
 - ``InceptionFeatures``: Inception-v3 pool features (2048-d), torchmetrics' / torch-fidelity's network
-  with weights from a local file. Nothing is ever downloaded.
+  with weights from a local file.
+- ``DinoV2Features``: DINOv2 class-token features (1024-d for ViT-L/14), the network of FD_DINOv2
+  (Stein et al. 2023; the metric EDM2 reports), from a local Hugging Face ``transformers`` directory.
+- ``DecodedFeatures``: any of them behind a latent decoder (``decode.py``), for latent datasets.
 
-``build_feature_extractor(kind, path)`` picks one by name. Each extractor has ``num_features``
+Nothing is ever downloaded. ``build_feature_extractor(kind, path, decoder)`` picks one by name. Each extractor has ``num_features``
 (read by torchmetrics instead of a dummy forward pass), ``name`` (used in cache file names) and
 ``extractor_id`` (name + hash of the weights file, the key of cached reference statistics).
 """
@@ -15,10 +18,13 @@ import hashlib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"   # torch-fidelity's converted TF Inception-v3 weights
-FEATURE_KINDS = ("digits", "inception")
+FEATURE_KINDS = ("digits", "inception", "dinov2")
+METRIC_NAMES = {"digits": "fid", "inception": "fid", "dinov2": "fd_dinov2"}  # what the distance is called
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:
@@ -146,13 +152,90 @@ class InceptionFeatures(FeatureExtractor):
         return self.net(to_uint8(images)).reshape(images.shape[0], -1)
 
 
+def _weights_digest(directory: Path) -> str:
+    """Digest of a model directory: its config and its weight files (names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
+            h.update(f.name.encode())
+            h.update(file_digest(f, 64).encode())
+    return h.hexdigest()[:12]
+
+
+class DinoV2Features(FeatureExtractor):
+    """DINOv2 class-token features, the network of FD_DINOv2, from a local ``transformers`` directory.
+
+    Preprocessing as EDM2's FD_DINOv2: images in [-1, 1] become uint8 pixels, then [0, 1] floats,
+    resized to ``resolution`` (224) by antialiased bicubic interpolation and normalized with the
+    ImageNet mean and std; the feature is the final layer-normed class token (``pooler_output``,
+    the same vector as the torch.hub model's ``x_norm_clstoken``). Gray images are repeated to RGB.
+    """
+
+    name = "dinov2"
+
+    def __init__(
+        self,
+        path: str | Path | None,           # local directory of facebook/dinov2-large (config.json + weights)
+        resolution: int = 224,             # input side after resizing (16 x 16 patches of 14 px)
+    ) -> None:
+        super().__init__()
+        hint = ("download it once where there is internet, e.g. `huggingface-cli download facebook/dinov2-large "
+                "--local-dir /models/dinov2-large`, and pass that folder (feature_path / --feature-path); "
+                "flowmap_lit never downloads weights")
+        if path is None or not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"DinoV2Features needs a local transformers DINOv2 directory with config.json "
+                                    f"and weights, got {path!r}: {hint}")
+        try:
+            from transformers import Dinov2Model
+        except ImportError as err:
+            raise ModuleNotFoundError("DinoV2Features needs transformers: pip install 'flowmap_lit[fid]'") from err
+        self.net = Dinov2Model.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
+        self.num_features = int(self.net.config.hidden_size)
+        self.resolution = resolution
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.extractor_id = f"{self.name}-{_weights_digest(Path(path))}-{resolution}"
+        self.freeze()
+
+    def extract(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[1] != 3:
+            raise ValueError(f"DinoV2Features expects 1 or 3 channels, got {images.shape[1]}")
+        x = to_uint8(images).float() / 255
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", antialias=True)
+        x = (x - self.mean) / self.std
+        return self.net(pixel_values=x).pooler_output
+
+
+class DecodedFeatures(FeatureExtractor):
+    """``extractor(decoder(latents))``: features of decoded latents (``decode.LatentDecoder``), so the
+    FID machinery and its cached reference statistics work on latent datasets unchanged."""
+
+    def __init__(self, extractor: FeatureExtractor, decoder: nn.Module) -> None:
+        super().__init__()
+        self.extractor, self.decoder = extractor, decoder
+        self.name = f"{extractor.name}_decoded"
+        self.num_features = extractor.num_features
+        self.extractor_id = f"{extractor.extractor_id}@{decoder.decoder_id}"
+        self.freeze()
+
+    def extract(self, images: Tensor) -> Tensor:
+        return self.extractor.extract(self.decoder(images))
+
+
 def build_feature_extractor(
-    kind: str,                             # "digits" or "inception"
-    path: str | Path | None = None,        # the classifier file ("digits") or Inception weights file ("inception")
+    kind: str,                             # "digits", "inception" or "dinov2"
+    path: str | Path | None = None,        # classifier file, Inception weights file, or DINOv2 directory
+    decoder: nn.Module | None = None,      # a latent decoder (decode.LatentDecoder) to put in front
 ) -> FeatureExtractor:
-    """The frozen feature extractor ``kind`` with weights from ``path``."""
+    """The frozen feature extractor ``kind`` with weights from ``path`` (behind ``decoder`` if given)."""
     if kind == "digits":
-        return DigitsFeatures(path if path is not None else "data/digits/classifier.pt")
-    if kind == "inception":
-        return InceptionFeatures(path)
-    raise ValueError(f"unknown feature extractor kind {kind!r}; expected one of {FEATURE_KINDS}")
+        extractor = DigitsFeatures(path if path is not None else "data/digits/classifier.pt")
+    elif kind == "inception":
+        extractor = InceptionFeatures(path)
+    elif kind == "dinov2":
+        extractor = DinoV2Features(path)
+    else:
+        raise ValueError(f"unknown feature extractor kind {kind!r}; expected one of {FEATURE_KINDS}")
+    return DecodedFeatures(extractor, decoder) if decoder is not None else extractor

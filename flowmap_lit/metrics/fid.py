@@ -182,26 +182,30 @@ def load_or_compute_reference_stats(
     return {k: payload[k] for k in ("mean", "cov", "num_samples")}
 
 
-def reference_cache_path(data_root: str | Path, extractor: FeatureExtractor, split: str) -> Path:
-    """``{data_root}/fid_ref_{extractor name}_{split}.pt`` (the key inside tells which weights and data)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{extractor.name}_{split}")
+def reference_cache_path(data_root: str | Path, extractor: FeatureExtractor, split: str,
+                         num_samples: int | None = None) -> Path:
+    """``{data_root}/fid_ref_{extractor name}_{split}[_{n}].pt`` (the key inside tells which weights and data)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{extractor.name}_{split}" + (f"_{num_samples}" if num_samples else ""))
     return Path(data_root) / f"fid_ref_{name}.pt"
 
 
 def dataset_reference_stats(
     data_root: str | Path,                 # dataset directory (shards + stats.json)
     split: str,                            # "train" or "val"
-    extractor: FeatureExtractor,           # frozen feature extractor
-    batch_size: int = 500,                 # images per extractor call
+    extractor: FeatureExtractor,           # frozen feature extractor (a DecodedFeatures for latent data)
+    batch_size: int = 500,                 # samples per extractor call
     device: str | torch.device = "cpu",    # where the extractor runs
+    num_samples: int | None = None,        # the first this many samples of the split (None: all of it)
 ) -> dict:
-    """Reference statistics of a split's raw images (``normalize=False``), cached next to the shards.
+    """Reference statistics of a split's raw samples (``normalize=False``; latents go through the
+    extractor's decoder), streamed from the shards in order and cached next to them.
 
-    The key holds the extractor's id (weights hash), the split and the dataset's stats.json,
-    so other weights, another split or re-prepared data recompute. Under DDP, call it on rank 0
+    The key holds the extractor's id (weights hashes, decoder included), the split, the sample
+    count and the dataset's stats.json, so other weights, another split or re-prepared data
+    recompute. The whole split is read whatever process group runs; under DDP call it on rank 0
     first (then barrier) or on every rank: the write is atomic and the content identical.
     """
-    from flowmap_lit.teachers import read_split
+    from flowmap_lit.data import LatentDataModule
 
     stats_file = Path(data_root) / "stats.json"
     fingerprint = ""                       # hash of the dataset's stats.json (changes when the data is re-prepared)
@@ -209,10 +213,25 @@ def dataset_reference_stats(
         canonical = json.dumps(json.loads(stats_file.read_text()), sort_keys=True)
         fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
-    def compute() -> dict:
-        x, _ = read_split(str(data_root), split, normalize=False)
-        return reference_stats(extractor, (torch.from_numpy(x[i:i + batch_size]) for i in range(0, len(x), batch_size)),
-                               device=device)
+    def batches():
+        dm = LatentDataModule(root=str(data_root), val_split=split, num_workers=0, val_batch_size=batch_size,
+                              normalize=False, val_posterior="mean")
+        dm.setup("validate")
+        remaining = num_samples
+        for batch in dm.split_loader():
+            x = batch["x"]
+            if remaining is not None:
+                x, remaining = x[:remaining], remaining - len(x[:remaining])
+            if len(x):
+                yield x
+            if remaining == 0:
+                return
 
-    return load_or_compute_reference_stats(reference_cache_path(data_root, extractor, split), extractor.extractor_id,
-                                           compute, extra_key={"split": split, "data": fingerprint})
+    def compute() -> dict:
+        return reference_stats(extractor, batches(), device=device)
+
+    extra = {"split": split, "data": fingerprint}
+    if num_samples is not None:
+        extra["num_samples"] = int(num_samples)
+    return load_or_compute_reference_stats(reference_cache_path(data_root, extractor, split, num_samples),
+                                           extractor.extractor_id, compute, extra_key=extra)

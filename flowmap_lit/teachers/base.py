@@ -193,7 +193,7 @@ def read_split(root: str, split: str = "train", normalize: bool = True) -> tuple
     dm = LatentDataModule(root=root, val_split=split, num_workers=0, val_batch_size=4096,
                           normalize=normalize, val_posterior="mean")
     xs, ys = [], []
-    for batch in dm.val_dataloader():
+    for batch in dm.split_loader():  # the whole split, also inside a process group (not this rank's share)
         xs.append(batch["x"].numpy())
         ys.append(batch["label"].numpy())
     return np.concatenate(xs), np.concatenate(ys)

@@ -1,0 +1,81 @@
+"""Distances of k-step samples to the data, computed in shares across processes with the same result.
+
+Sample ``i`` of an evaluation always gets the same noise and label, however many processes share
+the work: ``seeded_noise`` cuts the sample indices ``0..N-1`` into blocks whose random streams are
+seeded by ``(seed, block)``, and each process draws only the blocks that overlap its contiguous
+share (``rank_share``). A block holds all ``N`` samples when their noise is small (at most
+``BLOCK_ELEMENTS`` numbers; then block 0 is exactly ``randn((N, *shape), generator=seed)``), else as
+many samples as fit. Each process feeds its generated images to the metrics; the metrics' float64
+sums are all-reduced when computed (torchmetrics), so no image ever leaves its process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+BLOCK_ELEMENTS = 2**26           # noise numbers per seeded block (256 MiB of float32)
+BLOCK_SEED_STRIDE = 1_000_003    # block b draws from seed + b * stride
+
+
+def rank_share(num_samples: int, rank: int, world_size: int) -> range:
+    """The contiguous indices of ``rank``'s share: sizes differ by at most one, lower ranks first."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def seeded_noise(indices: range, num_samples: int, shape: tuple[int, ...], seed: int = 0, num_classes: int = 0,
+                 labels: str = "random") -> tuple[Tensor, Tensor | None]:
+    """``(noise (len(indices), *shape), labels (len(indices),) or None)`` of the samples ``indices`` of an
+    evaluation of ``num_samples``; ``labels``: ``"random"`` (drawn after each block's noise) or
+    ``"balanced"`` (sample ``i`` gets class ``i % num_classes``)."""
+    if labels not in ("random", "balanced"):
+        raise ValueError(f"labels must be 'random' or 'balanced', got {labels!r}")
+    numel = math.prod(shape)
+    block = num_samples if num_samples * numel <= BLOCK_ELEMENTS else max(1, BLOCK_ELEMENTS // numel)
+    noise, label_parts = [], []
+    if len(indices):
+        for b in range(indices.start // block, (indices.stop - 1) // block + 1):
+            lo, hi = b * block, min((b + 1) * block, num_samples)
+            gen = torch.Generator().manual_seed(seed + b * BLOCK_SEED_STRIDE)
+            z = torch.randn((hi - lo, *shape), generator=gen)
+            y = torch.randint(0, num_classes, (hi - lo,), generator=gen) if num_classes and labels == "random" else None
+            keep = slice(max(indices.start, lo) - lo, min(indices.stop, hi) - lo)
+            noise.append(z[keep])
+            if y is not None:
+                label_parts.append(y[keep])
+    noise = torch.cat(noise) if noise else torch.zeros((0, *shape))
+    if not num_classes:
+        return noise, None
+    if labels == "balanced":
+        return noise, torch.arange(indices.start, indices.stop) % num_classes
+    return noise, torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def image_distances(metrics: Mapping[str, object], samples: Iterable[Tensor],
+                    to_images: Callable[[Tensor], Tensor] = lambda x: x) -> dict[str, float]:
+    """``{name: distance}`` of the batches ``samples`` for each ``FID``-like metric (``reset_fake`` /
+    ``update_fake`` / ``compute``), over this process's batches and every other process's
+    (``compute`` all-reduces). ``to_images`` maps a batch to images once for all metrics (e.g.
+    un-normalize and decode latents)."""
+    for metric in metrics.values():
+        metric.reset_fake()
+    for batch in samples:
+        images = to_images(batch)
+        for metric in metrics.values():
+            metric.update_fake(images)
+    return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def sampler_distances(metrics: Mapping[str, object], sampler: Callable[..., Tensor], noise: Tensor,
+                      labels: Tensor | None, batch_size: int = 500,
+                      to_images: Callable[[Tensor], Tensor] = lambda x: x, **sampler_kwargs) -> dict[str, float]:
+    """``image_distances`` of ``sampler(noise, labels, **sampler_kwargs)``, drawn ``batch_size`` at a time."""
+    batches = (sampler(noise[i:i + batch_size], labels[i:i + batch_size] if labels is not None else None,
+                       **sampler_kwargs) for i in range(0, len(noise), batch_size))
+    return image_distances(metrics, batches, to_images)

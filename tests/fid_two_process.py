@@ -1,0 +1,51 @@
+"""Worker of tests/test_eval_scale.py: few-step distances of a fixed latent sampler, computed by
+``world_size`` gloo processes (decode with a local VAE, DINOv2 features, float64 all-reduce).
+
+    python tests/fid_two_process.py WORLD_SIZE DIR OUT
+"""
+
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+NUM, SHAPE, STEPS = 64, (4, 4, 4), (1, 2)
+
+
+def sampler(noise, labels, num_steps):
+    """A deterministic stand-in for a k-step sampler (any function of the noise and labels)."""
+    return torch.tanh(noise) * (1.0 - 0.2 * num_steps) + 0.05 * labels.float()[:, None, None, None]
+
+
+def worker(rank: int, world: int, root: str, out: str, port: int) -> None:
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    from flowmap_lit.metrics import FID, build_feature_extractor
+    from flowmap_lit.metrics.decode import LatentDecoder
+    from flowmap_lit.metrics.few_step import rank_share, sampler_distances, seeded_noise
+
+    decoder = LatentDecoder(os.path.join(root, "vae"), batch_size=5)
+    fid = FID(build_feature_extractor("dinov2", os.path.join(root, "dinov2")))
+    fid.set_reference(torch.load(os.path.join(root, "reference.pt")))
+    noise, labels = seeded_noise(rank_share(NUM, rank, world), NUM, SHAPE, seed=3, num_classes=10)
+    rows = {k: sampler_distances({"fd_dinov2": fid}, sampler, noise, labels, batch_size=7, to_images=decoder,
+                                 num_steps=k)["fd_dinov2"] for k in STEPS}
+    if rank == 0:
+        torch.save(rows, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    world, root, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if world == 1:
+        worker(0, 1, root, out, port)
+    else:
+        mp.spawn(worker, args=(world, root, out, port), nprocs=world)
