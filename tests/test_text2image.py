@@ -282,3 +282,55 @@ def test_low_precision_base_weights_run_under_autocast_outside_it():
         assert rec.seen[0] == autocast and rec.seen[2] == dtype and out.dtype == torch.float32
         if autocast:
             assert rec.seen[1] == torch.bfloat16
+
+
+def test_config_fits_with_text_conditioned_evaluation_callbacks(tmp_path, teacher_dir, monkeypatch):
+    """The config's own callbacks (flow-map error, FD_DINOv2 of VAE-decoded samples, sample grids) run
+    text-conditioned on a tiny model: only the sample counts are made small."""
+    import yaml
+    from helpers import tiny_vae
+    from test_eval_scale import tiny_dinov2
+
+    monkeypatch.chdir(tmp_path)
+    write_text_dataset(tmp_path / "t2i")
+    tiny_vae(16).save_pretrained(tmp_path / "models/sd3.5-medium/vae")  # the config's relative paths
+    tiny_dinov2(tmp_path / "models/dinov2-large")
+    config = yaml.safe_load((ROOT / "configs/text2image/distill_lora.yaml").read_text())
+    small = {"FlowMapError": {"num_samples": 6, "reference_steps": 4, "step_counts": [1, 2]},
+             "FewStepFID": {"num_samples": 12, "step_counts": [1, 2]},
+             "SampleGrid": {"num_samples": 4, "num_steps": [1]}}
+    for cb in config["trainer"]["callbacks"]:
+        cb["init_args"].update(small.get(cb["class_path"].rsplit(".", 1)[-1], {}))
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    (tmp_path / "t2i.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": config["trainer"]["callbacks"]}}))
+    cli = _fit(tmp_path, teacher_dir, 2, "--config", str(tmp_path / "t2i.yaml"))
+    callbacks = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
+    rows = callbacks["FewStepFID"].results
+    assert [r["steps"] for r in rows] == [1, 2] and all(r["fd_dinov2"] > 0 for r in rows)
+    errors = callbacks["FlowMapError"].results
+    assert [r["steps"] for r in errors] == [1, 2] and all(0 < r["relative_error"] for r in errors)
+    assert callbacks["FlowMapError"]._cond["encoder_hidden_states"].shape == (6, L, D)
+    assert callbacks["SampleGrid"].last_paths and callbacks["SampleGrid"].last_paths[0].is_file()
+    assert list((tmp_path / "t2i").glob("fid_ref_dinov2_decoded_train*.pt"))
+
+
+def test_text_conditioned_evaluation_uses_the_stored_prompts(tmp_path):
+    """Sample i is conditioned on validation prompt i % count, whatever the process's share."""
+    from flowmap_lit.metrics.few_step import prompt_cond, text_prompts
+
+    _, _, _ = write_text_dataset(tmp_path / "t2i")
+    dm = LatentDataModule(root=str(tmp_path / "t2i"), num_workers=0, normalize=False)
+    dm.setup("validate")
+    prompts = text_prompts(dm, 5)
+    _, (tv, pv) = text_arrays(8, 1)
+    assert torch.equal(prompts["encoder_hidden_states"], torch.from_numpy(tv[:5]).half().float()) or \
+        torch.allclose(prompts["encoder_hidden_states"].float(), torch.from_numpy(tv[:5]), atol=1e-2)
+    cond = prompt_cond(prompts, range(3, 8))
+    assert torch.equal(cond["pooled_projections"], prompts["pooled_projections"][[3, 4, 0, 1, 2]])
+    assert text_prompts(LatentDataModule(root=str(write_plain(tmp_path / "plain")), num_workers=0), 4) is None
+
+
+def write_plain(root):
+    x = np.random.default_rng(0).standard_normal((8, 4, 8, 8)).astype(np.float32)
+    write_dataset(str(root), {"train": (x, np.zeros(8, int)), "val": (x, np.zeros(8, int))}, 0, samples_per_shard=8)
+    return root

@@ -40,7 +40,9 @@ class FewStepFID(pl.Callback):
     local weights file) or ``"dinov2"`` (DINOv2 class token, FD_DINOv2; local transformers
     directory). Samples are mapped to images by the data module's ``denormalize`` and, for latent
     data, by the diffusers ``AutoencoderKL`` in the local directory ``vae`` (stored latents =
-    ``(z - vae_shift_factor) * vae_scaling_factor``); the digits are their own images.
+    ``(z - vae_shift_factor) * vae_scaling_factor``); the digits are their own images. On a text
+    dataset sample ``i`` is conditioned on the stored embeddings of validation sample
+    ``i % num_prompts``, and the reference is the training split's decoded latents.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class FewStepFID(pl.Callback):
         vae_scaling_factor: float = 1.0,  # how the stored latents were scaled (flowmap_lit.metrics.decode)
         vae_shift_factor: float = 0.0,
         vae_batch_size: int = 32,  # latents per decoder call
+        num_prompts: int = 1000,  # text data: sample i takes prompt i % num_prompts of the validation split
     ) -> None:
         from flowmap_lit.metrics.features import FEATURE_KINDS, METRIC_NAMES
 
@@ -88,6 +91,7 @@ class FewStepFID(pl.Callback):
         self.teacher_steps = teacher_steps
         self.vae, self.vae_scaling_factor, self.vae_shift_factor = vae, vae_scaling_factor, vae_shift_factor
         self.vae_batch_size = vae_batch_size
+        self.num_prompts = num_prompts
         self.teacher_distances: dict[str, float] | None = None
         self.metrics: dict | None = None
         self.decoder = None
@@ -147,7 +151,7 @@ class FewStepFID(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
-        from flowmap_lit.metrics.few_step import rank_share, sampler_distances, seeded_noise
+        from flowmap_lit.metrics.few_step import prompt_cond, rank_share, sampler_distances, seeded_noise, text_prompts
 
         self._setup_metric(trainer, pl_module)
         dm = trainer.datamodule
@@ -157,15 +161,16 @@ class FewStepFID(pl.Callback):
         noise = noise.to(pl_module.device)
         labels = labels.to(pl_module.device) if labels is not None else None
         kwargs = {} if self.guidance is None else {"guidance": self.guidance}
+        cond = prompt_cond(text_prompts(dm, min(self.num_prompts, self.num_samples)), share, pl_module.device)
         to_images = self._to_images(dm)
         with evaluation_mode(trainer, pl_module):
             rows = [{"steps": k, **sampler_distances(self.metrics, pl_module.sample, noise, labels, self.batch_size,
-                                                     to_images, num_steps=k, **kwargs)}
+                                                     to_images, cond, num_steps=k, **kwargs)}
                     for k in self.step_counts]
             if self.teacher_steps and self.teacher_distances is None and hasattr(pl_module, "teacher_sample"):
                 self.teacher_distances = sampler_distances(self.metrics, pl_module.teacher_sample, noise, labels,
-                                                           self.batch_size, to_images, num_steps=self.teacher_steps,
-                                                           **kwargs)
+                                                           self.batch_size, to_images, cond,
+                                                           num_steps=self.teacher_steps, **kwargs)
         self._last_step = trainer.global_step
         return rows
 

@@ -65,22 +65,31 @@ class FlowMapError(pl.Callback):
         self.velocity_limit_steps = velocity_limit_steps
         self.velocity_limit: dict | None = None  # {"steps", "flowmap_mse", "relative_error"} of the last evaluation
         self._reference: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        self._cond: dict[str, torch.Tensor] | None = None  # text data: the prompts of the noises
         self.results: list[dict] = []
         self._last_step = -1  # global step of the last evaluation during fit
 
     def _inputs(self, trainer, pl_module):
+        from flowmap_lit.metrics.few_step import prompt_cond, text_prompts
+
         gen = torch.Generator().manual_seed(self.seed)
         shape = tuple(trainer.datamodule.shape)
         noise = torch.randn((self.num_samples, *shape), generator=gen)
         k = getattr(pl_module, "num_classes", 0)
         labels = torch.randint(0, k, (self.num_samples,), generator=gen) if k else None
+        # text data: sample i is conditioned on validation prompt i (cycled)
+        self._cond = prompt_cond(text_prompts(trainer.datamodule, self.num_samples), range(self.num_samples),
+                                 pl_module.device)
         return noise.to(pl_module.device), (labels.to(pl_module.device) if labels is not None else None)
 
     def _batched(self, fn, noise, labels, **kw) -> torch.Tensor:
+        from flowmap_lit.metrics.few_step import slice_cond
+
         outs = []
         for i in range(0, len(noise), self.batch_size):
             lab = labels[i:i + self.batch_size] if labels is not None else None
-            outs.append(fn(noise[i:i + self.batch_size], lab, **kw))
+            outs.append(fn(noise[i:i + self.batch_size], lab, **slice_cond(self._cond, slice(i, i + self.batch_size)),
+                           **kw))
         return torch.cat(outs)
 
     def reference(self, trainer, pl_module):

@@ -72,6 +72,9 @@ class SampleGrid(pl.Callback):
         seed: int = 0,  # fixed noise and labels so grids are comparable over training
         value_range: tuple[float, float] = (-1.0, 1.0),  # data range mapped to black..white
         upscale: int = 4,  # nearest-neighbour upscaling of the PNG
+        vae: str | None = None,  # local diffusers AutoencoderKL directory: show decoded latents
+        vae_scaling_factor: float = 1.0,  # how the stored latents were scaled (flowmap_lit.metrics.decode)
+        vae_shift_factor: float = 0.0,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -79,6 +82,8 @@ class SampleGrid(pl.Callback):
         self.seed = seed
         self.value_range = value_range
         self.upscale = upscale
+        self.vae, self.vae_scaling_factor, self.vae_shift_factor = vae, vae_scaling_factor, vae_shift_factor
+        self._decoder = None
         self.last_paths: list[Path] = []  # PNGs written by the latest draw (rank 0)
         self._drawn = -1  # global step of the latest draw
 
@@ -90,14 +95,30 @@ class SampleGrid(pl.Callback):
         dev = pl_module.device
         return noise.to(dev), (labels.to(dev) if labels is not None else None)
 
+    def _display(self, trainer: pl.Trainer, x: Tensor) -> Tensor:
+        x = decode_for_display(trainer, x)
+        if self.vae is None:
+            return x
+        if self._decoder is None:
+            from flowmap_lit.metrics.decode import LatentDecoder
+
+            self._decoder = LatentDecoder(self.vae, self.vae_scaling_factor, self.vae_shift_factor).to(x.device)
+        return self._decoder(x)
+
     @torch.no_grad()
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from flowmap_lit.metrics.few_step import prompt_cond, text_prompts
+
         noise, labels = self._inputs(pl_module, tuple(trainer.datamodule.shape))
+        # text data: grid cell i shows validation prompt i (cycled)
+        cond = prompt_cond(text_prompts(trainer.datamodule, self.num_samples), range(self.num_samples),
+                           pl_module.device)
+        kwargs = {} if cond is None else {"cond": cond}
         self.last_paths = []
         with evaluation_mode(trainer, pl_module):
             for k in self.num_steps:
-                x = pl_module.sample(noise, labels, num_steps=k)
-                grid = make_grid(to_images(decode_for_display(trainer, x), self.value_range))
+                x = pl_module.sample(noise, labels, num_steps=k, **kwargs)
+                grid = make_grid(to_images(self._display(trainer, x), self.value_range))
                 if trainer.is_global_zero:
                     self._write(trainer, grid, k)
 

@@ -74,8 +74,47 @@ def image_distances(metrics: Mapping[str, object], samples: Iterable[Tensor],
 
 def sampler_distances(metrics: Mapping[str, object], sampler: Callable[..., Tensor], noise: Tensor,
                       labels: Tensor | None, batch_size: int = 500,
-                      to_images: Callable[[Tensor], Tensor] = lambda x: x, **sampler_kwargs) -> dict[str, float]:
-    """``image_distances`` of ``sampler(noise, labels, **sampler_kwargs)``, drawn ``batch_size`` at a time."""
+                      to_images: Callable[[Tensor], Tensor] = lambda x: x, cond: dict[str, Tensor] | None = None,
+                      **sampler_kwargs) -> dict[str, float]:
+    """``image_distances`` of ``sampler(noise, labels, **sampler_kwargs)`` (with ``cond=`` the rows of
+    ``cond`` when given, e.g. text embeddings), drawn ``batch_size`` at a time."""
     batches = (sampler(noise[i:i + batch_size], labels[i:i + batch_size] if labels is not None else None,
-                       **sampler_kwargs) for i in range(0, len(noise), batch_size))
+                       **slice_cond(cond, slice(i, i + batch_size)), **sampler_kwargs)
+               for i in range(0, len(noise), batch_size))
     return image_distances(metrics, batches, to_images)
+
+
+def text_prompts(datamodule, count: int) -> dict[str, Tensor] | None:
+    """The stored text embeddings (``batch["cond"]``) of the first ``count`` samples of the data
+    module's validation split, on the CPU; None for a dataset without text. Sample ``i`` of an
+    evaluation is conditioned on prompt ``i % count`` (``prompt_cond``)."""
+    if getattr(datamodule, "text", None) is None:
+        return None
+    parts: dict[str, list[Tensor]] = {}
+    taken = 0
+    for batch in datamodule.split_loader():
+        n = min(count - taken, len(batch["x"]))
+        for key, value in batch["cond"].items():
+            parts.setdefault(key, []).append(value[:n])
+        taken += n
+        if taken >= count:
+            break
+    if not taken:
+        raise ValueError(f"text-conditioned evaluation takes its prompts from the validation split "
+                         f"{datamodule.val_split!r} of {datamodule.root}, which has no samples; write the dataset "
+                         "with a val split (flowmap_lit.data.write_dataset(..., text=...))")
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def prompt_cond(prompts: dict[str, Tensor] | None, indices, device=None) -> dict[str, Tensor] | None:
+    """The keyword conditioning of samples ``indices`` (prompt ``i % len(prompts)``), or None."""
+    if prompts is None:
+        return None
+    first = next(iter(prompts.values()))
+    rows = torch.as_tensor(list(indices), dtype=torch.long) % len(first)
+    return {key: value[rows].to(device) for key, value in prompts.items()}
+
+
+def slice_cond(cond: dict[str, Tensor] | None, part: slice) -> dict:
+    """``{"cond": cond[part]}`` as sampler keyword arguments, or nothing without conditioning."""
+    return {} if cond is None else {"cond": {key: value[part] for key, value in cond.items()}}
