@@ -191,7 +191,7 @@ def test_inception_features_fail_clearly_and_never_download(tmp_path, monkeypatc
     torch.save({}, weights)
     monkeypatch.setattr("torchmetrics.utilities.imports._TORCH_FIDELITY_AVAILABLE", False)
     with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
-        InceptionFeatures(weights)
+        InceptionFeatures(weights, implementation="torch-fidelity")
 
 
 def test_inception_features_with_local_random_weights(tmp_path, monkeypatch):
@@ -202,9 +202,42 @@ def test_inception_features_with_local_random_weights(tmp_path, monkeypatch):
         m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
     torch.save(net.state_dict(), weights)
-    extractor = InceptionFeatures(weights)
+    extractor = InceptionFeatures(weights, implementation="torch-fidelity")
     feats = extractor(torch.rand(2, 1, 8, 8) * 2 - 1)
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and not extractor.training
+    InceptionFeatures(weights)  # the package's own network reads torch-fidelity's file (same names)
+
+
+def test_builtin_inception_reads_a_weights_file_in_the_published_layout(tmp_path):
+    """The package's FID Inception-v3 (no torchvision): a random network saved in the layout of
+    pt_inception-2015-12-05-6726825d.pth (torchvision names, BatchNorm counters, a 1008-way head)
+    loads through InceptionFeatures; a file of another network fails with a message naming the file."""
+    from flowmap_lit.metrics.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    state = dict(net.state_dict())
+    state.update({"fc.weight": torch.randn(1008, 2048), "fc.bias": torch.zeros(1008)})
+    weights = tmp_path / "pt_inception.pth"
+    torch.save(state, weights)
+    extractor = build_feature_extractor("inception", weights)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    feats = extractor(images)
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and not extractor.training
+    x = torch.nn.functional.interpolate((images * 127.5 + 128).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1,
+                                        size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        h = net.eval().Conv2d_2b_3x3(net.Conv2d_2a_3x3(net.Conv2d_1a_3x3(x)))
+        h = torch.nn.functional.max_pool2d(h, 3, stride=2)
+        h = torch.nn.functional.max_pool2d(net.Conv2d_4a_3x3(net.Conv2d_3b_1x1(h)), 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            h = getattr(net, f"Mixed_{name}")(h)
+            assert h.shape[1] == {"5b": 256, "5c": 288, "5d": 288, "6a": 768, "7a": 1280}.get(name, h.shape[1])
+    torch.testing.assert_close(feats, h.mean((2, 3)).double())
+    assert h.shape[1:] == (2048, 8, 8)  # 299 px -> 8 x 8 x 2048 before the pool
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth does not hold the FID Inception-v3 weights"):
+        build_feature_extractor("inception", tmp_path / "other.pth")
 
 
 DDP_SCRIPT = textwrap.dedent("""

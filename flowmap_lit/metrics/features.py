@@ -1,8 +1,8 @@
 """Frozen feature extractors for FID: images (N, C, H, W) in the data range [-1, 1] -> features (N, d) float64.
 
 - ``DigitsFeatures``: the penultimate activations (128-d) of the digits classifier (``digits_classifier.py``).
-- ``InceptionFeatures``: Inception-v3 pool features (2048-d), torchmetrics' / torch-fidelity's network
-  with weights from a local file.
+- ``InceptionFeatures``: Inception-v3 pool features (2048-d) with weights from a local file, on the
+  package's own network (``inception.py``) or torch-fidelity's.
 - ``DinoV2Features``: DINOv2 class-token features (1024-d for ViT-L/14), the network of FD_DINOv2
   (Stein et al. 2023; the metric EDM2 reports), from a local Hugging Face ``transformers`` directory.
 - ``DecodedFeatures``: any of them behind a latent decoder (``decode.py``), for latent datasets.
@@ -107,10 +107,13 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 class InceptionFeatures(FeatureExtractor):
-    """Inception-v3 2048-d pool features (torch-fidelity's network via torchmetrics), local weights only.
+    """Inception-v3 2048-d pool features (the FID network), local weights only.
 
-    Images (N, 1 or 3, H, W) in [-1, 1] become uint8 RGB (gray is repeated); the network resizes
-    them to 299 x 299 itself (TF1-compatible bilinear when ``antialias=False``, as torch-fidelity).
+    ``implementation``: ``"builtin"`` (``inception.py``: plain PyTorch, no torchvision; pytorch-fid's
+    network and its bilinear resize to 299 px) or ``"torch-fidelity"`` (torch-fidelity's network via
+    torchmetrics, with its TF1-compatible resize when ``antialias=False``; needs torch-fidelity and a
+    torchvision matching torch). Both read the same weights file; their FIDs differ slightly through
+    the resize. Images (N, 1 or 3, H, W) in [-1, 1] become uint8 RGB first (gray is repeated).
     """
 
     name = "inception"
@@ -119,29 +122,39 @@ class InceptionFeatures(FeatureExtractor):
     def __init__(
         self,
         weights_path: str | Path | None,   # local pt_inception-2015-12-05-6726825d.pth; None raises (never downloads)
-        antialias: bool = False,           # False: torch-fidelity's TF1-compatible resize (as published FIDs)
+        antialias: bool = False,           # torch-fidelity: False is its TF1-compatible resize (as published FIDs)
+        implementation: str = "builtin",   # "builtin" or "torch-fidelity"
     ) -> None:
         super().__init__()
         hint = (f"download {INCEPTION_WEIGHTS} on a machine with internet (pytorch-fid's GitHub release; "
                 f"torch-fidelity names the same 6726825d file weights-inception-2015-12-05-6726825d.pth) "
                 f"and pass its path as weights_path (build_feature_extractor('inception', path))")
+        if implementation not in ("builtin", "torch-fidelity"):
+            raise ValueError(f"implementation must be 'builtin' or 'torch-fidelity', got {implementation!r}")
         if weights_path is None:
             raise FileNotFoundError(f"InceptionFeatures needs local weights and never downloads: {hint}")
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"Inception weights {weights_path} do not exist: {hint}")
-        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+        self.implementation = implementation
+        if implementation == "builtin":
+            from .inception import load_fid_inception
 
-        if not _TORCH_FIDELITY_AVAILABLE:
-            raise ModuleNotFoundError("InceptionFeatures needs torch-fidelity: pip install torch-fidelity")
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-        except (ImportError, RuntimeError) as err:  # e.g. a torchvision built for another torch
-            raise ModuleNotFoundError(f"torch-fidelity is installed but does not import ({err}); it needs a "
-                                      "torchvision matching torch: pip install torch-fidelity torchvision") from err
+            self.net = load_fid_inception(str(weights_path))
+        else:
+            from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
-                                      feature_extractor_weights_path=str(weights_path), antialias=antialias)
-        self.extractor_id = f"{self.name}-{file_digest(weights_path)}"
+            if not _TORCH_FIDELITY_AVAILABLE:
+                raise ModuleNotFoundError("InceptionFeatures(implementation='torch-fidelity') needs torch-fidelity: "
+                                          "pip install torch-fidelity (or use implementation='builtin')")
+            try:
+                from torchmetrics.image.fid import NoTrainInceptionV3
+            except (ImportError, RuntimeError) as err:  # e.g. a torchvision built for another torch
+                raise ModuleNotFoundError(f"torch-fidelity is installed but does not import ({err}); it needs a "
+                                          "torchvision matching torch: pip install torch-fidelity torchvision") from err
+
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
+                                          feature_extractor_weights_path=str(weights_path), antialias=antialias)
+        self.extractor_id = f"{self.name}-{file_digest(weights_path)}-{implementation}"
         self.freeze()
 
     def extract(self, images: Tensor) -> Tensor:
@@ -149,6 +162,8 @@ class InceptionFeatures(FeatureExtractor):
             images = images.expand(-1, 3, -1, -1)
         if images.shape[1] != 3:
             raise ValueError(f"InceptionFeatures expects 1 or 3 channels, got {images.shape[1]}")
+        if self.implementation == "builtin":
+            return self.net(to_uint8(images).float() / 127.5 - 1)
         return self.net(to_uint8(images)).reshape(images.shape[0], -1)
 
 
