@@ -246,9 +246,11 @@ class BoundStudent:
     under ``torch.func.jvp`` anyway.
 
     ``checkpointed``: the network recomputes its activations in the backward (activation
-    checkpointing), which a one-pass tangent cannot go through (the recomputation runs outside the
-    forward-AD level). ``two_pass_only`` tells the objectives to take two passes: with a compiled
-    network (only the two-pass form trains the compiled forward) or a checkpointed one.
+    checkpointing), or is sharded by FSDP2 (whose per-block forward hooks return views that a
+    custom forward-AD rule cannot pass on): a one-pass tangent cannot go through either (the
+    recomputation runs outside the forward-AD level). ``two_pass_only`` tells the objectives to
+    take two passes: with a compiled network (only the two-pass form trains the compiled forward)
+    or a checkpointed or sharded one.
     """
 
     def __init__(self, net: nn.Module, eager_net: nn.Module, kwargs: dict, checkpointed: bool = False) -> None:
@@ -411,7 +413,8 @@ class FlowMapDistillModule(pl.LightningModule):
         lam_in = lam if self.condition_on_guidance else None
         kw = dict(class_labels=self._labels(labels), guidance=lam_in, **(cond or {}))
         net = self.compiled_student() if compiled and self.compile_student else self.student
-        return BoundStudent(net, self.student, kw, checkpointed=self.activation_checkpointing)
+        sharded = any(is_sharded(p) for p in self.student.parameters())
+        return BoundStudent(net, self.student, kw, checkpointed=self.activation_checkpointing or sharded)
 
     def compiled_student(self) -> nn.Module:
         """``torch.compile(student, **compile_options)``, built on first use (after sharding and the move

@@ -85,7 +85,7 @@ class TangentObjective(Objective):
       student forward fewer. Needs a forward-AD backend (``func``/``forward_ad``), and the tangent
       is computed at the forward's precision (under bf16 autocast: in bf16);
     - ``"auto"`` (the default): ``one_pass`` on CPU where it is exact (a forward-AD backend, no
-      autocast) and the student is neither compiled nor checkpointed, else ``two_pass``.
+      autocast) and the student is neither compiled nor checkpointed nor sharded, else ``two_pass``.
 
     ``attention_jvp`` says how the package's attention op is differentiated in the tangent pass
     (docs/design.md section 4): ``"math"`` (SDPA math kernel; quadratic memory in the tokens),
@@ -157,9 +157,9 @@ class TangentObjective(Objective):
         """Whether ``forward`` computes ``F`` and ``dF`` in one pass (see ``tangent_pass``); ``student``
         may say it takes two only (``BoundStudent.two_pass_only``: compiled or checkpointed)."""
         if getattr(student, "checkpointed", False) and self.tangent_pass == "one_pass":
-            raise ValueError("tangent_pass: one_pass cannot run through activation checkpointing (the "
-                             "backward's recomputation has no tangents); use tangent_pass: auto or two_pass, "
-                             "or activation_checkpointing: false")
+            raise ValueError("tangent_pass: one_pass cannot run through activation checkpointing or FSDP2 "
+                             "sharding (the backward's recomputation has no tangents; the shards' forward hooks "
+                             "return views); use tangent_pass: auto or two_pass, or activation_checkpointing: false")
         if self.tangent_pass != "auto":
             return self.tangent_pass == "one_pass"
         return (x_t.device.type == "cpu" and self.jvp_backend != "finite_difference"
