@@ -56,13 +56,13 @@ def last_layer_weight(net: nn.Module, name: str | None = None) -> tuple[str, nn.
 
 
 def load_student_state(checkpoint: str, use_ema: bool = True, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """The student's weights in a ``FlowMapDistillModule`` checkpoint (its EMA weights if asked and present)."""
+    """The student's weights in a ``FlowMapDistillModule`` checkpoint, a file or a sharded (FSDP2) directory
+    (its EMA weights if asked and present)."""
     ckpt = load_checkpoint(checkpoint, allow_pickle)
     state = ema_state_from_checkpoint(ckpt) if use_ema else None
     if state is None:
         if "state_dict" not in ckpt:
-            raise ValueError(f"{checkpoint} has no state_dict: is it a Lightning checkpoint of a distillation run? "
-                             "(Sharded checkpoint directories must be consolidated to one file first.)")
+            raise ValueError(f"{checkpoint} has no state_dict: is it a Lightning checkpoint of a distillation run?")
         state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
     if not state:
         raise ValueError(f"{checkpoint} holds no student weights (no 'student.*' keys, no EMA state): "
@@ -85,7 +85,7 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
         distill_weight: float = 1.0,  # weight of the distillation loss (0: pure GAN finetune)
         adv_times: list[float] | None = None,  # start times t of the fakes f(x_t, t, 0); None: [1.0]
         adv_guidance: float | None = None,  # lam of the fakes; None: eval_guidance
-        init_checkpoint: str | None = None,  # distilled checkpoint to start the student from
+        init_checkpoint: str | None = None,  # distilled checkpoint (file or sharded directory) to start from
         init_use_ema: bool = True,  # take the EMA weights of init_checkpoint when it has them
         allow_pickle: bool = False,  # load init_checkpoint with weights_only=False (trusted files only)
         **kwargs,  # every FlowMapDistillModule argument (teacher, objective, student, guide, ...)

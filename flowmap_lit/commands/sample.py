@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from flowmap_lit.teachers import load_checkpoint
 
 
 def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu", allow_pickle: bool = False):
-    """The LightningModule saved in ``ckpt_path``, in eval mode, with EMA weights when present."""
+    """The LightningModule saved in ``ckpt_path`` (a checkpoint file, or a sharded checkpoint directory),
+    in eval mode, with EMA weights when present."""
     ckpt = load_checkpoint(ckpt_path, allow_pickle)
     class_path = ckpt.get("hyper_parameters", {}).get("_class_path")
     if class_path is None:
@@ -36,7 +38,12 @@ def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu",
         )
     module_name, _, cls_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    module = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=not allow_pickle)
+    source = ckpt_path
+    if Path(ckpt_path).is_dir():  # sharded (FSDP2): Lightning reads the consolidated dict, less the optimizers
+        source = io.BytesIO()
+        torch.save({k: v for k, v in ckpt.items() if k != "optimizer_states"}, source)
+        source.seek(0)
+    module = cls.load_from_checkpoint(source, map_location=map_location, weights_only=not allow_pickle)
     shadow = ema_state_from_checkpoint(ckpt) if use_ema else None
     if shadow is not None:
         module.ema_network().load_state_dict(shadow, strict=False)
@@ -85,7 +92,8 @@ def generate(module, num: int, steps: list[int], guidance: float | None = None, 
 def main(argv: list[str] | None = None) -> dict[int, Path]:
     p = argparse.ArgumentParser(prog="python -m flowmap_lit sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by python -m flowmap_lit fit")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by python -m flowmap_lit fit (file or sharded "
+                                                 "directory)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (NFE for flow maps)")
     p.add_argument("--num", type=int, default=100, help="samples per step count")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale lam (default: the module's)")

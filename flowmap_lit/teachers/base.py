@@ -53,8 +53,17 @@ class Teacher(nn.Module):
 
 
 def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
-    """``torch.load`` a checkpoint with ``weights_only=True`` unless pickles are allowed."""
+    """``torch.load`` a checkpoint with ``weights_only=True`` unless pickles are allowed.
+
+    A directory is a sharded checkpoint (written under FSDP2's ``ModelParallelStrategy``): it is
+    consolidated in memory into the dict of the single-file form (``flowmap_lit.consolidate``), read
+    with the same ``weights_only`` rule.
+    """
     path = Path(path)
+    if path.is_dir():
+        from flowmap_lit.consolidate import load_distributed_checkpoint
+
+        return load_distributed_checkpoint(path, allow_pickle)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist. Train it first (e.g. python -m flowmap_lit fit --config "
@@ -91,7 +100,7 @@ class NetworkTeacher(Teacher):
 
     def __init__(
         self,
-        checkpoint: str | None = None,  # path to a Lightning checkpoint of a FlowMatchingModule
+        checkpoint: str | None = None,  # a Lightning checkpoint of a FlowMatchingModule (file or sharded directory)
         net: nn.Module | None = None,  # architecture (optional with a checkpoint made by the CLI)
         use_ema: bool = True,  # load the EMA weights when the checkpoint has them
         num_classes: int | None = None,  # classes of the network; None: from the checkpoint, else 0
