@@ -334,3 +334,37 @@ def write_plain(root):
     x = np.random.default_rng(0).standard_normal((8, 4, 8, 8)).astype(np.float32)
     write_dataset(str(root), {"train": (x, np.zeros(8, int)), "val": (x, np.zeros(8, int))}, 0, samples_per_shard=8)
     return root
+
+
+def test_sample_command_writes_text_conditioned_samples(tmp_path, teacher_dir, monkeypatch):
+    """``python -m flowmap_lit sample --prompts FILE.npz`` (diffusers' encode_prompt names) and
+    ``--prompts val``: sample i is the module's sample from noise i with prompt i % P."""
+    from helpers import tiny_vae
+
+    from flowmap_lit.commands import sample
+
+    monkeypatch.chdir(tmp_path)
+    write_text_dataset(tmp_path / "t2i")
+    (tmp_path / "ckpt.yaml").write_text(CHECKPOINTS)
+    _fit(tmp_path, teacher_dir, 2, "--config", str(tmp_path / "ckpt.yaml"))
+    prompts = cond_batch(2, seed=4)
+    np.savez(tmp_path / "prompts.npz", prompt_embeds=prompts["encoder_hidden_states"].numpy(),
+             pooled_prompt_embeds=prompts["pooled_projections"].numpy())
+    tiny_vae(16).save_pretrained(tmp_path / "vae")
+    ckpt = str(tmp_path / "ckpt/last.ckpt")
+    sample.main(["--ckpt", ckpt, "--steps", "1", "--num", "3", "--prompts", str(tmp_path / "prompts.npz"),
+                 "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "out")])
+    arrays = np.load(tmp_path / "out/samples.npz")
+    assert arrays["x_1step"].shape == (3, 4, 8, 8) and arrays["prompt_index"].tolist() == [0, 1, 0]
+    assert arrays["images_1step"].shape == (3, 3, 16, 16) and (tmp_path / "out/samples_1step.png").is_file()
+    module = sample.load_module(ckpt)
+    noise = torch.from_numpy(arrays["noise"])
+    with torch.no_grad():
+        direct = module.sample(noise, None, num_steps=1,
+                               cond={k: v[[0, 1, 0]] for k, v in prompts.items()})
+    torch.testing.assert_close(torch.from_numpy(arrays["x_1step"]), direct)
+    sample.main(["--ckpt", ckpt, "--steps", "1", "--num", "2", "--prompts", "val", "--out", str(tmp_path / "val")])
+    assert np.load(tmp_path / "val/samples.npz")["prompt_index"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="expected prompt_embeds"):
+        np.savez(tmp_path / "bad.npz", other=np.zeros(3))
+        sample.main(["--ckpt", ckpt, "--num", "1", "--prompts", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "b")])

@@ -7,6 +7,13 @@ Works for ``FlowMapDistillModule`` checkpoints (k-step flow-map or gamma samplin
 ``FlowMatchingModule`` checkpoints (k-step Heun ODE; ``--guidance`` is the CFG scale). The module
 is rebuilt from the hyperparameters stored in the checkpoint (so relative paths in it, such as a
 teacher's ``data_root``, resolve against the current directory), with the EMA weights by default.
+
+Text-to-image checkpoints take their prompts as precomputed embeddings: ``--prompts FILE.npz``
+(``prompt_embeds`` (P, L, D) and ``pooled_prompt_embeds`` (P, D'), as a diffusers pipeline's
+``encode_prompt`` returns them; the dataset names ``text_emb``/``text_pooled`` and the transformer's
+``encoder_hidden_states``/``pooled_projections`` work too) or ``--prompts val`` (the stored
+embeddings of the checkpoint's dataset's validation split); sample ``i`` takes prompt ``i % P``.
+``--vae DIR`` decodes latent samples for the PNG grids (and adds ``images_{k}step`` to the npz).
 """
 
 from __future__ import annotations
@@ -60,13 +67,55 @@ def use_schedules(module, path: str) -> None:
     module.set_schedules(path)
 
 
+PROMPT_KEYS = {"encoder_hidden_states": ("prompt_embeds", "encoder_hidden_states", "text_emb"),
+               "pooled_projections": ("pooled_prompt_embeds", "pooled_projections", "text_pooled")}
+
+
+def load_prompts(spec: str, module, data_root: str | None = None) -> dict[str, Tensor]:
+    """Prompt embeddings ``{"encoder_hidden_states": (P, L, D), "pooled_projections": (P, D')}`` from an
+    ``.npz`` file (diffusers' ``encode_prompt`` names or the dataset's) or ``"val"``: the validation
+    split of ``data_root`` (default: the checkpoint's dataset)."""
+    if spec == "val":
+        from flowmap_lit.data import LatentDataModule
+        from flowmap_lit.metrics.few_step import text_prompts
+
+        root = data_root
+        if root is None:
+            raise ValueError("--prompts val needs the dataset: the checkpoint records none, pass --data ROOT")
+        dm = LatentDataModule(root=root, num_workers=0, normalize=False)
+        dm.setup("predict")
+        prompts = text_prompts(dm, 10**9)
+        if prompts is None:
+            raise ValueError(f"--prompts val: the dataset {root} has no text embeddings")
+        return prompts
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {spec}: no such file; pass an .npz of prompt embeddings (prompt_embeds "
+                                "(P, L, D) and pooled_prompt_embeds (P, D'), from the pipeline's encode_prompt) "
+                                "or 'val'")
+    arrays = np.load(path)
+    out = {}
+    for target, names in PROMPT_KEYS.items():
+        found = [n for n in names if n in arrays.files]
+        if found:
+            out[target] = torch.from_numpy(np.asarray(arrays[found[0]], dtype=np.float32))
+    if "encoder_hidden_states" not in out:
+        raise ValueError(f"{path} holds {arrays.files}; expected prompt_embeds (P, L, D) (and pooled_prompt_embeds "
+                         "(P, D')), or the dataset's text_emb / text_pooled")
+    if out["encoder_hidden_states"].ndim == 2:  # one prompt
+        out = {k: v[None] for k, v in out.items()}
+    return out
+
+
 @torch.no_grad()
 def generate(module, num: int, steps: list[int], guidance: float | None = None, seed: int = 0,
              labels: Tensor | None = None, shape: tuple[int, ...] | None = None,
-             batch_size: int = 500) -> tuple[Tensor, Tensor | None, dict[int, Tensor]]:
+             batch_size: int = 500, prompts: dict[str, Tensor] | None = None
+             ) -> tuple[Tensor, Tensor | None, dict[int, Tensor]]:
     """``(noise, labels, {k: samples})``: the same seeded noise and labels for every step count.
 
-    Labels default to ``arange(num) % num_classes`` (one column per class in a grid).
+    Labels default to ``arange(num) % num_classes`` (one column per class in a grid); with
+    ``prompts`` (text embeddings, see ``load_prompts``) sample ``i`` takes prompt ``i % P``.
     """
     info = getattr(module, "data_info", None) or {}
     shape = tuple(shape or info.get("shape") or ())
@@ -79,12 +128,16 @@ def generate(module, num: int, steps: list[int], guidance: float | None = None, 
         labels = torch.arange(num) % k_classes
     labels = labels.to(module.device) if labels is not None else None
     kwargs = {} if guidance is None else {"guidance": guidance}
+    from flowmap_lit.metrics.few_step import prompt_cond, slice_cond
+
+    cond = prompt_cond(prompts, range(num), module.device)
     out = {}
     for k in steps:
         parts = []
         for i in range(0, num, batch_size):
             lab = labels[i:i + batch_size] if labels is not None else None
-            parts.append(module.sample(noise[i:i + batch_size], lab, num_steps=k, **kwargs))
+            parts.append(module.sample(noise[i:i + batch_size], lab, num_steps=k,
+                                       **slice_cond(cond, slice(i, i + batch_size)), **kwargs))
         out[k] = torch.cat(parts)
     return noise, labels, out
 
@@ -104,22 +157,46 @@ def main(argv: list[str] | None = None) -> dict[int, Path]:
     p.add_argument("--allow-pickle", action="store_true", help="load with weights_only=False (trusted files only)")
     p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit.schedule (default: "
                                                      "the checkpoint's, else uniform)")
+    p.add_argument("--prompts", default=None, help="text checkpoints: an .npz of prompt embeddings, or 'val' (the "
+                                                   "dataset's validation prompts)")
+    p.add_argument("--data", default=None, help="--prompts val: the dataset root (default: the checkpoint's)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory: decode latents for the PNGs")
+    p.add_argument("--vae-scaling-factor", type=float, default=1.0)
+    p.add_argument("--vae-shift-factor", type=float, default=0.0)
     args = p.parse_args(argv)
     module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device, allow_pickle=args.allow_pickle)
     if args.schedules:
         use_schedules(module, args.schedules)
-    noise, labels, samples = generate(module, args.num, args.steps, args.guidance, args.seed)
+    prompts = None
+    if args.prompts:
+        from flowmap_lit.commands.evaluate import _data_root
+
+        prompts = load_prompts(args.prompts, module, args.data or (_data_root(args.ckpt) if args.prompts == "val"
+                                                                    else None))
+    noise, labels, samples = generate(module, args.num, args.steps, args.guidance, args.seed, prompts=prompts)
+    decoder = None
+    if args.vae:
+        from flowmap_lit.metrics.decode import LatentDecoder
+
+        decoder = LatentDecoder(args.vae, args.vae_scaling_factor, args.vae_shift_factor).to(module.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
+    arrays = {}
     for k, x in samples.items():
+        x = denormalize(x, module.data_info)
+        arrays[f"x_{k}step"] = x.cpu().numpy()
+        if decoder is not None:
+            x = decoder(x)
+            arrays[f"images_{k}step"] = x.cpu().numpy()
         paths[k] = out / f"samples_{k}step.png"
-        save_png(make_grid(to_images(denormalize(x, module.data_info))), paths[k], upscale=4)
+        save_png(make_grid(to_images(x)), paths[k], upscale=4 if decoder is None else 1)
         print(f"{k} step(s): {paths[k]}")
-    arrays = {f"x_{k}step": denormalize(x, module.data_info).cpu().numpy() for k, x in samples.items()}
     arrays["noise"] = noise.cpu().numpy()
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
+    if prompts is not None:
+        arrays["prompt_index"] = np.arange(args.num) % len(prompts["encoder_hidden_states"])
     np.savez(out / "samples.npz", **arrays)
     print(f"arrays: {out / 'samples.npz'} (keys {sorted(arrays)})")
     return paths
