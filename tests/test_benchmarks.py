@@ -43,6 +43,11 @@ def test_step_cost_compiled_rows():
     assert "flow_matching_step[compiled]" in out["median_ms"]
 
 
+def test_eval_cost_script_on_tiny_networks():
+    out = run_script("eval_cost.py", "--tiny", "--resolution", "64", "--batch", "2", "--repeats", "1")
+    assert set(out["ms_per_sample"]) == {"vae_decode", "inception", "dinov2"} and out["samples_per_s"] > 0
+
+
 def test_data_throughput():
     out = run_script("data_throughput.py", "--num-samples", "200", "--shards", "2", "--batch", "16", "--batches", "3",
                      "--workers", "0", "2", "--shape", "2", "8", "8")
