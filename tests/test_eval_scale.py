@@ -157,3 +157,26 @@ def test_two_process_distances_equal_one_process(tmp_path):
     for k, value in results[1].items():
         assert value > 0 and abs(results[2][k] - value) <= 1e-6 * abs(value), (k, value, results[2][k])
     assert results[1][1] != results[1][2]
+
+
+def test_srun_tasks_get_the_torch_distributed_variables(monkeypatch):
+    """One srun task per GPU: evaluate maps SLURM's variables to torch.distributed's."""
+    from flowmap_lit.commands.evaluate import launcher_env
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not launcher_env()
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NODELIST", "gpu[07-08]")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "eval")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/srun" if name == "srun" else None)
+    assert launcher_env()
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 1024

@@ -9,7 +9,8 @@ features by default; ``--feature inception dinov2 --feature-path WEIGHTS DIR`` f
 noise (distilled checkpoints), and samples per second of the sampler alone. ``--json`` also writes
 the rows to a file.
 
-At the scale papers report (50,000 samples per step count), launch it on every GPU:
+At the scale papers report (50,000 samples per step count), launch it on every GPU (torchrun, or
+srun with one task per GPU):
 
     torchrun --nproc_per_node 8 -m flowmap_lit evaluate --run-dir checkpoints/imagenet512/distill_ayf_emd_s \\
         --num-samples 50000 --feature inception dinov2 --feature-path /models/pt_inception.pth /models/dinov2-large \\
@@ -42,6 +43,23 @@ from flowmap_lit.teachers import load_checkpoint
 def _data_root(ckpt_path: str) -> str | None:
     hp = load_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {})
     return hp.get("root") or hp.get("init_args", {}).get("root")
+
+
+def launcher_env() -> bool:
+    """Whether this process is one of several started by torchrun or srun; for srun, sets the
+    variables torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from SLURM's,
+    the way Lightning's ``SLURMEnvironment`` resolves them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun (or a launcher that sets the variables)
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return False
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    slurm = SLURMEnvironment(auto_requeue=False)
+    os.environ.update(RANK=str(slurm.global_rank()), WORLD_SIZE=str(slurm.world_size()),
+                      LOCAL_RANK=str(slurm.local_rank()), MASTER_ADDR=slurm.main_address,
+                      MASTER_PORT=str(slurm.main_port))
+    return True
 
 
 def _rank_world() -> tuple[int, int]:
@@ -202,7 +220,7 @@ def main(argv: list[str] | None = None):
     if args.run and not args.out_dir:
         p.error("--run-dir needs --out-dir (one JSON per checkpoint and the plot are written there)")
     started_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun / srun
+    if launcher_env() and not dist.is_initialized():  # torchrun, or one srun task per GPU
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         started_group = True
     rank, world = _rank_world()
