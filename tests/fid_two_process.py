@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 NUM, SHAPE, STEPS = 64, (4, 4, 4), (1, 2)
+RESOLUTION = 56  # DINOv2's input side here: 4 x 4 patches keep the test fast
 
 
 def sampler(noise, labels, num_steps):
@@ -24,12 +25,13 @@ def worker(rank: int, world: int, root: str, out: str, port: int) -> None:
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    from flowmap_lit.metrics import FID, build_feature_extractor
+    from flowmap_lit.metrics import FID
     from flowmap_lit.metrics.decode import LatentDecoder
+    from flowmap_lit.metrics.features import DinoV2Features
     from flowmap_lit.metrics.few_step import rank_share, sampler_distances, seeded_noise
 
     decoder = LatentDecoder(os.path.join(root, "vae"), batch_size=5)
-    fid = FID(build_feature_extractor("dinov2", os.path.join(root, "dinov2")))
+    fid = FID(DinoV2Features(os.path.join(root, "dinov2"), resolution=RESOLUTION))
     fid.set_reference(torch.load(os.path.join(root, "reference.pt")))
     noise, labels = seeded_noise(rank_share(NUM, rank, world), NUM, SHAPE, seed=3, num_classes=10)
     rows = {k: sampler_distances({"fd_dinov2": fid}, sampler, noise, labels, batch_size=7, to_images=decoder,

@@ -140,10 +140,10 @@ def test_two_process_distances_equal_one_process(tmp_path):
     """Each process decodes and embeds its own share; the float64 sums are all-reduced: 2 processes
     give the 1-process distance (to 1e-6), with no image leaving its process."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from fid_two_process import NUM, SHAPE
+    from fid_two_process import NUM, RESOLUTION, SHAPE
 
     tiny_vae_dir(tmp_path / "vae")
-    dino = build_feature_extractor("dinov2", tiny_dinov2(tmp_path / "dinov2"))
+    dino = DinoV2Features(tiny_dinov2(tmp_path / "dinov2"), resolution=RESOLUTION)
     decoder = LatentDecoder(str(tmp_path / "vae"))
     real = torch.randn(NUM, *SHAPE, generator=torch.Generator().manual_seed(9))
     torch.save(reference_stats(dino, [decoder(real)]), tmp_path / "reference.pt")

@@ -36,13 +36,8 @@ import torch
 import torch.distributed as dist
 
 from flowmap_lit.callbacks.flowmap_error import format_table
+from flowmap_lit.commands.sample import checkpoint_data_root as _data_root
 from flowmap_lit.commands.sample import denormalize, load_module, use_schedules
-from flowmap_lit.teachers import load_checkpoint
-
-
-def _data_root(ckpt_path: str) -> str | None:
-    hp = load_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {})
-    return hp.get("root") or hp.get("init_args", {}).get("root")
 
 
 def launcher_env() -> bool:

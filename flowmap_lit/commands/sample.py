@@ -59,6 +59,12 @@ def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu",
     return module.eval()
 
 
+def checkpoint_data_root(ckpt_path: str) -> str | None:
+    """The dataset root recorded in a checkpoint (its data module's ``root``), or None."""
+    hp = load_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {})
+    return hp.get("root") or hp.get("init_args", {}).get("root")
+
+
 def use_schedules(module, path: str) -> None:
     """Sample ``module`` on the tuned grids of ``path`` (a file of ``python -m flowmap_lit.schedule``)."""
     if not hasattr(module, "set_schedules"):
@@ -169,10 +175,8 @@ def main(argv: list[str] | None = None) -> dict[int, Path]:
         use_schedules(module, args.schedules)
     prompts = None
     if args.prompts:
-        from flowmap_lit.commands.evaluate import _data_root
-
-        prompts = load_prompts(args.prompts, module, args.data or (_data_root(args.ckpt) if args.prompts == "val"
-                                                                    else None))
+        root = args.data or (checkpoint_data_root(args.ckpt) if args.prompts == "val" else None)
+        prompts = load_prompts(args.prompts, module, root)
     noise, labels, samples = generate(module, args.num, args.steps, args.guidance, args.seed, prompts=prompts)
     decoder = None
     if args.vae:
