@@ -161,10 +161,13 @@ def test_two_process_distances_equal_one_process(tmp_path):
 
 def test_srun_tasks_get_the_torch_distributed_variables(monkeypatch):
     """One srun task per GPU: evaluate maps SLURM's variables to torch.distributed's."""
+    import os
+
     from flowmap_lit.commands.evaluate import launcher_env
 
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # launcher_env writes the variables: keep them here
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        os.environ.pop(key, None)
     assert not launcher_env()
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
@@ -176,7 +179,5 @@ def test_srun_tasks_get_the_torch_distributed_variables(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NAME", "eval")
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/srun" if name == "srun" else None)
     assert launcher_env()
-    import os
-
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
     assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 1024

@@ -101,6 +101,15 @@ class DigitsFeatures(FeatureExtractor):
         return self.net.features(images.to(self.net.fc.weight.dtype))
 
 
+def as_rgb(images: Tensor, who: str) -> Tensor:
+    """(N, 1 or 3, H, W) -> (N, 3, H, W): gray repeated to RGB; other channel counts are an error."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[1] != 3:
+        raise ValueError(f"{who} expects 1 or 3 channels, got {images.shape[1]}")
+    return images
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """[-1, 1] floats -> uint8 pixels 0..255 (``x * 127.5 + 128``, clipped, truncated, as EDM's FID)."""
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
@@ -158,10 +167,7 @@ class InceptionFeatures(FeatureExtractor):
         self.freeze()
 
     def extract(self, images: Tensor) -> Tensor:
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        if images.shape[1] != 3:
-            raise ValueError(f"InceptionFeatures expects 1 or 3 channels, got {images.shape[1]}")
+        images = as_rgb(images, "InceptionFeatures")
         if self.implementation == "builtin":
             return self.net(to_uint8(images).float() / 127.5 - 1)
         return self.net(to_uint8(images)).reshape(images.shape[0], -1)
@@ -213,11 +219,7 @@ class DinoV2Features(FeatureExtractor):
         self.freeze()
 
     def extract(self, images: Tensor) -> Tensor:
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        if images.shape[1] != 3:
-            raise ValueError(f"DinoV2Features expects 1 or 3 channels, got {images.shape[1]}")
-        x = to_uint8(images).float() / 255
+        x = to_uint8(as_rgb(images, "DinoV2Features")).float() / 255
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", antialias=True)
         x = (x - self.mean) / self.std
         return self.net(pixel_values=x).pooler_output
