@@ -413,7 +413,7 @@ class FlowMapDistillModule(pl.LightningModule):
         lam_in = lam if self.condition_on_guidance else None
         kw = dict(class_labels=self._labels(labels), guidance=lam_in, **(cond or {}))
         net = self.compiled_student() if compiled and self.compile_student else self.student
-        sharded = any(is_sharded(p) for p in self.student.parameters())
+        sharded = is_sharded(next(self.student.parameters(), None))  # FSDP2 shards every parameter or none
         return BoundStudent(net, self.student, kw, checkpointed=self.activation_checkpointing or sharded)
 
     def compiled_student(self) -> nn.Module:
