@@ -123,7 +123,7 @@ def step_cost(args, dev: torch.device) -> list[dict]:
 
 
 def finetune_cost(args, dev: torch.device) -> dict:
-    from flowmap_lit.finetune import AdversarialFinetuneModule
+    from flowmap_lit.modules.finetune import AdversarialFinetuneModule
     from flowmap_lit.networks import Discriminator
 
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule  # noqa
 from flowmap_lit.networks import MLP, build_network  # noqa: E402
 from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD  # noqa: E402
 from flowmap_lit.teachers import GMMTeacher, NetworkTeacher  # noqa: E402
-from flowmap_lit.time_sampling import TimePairSampler  # noqa: E402
+from flowmap_lit.time_pairs import TimePairSampler  # noqa: E402
 
 BUDGETS = {  # distillation steps per run (exact / neural arm), batch, warmup, teacher/guide pretraining, eval samples
     "tiny": dict(steps=20, neural_steps=20, batch=64, warmup=10, teacher_steps=30, guide_steps=10, eval_samples=100),

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.ckpt:
-        from flowmap_lit.commands.sample import load_module
+        from flowmap_lit.checkpoints import load_module
 
         module = load_module(args.ckpt, map_location=args.device)
     else:

@@ -3,7 +3,7 @@
     python benchmarks/schedule_gain.py --ckpt checkpoints/quickstart/last.ckpt --seeds 0 1 2
     python benchmarks/schedule_gain.py --ckpt checkpoints/quickstart/last.ckpt --seeds 0 1 2 --criterion fid
 
-For each seed, ``flowmap_lit.schedule``'s search (``--criterion``: the flow-map error or FID,
+For each seed, ``flowmap_lit.grid_search``'s search (``--criterion``: the flow-map error or FID,
 held-out noise of that seed, ``--budget`` evaluations per step count) picks a grid per step count; every grid is then
 scored on the evaluation noise the callbacks and ``evaluate`` use (seed 0, disjoint from the
 search's): relative flow-map error against the teacher's ODE and FID (the checkpoint's dataset,
@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowmap_lit.commands.evaluate import _data_root  # noqa: E402
-from flowmap_lit.commands.sample import denormalize, load_module  # noqa: E402
+from flowmap_lit.checkpoints import load_module  # noqa: E402
+from flowmap_lit.flowmap import denormalize
 from flowmap_lit.interpolant import edm_schedule, uniform_schedule  # noqa: E402
-from flowmap_lit.schedule import (fid_criterion, flowmap_error_criterion, held_out_inputs,  # noqa: E402
-                                  search_grid)
+from flowmap_lit.grid_search import fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,7 @@
-"""Command line: ``python -m flowmap_lit {fit,validate,test,predict} --config CONFIG.yaml``.
+"""The one command line: ``python -m flowmap_lit COMMAND`` (or ``flowmap-lit COMMAND``) for every command.
+
+``fit``, ``validate``, ``test`` and ``predict`` take a config (``--config CONFIG.yaml``); the others
+(``COMMANDS``) are the modules of ``flowmap_lit.commands``.
 
 A thin ``LightningCLI``: the model and the data module are chosen by ``class_path`` in the config
 (any ``LightningModule`` / ``LightningDataModule``), every constructor argument is reachable from
@@ -150,8 +153,8 @@ class FlowMapCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"prog": "python -m flowmap_lit", "description": (
-            "Train with fit (validate, test, predict) and a config; the other commands are "
-            + ", ".join(f"'python -m flowmap_lit {name} --help'" for name in COMMANDS) + ".")})
+            "Train with fit (validate, test, predict) and a config; 'python -m flowmap_lit --help' lists the "
+            "other commands.")})
         super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:
@@ -176,27 +179,58 @@ class FlowMapCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-#: ``python -m flowmap_lit COMMAND ...``: the commands beside LightningCLI's fit/validate/test/predict.
+#: Every command of ``python -m flowmap_lit COMMAND`` / ``flowmap-lit COMMAND``: name -> (module whose
+#: ``main(argv)`` runs it, one line of help). fit/validate/test/predict go to LightningCLI.
+TRAINING = {
+    "fit": "train a model from a config (--config CONFIG.yaml; --help lists every argument)",
+    "validate": "run the validation loop of a config (and --ckpt_path)",
+    "test": "run the test loop of a config (and --ckpt_path)",
+    "predict": "run the predict loop of a config (and --ckpt_path)",
+}
 COMMANDS = {
-    "sample": "flowmap_lit.commands.sample",      # sample grids and .npz from a checkpoint
-    "evaluate": "flowmap_lit.commands.evaluate",  # FID and flow-map error across step counts
-    "diagnose": "flowmap_lit.commands.diagnose",  # where a flow map is wrong: jump grid, per-step errors
-    "schedule": "flowmap_lit.commands.schedule",  # tuned k-step grids (docs/design.md section 11)
-    "export": "flowmap_lit.export",               # safetensors + JSON, load_flowmap, diffusers pipeline
+    "sample": ("flowmap_lit.commands.sample", "sample grids and an .npz from a checkpoint, at any step counts"),
+    "evaluate": ("flowmap_lit.commands.evaluate", "FID, FD_DINOv2 and the flow-map error across step counts"),
+    "diagnose": ("flowmap_lit.commands.diagnose", "where a flow map is wrong: single-jump error grid, per-step errors"),
+    "schedule": ("flowmap_lit.commands.schedule", "tune k-step time grids of a distilled checkpoint"),
+    "export": ("flowmap_lit.commands.export", "safetensors + JSON flow map (load_flowmap), optional diffusers pipeline"),
+    "consolidate": ("flowmap_lit.commands.consolidate", "one checkpoint file from a sharded (FSDP2) checkpoint directory"),
+    "prepare": ("flowmap_lit.commands.prepare", "write a dataset of latents as WebDataset shards (digits, images, ...)"),
+    "reference": ("flowmap_lit.commands.reference", "cache a dataset split's FID / FD_DINOv2 reference statistics"),
+    "classifier": ("flowmap_lit.commands.classifier", "train the digits classifier behind the digits FID features"),
 }
 
 
+def usage() -> str:
+    """The one ``--help`` of the command line: every command, with a line each."""
+    width = max(map(len, [*TRAINING, *COMMANDS]))
+    lines = ["usage: python -m flowmap_lit COMMAND [ARGS]   (or: flowmap-lit COMMAND [ARGS])", "",
+             "Training (LightningCLI; a config names the model, data, trainer and callbacks):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TRAINING.items()]
+    lines += ["", "Commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "python -m flowmap_lit COMMAND --help lists a command's arguments.",
+              "Quickstart: python -m flowmap_lit fit --config configs/quickstart.yaml"]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None):
-    """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script: ``sample``,
-    ``evaluate``, ``diagnose``, ``schedule`` and ``export`` run their command, anything else goes to LightningCLI. A config
-    whose objects cannot be built exits with status 2 and the message of the class that refused."""
+    """Entry point of ``python -m flowmap_lit`` and of the ``flowmap-lit`` script. ``fit``, ``validate``,
+    ``test`` and ``predict`` go to LightningCLI (a config whose objects cannot be built exits with
+    status 2 and the message of the class that refused); every other command runs its module's
+    ``main``; no command, or ``--help``, prints the list of commands."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    if argv[0] in COMMANDS:
         import importlib
 
-        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    if argv[0] not in TRAINING and not argv[0].startswith("-"):
+        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
     try:
-        return FlowMapCLI(args=args)  # None: LightningCLI parses sys.argv itself
+        return FlowMapCLI(args=argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,6 +1,6 @@
 """A distilled flow map outside Lightning: safetensors weights, a JSON config, one call to load.
 
-    python -m flowmap_lit.export --ckpt checkpoints/quickstart/last.ckpt --out exported/quickstart \\
+    python -m flowmap_lit export --ckpt checkpoints/quickstart/last.ckpt --out exported/quickstart \\
         [--schedules checkpoints/quickstart/schedules.json]
 
 writes ``OUT/student.safetensors`` (the EMA student) and ``OUT/flowmap.json`` (the network's class
@@ -14,13 +14,12 @@ the training config::
     images = fm.denormalize(x)
 
 gives the checkpoint's own samples bit for bit for the same noise and grid. For latent data a
-diffusers pipeline (``flowmap_lit.pipeline.FlowMapPipeline``) wraps the flow map, a VAE and the
+diffusers pipeline (``flowmap_lit.diffusers_pipeline.FlowMapPipeline``) wraps the flow map, a VAE and the
 grids (``--vae DIR`` writes it too, to ``OUT/pipeline``). docs/design.md section 11.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from flowmap_lit.flowmap import FlowMap, instantiate
-from flowmap_lit.schedule import load_schedules, schedules_doc
+from flowmap_lit.grids import load_schedules, schedules_doc
 
 FORMAT = "flowmap-lit-flowmap/1"
 WEIGHTS, CONFIG = "student.safetensors", "flowmap.json"
@@ -85,12 +84,12 @@ def export_flowmap(module, out: str | Path, schedules: str | Path | None = None)
 
 
 def load_flowmap(path: str | Path, device: str | torch.device = "cpu") -> FlowMap:
-    """The :class:`FlowMap` written by :func:`export_flowmap` (or ``python -m flowmap_lit.export``)."""
+    """The :class:`FlowMap` written by :func:`export_flowmap` (or ``python -m flowmap_lit export``)."""
     load_model = _safetensors().load_model
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not an exported flow map (it needs {CONFIG} and {WEIGHTS}); write one "
-                                "with `python -m flowmap_lit.export --ckpt CKPT --out DIR`")
+                                "with `python -m flowmap_lit export --ckpt CKPT --out DIR`")
     config = json.loads((path / CONFIG).read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
@@ -106,32 +105,9 @@ def flowmap_from_config(config: dict, load_weights, device="cpu") -> FlowMap:
                    config["sample_gamma"], schedules, config.get("data"), config["network"]).to(device)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m flowmap_lit.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="FlowMapDistillModule checkpoint written by python -m flowmap_lit fit")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--schedules", default=None, help="tuned grids (python -m flowmap_lit.schedule) to ship with it")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory: also write OUT/pipeline")
-    p.add_argument("--scaling-factor", type=float, default=1.0, help="latents are divided by it before decoding")
-    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
-    p.add_argument("--allow-pickle", action="store_true", help="load with weights_only=False (trusted files only)")
-    args = p.parse_args(argv)
-    from flowmap_lit.commands.sample import load_module
+if __name__ == "__main__":  # the former command form; the command lives in flowmap_lit.commands
+    import sys
 
-    module = load_module(args.ckpt, use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
-    if not hasattr(module, "set_schedules"):
-        raise SystemExit(f"error: {args.ckpt} is not a distilled flow map (FlowMapDistillModule)")
-    out = export_flowmap(module, args.out, args.schedules)
-    print(f"flow map: {out / WEIGHTS}, {out / CONFIG}")
-    if args.vae:
-        from flowmap_lit.pipeline import FlowMapPipeline
+    from flowmap_lit._moved import run_moved_command
 
-        pipe = FlowMapPipeline.from_flowmap(load_flowmap(out), args.vae, scaling_factor=args.scaling_factor)
-        pipe.save_pretrained(out / "pipeline")
-        print(f"diffusers pipeline: {out / 'pipeline'}")
-    return out
-
-
-if __name__ == "__main__":
-    main()
+    run_moved_command("flowmap_lit.export", "export", sys.argv[1:])

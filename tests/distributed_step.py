@@ -25,7 +25,7 @@ import lightning.pytorch as pl  # noqa: E402
 
 from flowmap_lit.callbacks import EMA  # noqa: E402
 from flowmap_lit.distributed import full_tensor, is_sharded  # noqa: E402
-from flowmap_lit.finetune import AdversarialFinetuneModule  # noqa: E402
+from flowmap_lit.modules.finetune import AdversarialFinetuneModule  # noqa: E402
 from flowmap_lit.modules import FlowMapDistillModule  # noqa: E402
 from flowmap_lit.networks import Discriminator, build_network  # noqa: E402
 from flowmap_lit.objectives import AYFEMD  # noqa: E402

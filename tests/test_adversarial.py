@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flowmap_lit.finetune import AdversarialFinetuneModule, last_layer_weight
+from flowmap_lit.modules.finetune import AdversarialFinetuneModule, last_layer_weight
 from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.networks import Discriminator
 from flowmap_lit.objectives import AYFEMD, RpGAN
@@ -244,7 +244,7 @@ def test_discriminator_on_decoded_images(tmp_path):
     import json
 
     pytest.importorskip("diffusers")
-    from flowmap_lit.data.imagenet import load_vae
+    from flowmap_lit.checkpoints.vae import load_vae
     from flowmap_lit.networks import DecodeLatents
     from helpers import tiny_vae
 

@@ -4,7 +4,7 @@ import torch
 
 from flowmap_lit.teachers.analytic import GaussianData, GaussianMixture
 from flowmap_lit.interpolant import edm_schedule, interpolate, sigma_to_t, uniform_schedule
-from flowmap_lit.sampling import ode_sample
+from flowmap_lit.solvers import ode_sample
 
 
 def _gaussian(seed=0, shape=(1, 2, 3)):

@@ -1,5 +1,5 @@
 """Sharded (FSDP2) checkpoint directories are read wherever a checkpoint file is read, and
-``python -m flowmap_lit.consolidate`` turns one into the file a single process writes.
+``python -m flowmap_lit consolidate`` turns one into the file a single process writes.
 
     python tests/test_consolidate.py CONFIG [CONFIG ...]
 
@@ -31,9 +31,11 @@ from test_distributed import relative_error  # noqa: E402
 
 from flowmap_lit.cli import main as cli_main  # noqa: E402
 from flowmap_lit.commands import evaluate, sample  # noqa: E402
-from flowmap_lit.consolidate import consolidate, main as consolidate_main  # noqa: E402
-from flowmap_lit.finetune import load_student_state  # noqa: E402
-from flowmap_lit.teachers import NetworkTeacher, load_checkpoint  # noqa: E402
+from flowmap_lit.checkpoints.sharded import consolidate  # noqa: E402
+from flowmap_lit.commands.consolidate import main as consolidate_main  # noqa: E402
+from flowmap_lit.modules.finetune import load_student_state  # noqa: E402
+from flowmap_lit.checkpoints import load_checkpoint  # noqa: E402
+from flowmap_lit.teachers import NetworkTeacher
 
 
 class FixedDigitsBatch(FixedBatch):
@@ -245,7 +247,7 @@ def test_sample_evaluate_and_finetune_read_the_directory_and_the_file_alike(runs
 def test_consolidate_command_end_to_end_and_its_errors(runs, tmp_path):
     out = tmp_path / "full/last.ckpt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "flowmap_lit.consolidate", str(runs["distill"]), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "flowmap_lit", "consolidate", str(runs["distill"]), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2" in proc.stdout and "EMA weights: yes" in proc.stdout

@@ -14,7 +14,7 @@ from flowmap_lit.data import (
     DataWarning, DigitsDataModule, LatentDataModule, ShardError, prepare_digits, read_stats, write_dataset,
     write_shards,
 )
-from flowmap_lit.data.prepare import main as prepare_main
+from flowmap_lit.commands.prepare import main as prepare_main
 
 SHAPE = (2, 4, 4)
 
@@ -129,7 +129,7 @@ def test_train_stream_reproducible(toy):
 
 
 def test_shard_cache_replays_the_same_stream(toy, monkeypatch):
-    from flowmap_lit.data import pipeline
+    from flowmap_lit.data import stream as pipeline
 
     root = toy[0]
     opened = []
@@ -156,7 +156,7 @@ def test_shard_cache_replays_the_same_stream(toy, monkeypatch):
 def test_load_npy_matches_numpy(order, dtype):
     import io
 
-    from flowmap_lit.data.pipeline import load_npy
+    from flowmap_lit.data.stream import load_npy
 
     array = np.asarray(np.arange(24).reshape(2, 3, 4), dtype=dtype, order=order)
     buf = io.BytesIO()
@@ -270,7 +270,7 @@ def test_wrong_shape(toy, tmp_path):
 
 
 def test_missing_stats(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"stats.json.*python -m flowmap_lit.data.prepare digits"):
+    with pytest.raises(FileNotFoundError, match=r"stats.json.*python -m flowmap_lit prepare digits"):
         read_stats(str(tmp_path))
     dm = LatentDataModule(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere/stats.json"):
@@ -305,11 +305,11 @@ def test_digits_datamodule(tmp_path, monkeypatch):
 
 def test_cli_digits(tmp_path):
     out = tmp_path / "digits"
-    cmd = [sys.executable, "-m", "flowmap_lit.data.prepare", "digits", "--out", str(out), "--samples-per-shard", "500"]
+    cmd = [sys.executable, "-m", "flowmap_lit", "prepare", "digits", "--out", str(out), "--samples-per-shard", "500"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
     stats = read_stats(str(out))
     assert stats["splits"]["train"] == {"num_samples": 1497, "num_shards": 3}
-    assert stats["source"].startswith("python -m flowmap_lit.data.prepare digits")
+    assert stats["source"].startswith("python -m flowmap_lit prepare digits")
 
 
 def test_shapes_dataset(tmp_path, monkeypatch):
@@ -341,7 +341,7 @@ def test_shapes_dataset(tmp_path, monkeypatch):
     assert batch["x"].shape == (100, 3, 8, 8)
     out = tmp_path / "shapes2"
     stats = prepare_main(["shapes", "--out", str(out)])
-    assert stats["source"] == f"python -m flowmap_lit.data.prepare shapes --out {out}" and stats["num_classes"] == 4
+    assert stats["source"] == f"python -m flowmap_lit prepare shapes --out {out}" and stats["num_classes"] == 4
 
 
 def test_cli_images(tmp_path):

@@ -12,9 +12,9 @@ from flowmap_lit.interpolant import edm_schedule
 from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule
 from flowmap_lit.networks import build_network
 from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD, Objective, ObjectiveOutput
-from flowmap_lit.sampling import ode_sample
+from flowmap_lit.solvers import ode_sample
 from flowmap_lit.teachers import MixtureTeacher, NetworkTeacher, guided_velocity
-from flowmap_lit.time_sampling import TimePairSampler
+from flowmap_lit.time_pairs import TimePairSampler
 from tests.helpers import MLPVelocity
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")

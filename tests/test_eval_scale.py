@@ -78,7 +78,7 @@ def test_dinov2_features_from_a_local_directory(tmp_path):
 
 
 def test_latent_decoder_undoes_the_stored_scaling(tmp_path):
-    from flowmap_lit.data.imagenet import load_vae
+    from flowmap_lit.checkpoints.vae import load_vae
 
     path = tiny_vae_dir(tmp_path / "vae")
     dec = LatentDecoder(str(path), scaling_factor=1.5, shift_factor=0.1, batch_size=3)
@@ -127,7 +127,7 @@ def test_reference_of_decoded_latents_and_fid_of_the_set_against_itself(tmp_path
 
 
 def test_reference_command(tmp_path):
-    from flowmap_lit.metrics.reference import main
+    from flowmap_lit.commands.reference import main
 
     data = tmp_path / "data"
     _latent_dataset(data, 60)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from flowmap_lit.teachers.analytic import GaussianData
-from flowmap_lit.teachers.external import (DiffusersTeacher, DiscreteVPConvention, EDM2Teacher, FlowMatchConvention,
-                                           SchedulerTeacher, convention_from_scheduler)
+from flowmap_lit.teachers.diffusers_models import DiffusersTeacher, DiscreteVPConvention, FlowMatchConvention, SchedulerTeacher, convention_from_scheduler
+from flowmap_lit.teachers.edm2 import EDM2Teacher
 from flowmap_lit.interpolant import expand_like
 from tests.edm2_fake import GaussianEDM2Denoiser
 

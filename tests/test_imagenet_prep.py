@@ -11,9 +11,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from flowmap_lit.data import LatentDataModule  # noqa: E402
-from flowmap_lit.data.imagenet import encode, load_vae  # noqa: E402
+from flowmap_lit.checkpoints.vae import load_vae  # noqa: E402
+from flowmap_lit.data.imagenet import encode
 from flowmap_lit.data.images import center_crop  # noqa: E402
-from flowmap_lit.data.prepare import main  # noqa: E402
+from flowmap_lit.commands.prepare import main  # noqa: E402
 from helpers import tiny_vae  # noqa: E402
 
 SIZES = [(40, 56), (70, 35), (33, 33), (90, 64)]

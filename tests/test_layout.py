@@ -97,16 +97,25 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+MODULE_STRING = re.compile(r"flowmap_lit(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def imported_modules(path: Path) -> set[str]:
-    """``flowmap_lit`` names ``path`` imports anywhere (module level or inside functions; relative
-    imports resolved), except under ``if TYPE_CHECKING:``."""
+    """``flowmap_lit`` names ``path`` imports anywhere: import statements at module level, inside
+    functions and under ``if TYPE_CHECKING:`` (relative imports resolved), and imports by name: every
+    string constant that is exactly a dotted ``flowmap_lit`` path (``importlib.import_module("…")``,
+    a registry of commands, a lazy-import table), docstrings aside. A ``__main__`` block of a module
+    that was once a command is its redirect to the command line, not a dependency."""
     tree = ast.parse(path.read_text())
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found = set()
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
 
     class Visitor(ast.NodeVisitor):
         def visit_If(self, node):
-            if "TYPE_CHECKING" not in ast.dump(node.test):
+            if "__main__" not in ast.dump(node.test):
                 self.generic_visit(node)
 
         def visit_Import(self, node):
@@ -120,6 +129,10 @@ def imported_modules(path: Path) -> set[str]:
             if base.startswith("flowmap_lit"):
                 found.add(base)
                 found.update(f"{base}.{a.name}" for a in node.names)  # submodules imported by name
+
+        def visit_Constant(self, node):
+            if isinstance(node.value, str) and id(node) not in docstrings and MODULE_STRING.fullmatch(node.value):
+                found.add(node.value)
 
     Visitor().visit(tree)
     return found
@@ -162,7 +175,57 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]  # the check can fail
     graph = import_graph()
-    assert "flowmap_lit.teachers.analytic" in graph["flowmap_lit.teachers.base"]  # and sees imports
+    assert "flowmap_lit.teachers.analytic" in graph["flowmap_lit.teachers.mixture"]  # and sees imports
     assert "flowmap_lit.data.imagenet" in graph["flowmap_lit.data.prepare"]  # including those inside functions
+    assert "flowmap_lit.commands.sample" in graph["flowmap_lit.cli"]  # and those made by name
     cycles = find_cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def design_layers() -> dict[str, int]:
+    """``{module or package: layer}`` from the "Layers" list of docs/design.md section 7
+    (lines ``- Layer N (name): `flowmap_lit.a`, `flowmap_lit.b`, ...``)."""
+    text = (ROOT / "docs/design.md").read_text()
+    layers = {}
+    for number, names in re.findall(r"^- Layer (\d+)[^:]*:(.*)$", text, re.M):
+        for name in re.findall(r"`(flowmap_lit[\w.]*)`", names):
+            layers[name] = int(number)
+    return layers
+
+
+def layer_of(module: str, layers: dict[str, int]) -> int | None:
+    """The layer of ``module`` or of the nearest package above it that is listed (the root package
+    counts only for itself, so a new module that no layer lists is reported, not placed on top)."""
+    name = module
+    while name and (name != "flowmap_lit" or module == "flowmap_lit"):
+        if name in layers:
+            return layers[name]
+        name = name.rpartition(".")[0]
+    return None
+
+
+def layer_violations(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """Imports from a lower layer to a higher one, and modules no layer holds."""
+    out = []
+    for module, deps in sorted(graph.items()):
+        own = layer_of(module, layers)
+        if own is None:
+            out.append(f"{module} is in no layer of docs/design.md section 7")
+            continue
+        for dep in sorted(deps):
+            theirs = layer_of(dep, layers)
+            if theirs is not None and theirs > own:
+                out.append(f"{module} (layer {own}) imports {dep} (layer {theirs})")
+    return out
+
+
+def test_layers_hold():
+    layers = design_layers()
+    assert layers.get("flowmap_lit.interpolant") == 0 and layers.get("flowmap_lit.commands") == max(layers.values())
+    assert layer_violations({"flowmap_lit.interpolant": {"flowmap_lit.commands"}}, layers)  # the check can fail
+    graph = import_graph()
+    assert not layer_violations(graph, layers), "\n".join(layer_violations(graph, layers))
+    for module, deps in graph.items():  # no library module reaches the command line
+        if not module.startswith(("flowmap_lit.commands", "flowmap_lit.cli", "flowmap_lit.__main__")) \
+                and module not in ("flowmap_lit", "flowmap_lit._moved"):
+            assert not {d for d in deps if d.startswith(("flowmap_lit.commands", "flowmap_lit.cli"))}, module

@@ -24,8 +24,9 @@ from flowmap_lit.metrics import (
     reference_stats,
     train_digits_classifier,
 )
-from flowmap_lit.metrics.digits_classifier import accuracy, main
-from flowmap_lit.teachers import read_split
+from flowmap_lit.commands.classifier import main
+from flowmap_lit.metrics.digits_classifier import accuracy
+from flowmap_lit.data import read_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -180,7 +180,7 @@ def test_tangent_pass_choice_and_its_errors():
     assert AYFEMD().tangent_pass == "auto" and AYFEMD().jvp_backend == "forward_ad"  # the defaults
     assert AYFEMD().uses_one_pass(torch.zeros(1))  # CPU, forward AD, no autocast: one pass
     assert not AYFEMD().uses_one_pass(torch.zeros(1, device="meta"))  # off the CPU: two passes (memory)
-    from flowmap_lit.modules import BoundStudent
+    from flowmap_lit.modules.distill import BoundStudent
 
     net = torch.nn.Identity()
     compiled, checkpointed = BoundStudent(torch.nn.Identity(), net, {}), BoundStudent(net, net, {}, checkpointed=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowmap_lit.interpolant import edm_schedule, uniform_schedule
-from flowmap_lit.sampling import flowmap_sample, gamma_sample
+from flowmap_lit.solvers import flowmap_sample, gamma_sample
 from tests.helpers import ExactGaussianStudent, MLPVelocity
 from tests.test_objectives import gaussian
 

@@ -1,4 +1,4 @@
-"""Tuned k-step grids (flowmap_lit.schedule) and the exported flow map (flowmap_lit.export, pipeline)."""
+"""Tuned k-step grids (flowmap_lit.grids, flowmap_lit.grid_search) and the exported flow map (flowmap_lit.export, flowmap_lit.diffusers_pipeline)."""
 
 import json
 import subprocess
@@ -11,8 +11,8 @@ import torch
 from flowmap_lit.interpolant import edm_schedule, uniform_schedule
 from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.objectives import AYFEMD
-from flowmap_lit.schedule import (check_grid, flowmap_error_criterion, grid_from_params, load_schedules,
-                                  params_from_grid, save_schedules, search_grid)
+from flowmap_lit.grid_search import flowmap_error_criterion, search_grid
+from flowmap_lit.grids import check_grid, grid_from_params, load_schedules, params_from_grid, save_schedules
 from flowmap_lit.teachers import GaussianTeacher
 from flowmap_lit.teachers.analytic import GaussianData
 from tests.helpers import ExactGaussianStudent
@@ -111,7 +111,7 @@ def test_schedules_file_drives_the_module_sampler(tmp_path):
         load_schedules(doc)
     with pytest.raises(ValueError, match="not a schedules file"):
         load_schedules({"grids": {}})
-    with pytest.raises(FileNotFoundError, match="flowmap_lit.schedule"):
+    with pytest.raises(FileNotFoundError, match="flowmap_lit schedule"):
         FlowMapDistillModule(module.teacher, AYFEMD(), student=ExactGaussianStudent(module.teacher.data),
                              init_student_from_teacher=False, schedules=str(tmp_path / "missing.json"))
 
@@ -129,11 +129,9 @@ def _cli(args, cwd):
 
 
 def test_schedule_command_then_sample_evaluate_and_export_read_its_grids(quickstart_ckpt):
-    from flowmap_lit.commands.sample import load_module
+    from flowmap_lit.checkpoints import load_module
+    from flowmap_lit.commands import evaluate, export, schedule
     from flowmap_lit.export import load_flowmap
-
-    from flowmap_lit import export
-    from flowmap_lit.commands import evaluate, schedule
 
     work = quickstart_ckpt.parents[1]
     out = work / "schedules.json"
@@ -203,7 +201,7 @@ def test_diffusers_pipeline_round_trips_and_samples_like_the_flow_map(tmp_path):
     import flowmap_lit
     from flowmap_lit.export import FlowMap
     from flowmap_lit.networks import MLP
-    from flowmap_lit.pipeline import FlowMapPipeline
+    from flowmap_lit.diffusers_pipeline import FlowMapPipeline
     from tests.helpers import tiny_vae
 
     args = dict(img_channels=4, img_resolution=8, width=32, depth=2, num_classes=10)

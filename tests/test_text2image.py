@@ -104,7 +104,7 @@ def test_text_shapes_are_checked_and_plain_data_has_no_cond(tmp_path):
     # The preparation CLI route from one .npz of arrays (no null prompt stored: CFG falls back to zeros).
     np.savez(tmp_path / "arrays.npz", x=np.concatenate([x, x]), text_emb=np.concatenate([emb, emb]),
              text_pooled=np.concatenate([pooled, pooled]))
-    from flowmap_lit.data.prepare import main as prepare_main
+    from flowmap_lit.commands.prepare import main as prepare_main
 
     stats = prepare_main(["text-array", "--src", str(tmp_path / "arrays.npz"), "--out", str(tmp_path / "d"),
                           "--val-fraction", "0.25", "--text-encoder", "random"])

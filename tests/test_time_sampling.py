@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowmap_lit.time_sampling import TimePairSampler
+from flowmap_lit.time_pairs import TimePairSampler
 
 N = 200_000
 

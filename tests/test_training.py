@@ -97,7 +97,8 @@ def test_ema_update_swap_and_state_roundtrip():
 def test_learning_rate_schedules():
     import math
 
-    from flowmap_lit.modules import FlowMapDistillModule, warmup_then_decay
+    from flowmap_lit.modules import FlowMapDistillModule
+    from flowmap_lit.modules.common import warmup_then_decay
 
     def factors(**kw):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

@@ -169,14 +169,6 @@ class EMA(pl.Callback):
             )
 
 
-def ema_state_from_checkpoint(checkpoint: dict) -> dict[str, Tensor] | None:
-    """The EMA weights stored in a Lightning checkpoint dict, or ``None`` if it has none."""
-    state = checkpoint.get("callbacks", {}).get("EMA")
-    if not state or not state.get("shadow"):
-        return None
-    return state["shadow"]
-
-
 @contextmanager
 def evaluation_mode(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
     """Eval mode, the EMA weights when the trainer has an ``EMA`` callback, and a forked RNG.

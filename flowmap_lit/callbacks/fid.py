@@ -8,7 +8,7 @@ count in ``step_counts``; sample ``i`` has the same noise and label whatever the
 1 and N processes give the same numbers. Latent samples are un-normalized and decoded once by a
 local VAE (``vae``) for every feature network. Reference statistics of the data are computed
 with the same pipeline once and cached next to the shards (``flowmap_lit.metrics.fid``; or ahead
-of time by ``python -m flowmap_lit.metrics.reference``).
+of time by ``python -m flowmap_lit reference``).
 """
 
 from __future__ import annotations

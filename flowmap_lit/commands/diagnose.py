@@ -19,7 +19,9 @@ import torch
 
 from flowmap_lit.callbacks.diagnostics import grid_table, path_table
 from flowmap_lit.diagnostics import diagnose, heatmap_figure
-from flowmap_lit.commands.sample import generate, load_module, use_schedules
+from flowmap_lit.checkpoints import load_module
+from flowmap_lit.commands.sample import use_schedules
+from flowmap_lit.generate import generate
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the module's eval_guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--schedules", default=None, help="decompose the tuned grids of python -m flowmap_lit.schedule")
+    p.add_argument("--schedules", default=None, help="decompose the tuned grids of python -m flowmap_lit schedule")
     args = p.parse_args(argv)
     module = load_module(args.ckpt, map_location=args.device)
     if args.schedules:

@@ -36,8 +36,10 @@ import torch
 import torch.distributed as dist
 
 from flowmap_lit.callbacks.flowmap_error import format_table
-from flowmap_lit.commands.sample import checkpoint_data_root as _data_root
-from flowmap_lit.commands.sample import denormalize, load_module, use_schedules
+from flowmap_lit.checkpoints import checkpoint_data_root as _data_root
+from flowmap_lit.checkpoints import load_module
+from flowmap_lit.commands.sample import use_schedules
+from flowmap_lit.flowmap import denormalize
 
 
 def launcher_env() -> bool:
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
-    p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit.schedule (default: "
+    p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit schedule (default: "
                                                      "the checkpoint's, else uniform)")
     args = p.parse_args(argv)
     paths = args.feature_path or [None] * len(args.feature)

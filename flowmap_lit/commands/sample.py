@@ -19,133 +19,23 @@ embeddings of the checkpoint's dataset's validation split); sample ``i`` takes p
 from __future__ import annotations
 
 import argparse
-import importlib
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
 from flowmap_lit.callbacks.sample_grid import make_grid, save_png, to_images
 from flowmap_lit.flowmap import denormalize  # noqa: F401 - also this module's public name (notebook, evaluate)
-from flowmap_lit.teachers import load_checkpoint
-
-
-def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu", allow_pickle: bool = False):
-    """The LightningModule saved in ``ckpt_path`` (a checkpoint file, or a sharded checkpoint directory),
-    in eval mode, with EMA weights when present."""
-    ckpt = load_checkpoint(ckpt_path, allow_pickle)
-    class_path = ckpt.get("hyper_parameters", {}).get("_class_path")
-    if class_path is None:
-        raise ValueError(
-            f"{ckpt_path} does not record its module class; it was not written by "
-            "`python -m flowmap_lit fit`. Load it in Python with YourModule.load_from_checkpoint."
-        )
-    module_name, _, cls_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    source = ckpt_path
-    if Path(ckpt_path).is_dir():  # sharded (FSDP2): Lightning reads the consolidated dict, less the optimizers
-        source = io.BytesIO()
-        torch.save({k: v for k, v in ckpt.items() if k != "optimizer_states"}, source)
-        source.seek(0)
-    module = cls.load_from_checkpoint(source, map_location=map_location, weights_only=not allow_pickle)
-    shadow = ema_state_from_checkpoint(ckpt) if use_ema else None
-    if shadow is not None:
-        module.ema_network().load_state_dict(shadow, strict=False)
-    module.data_info = ckpt.get("data_info")
-    module.checkpoint_hparams = ckpt.get("hyper_parameters", {})  # as written (configs, not the objects built)
-    return module.eval()
-
-
-def checkpoint_data_root(ckpt_path: str) -> str | None:
-    """The dataset root recorded in a checkpoint (its data module's ``root``), or None."""
-    hp = load_checkpoint(ckpt_path).get("datamodule_hyper_parameters", {})
-    return hp.get("root") or hp.get("init_args", {}).get("root")
+from flowmap_lit.checkpoints import checkpoint_data_root, load_module
+from flowmap_lit.generate import generate, load_prompts
 
 
 def use_schedules(module, path: str) -> None:
-    """Sample ``module`` on the tuned grids of ``path`` (a file of ``python -m flowmap_lit.schedule``)."""
+    """Sample ``module`` on the tuned grids of ``path`` (a file of ``python -m flowmap_lit schedule``)."""
     if not hasattr(module, "set_schedules"):
         raise SystemExit(f"error: --schedules needs a distilled flow map; {type(module).__name__} samples its ODE "
                          "with a fixed solver grid")
     module.set_schedules(path)
-
-
-PROMPT_KEYS = {"encoder_hidden_states": ("prompt_embeds", "encoder_hidden_states", "text_emb"),
-               "pooled_projections": ("pooled_prompt_embeds", "pooled_projections", "text_pooled")}
-
-
-def load_prompts(spec: str, module, data_root: str | None = None) -> dict[str, Tensor]:
-    """Prompt embeddings ``{"encoder_hidden_states": (P, L, D), "pooled_projections": (P, D')}`` from an
-    ``.npz`` file (diffusers' ``encode_prompt`` names or the dataset's) or ``"val"``: the validation
-    split of ``data_root`` (default: the checkpoint's dataset)."""
-    if spec == "val":
-        from flowmap_lit.data import LatentDataModule
-        from flowmap_lit.metrics.few_step import text_prompts
-
-        root = data_root
-        if root is None:
-            raise ValueError("--prompts val needs the dataset: the checkpoint records none, pass --data ROOT")
-        dm = LatentDataModule(root=root, num_workers=0, normalize=False)
-        dm.setup("predict")
-        prompts = text_prompts(dm, 10**9)
-        if prompts is None:
-            raise ValueError(f"--prompts val: the dataset {root} has no text embeddings")
-        return prompts
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {spec}: no such file; pass an .npz of prompt embeddings (prompt_embeds "
-                                "(P, L, D) and pooled_prompt_embeds (P, D'), from the pipeline's encode_prompt) "
-                                "or 'val'")
-    arrays = np.load(path)
-    out = {}
-    for target, names in PROMPT_KEYS.items():
-        found = [n for n in names if n in arrays.files]
-        if found:
-            out[target] = torch.from_numpy(np.asarray(arrays[found[0]], dtype=np.float32))
-    if "encoder_hidden_states" not in out:
-        raise ValueError(f"{path} holds {arrays.files}; expected prompt_embeds (P, L, D) (and pooled_prompt_embeds "
-                         "(P, D')), or the dataset's text_emb / text_pooled")
-    if out["encoder_hidden_states"].ndim == 2:  # one prompt
-        out = {k: v[None] for k, v in out.items()}
-    return out
-
-
-@torch.no_grad()
-def generate(module, num: int, steps: list[int], guidance: float | None = None, seed: int = 0,
-             labels: Tensor | None = None, shape: tuple[int, ...] | None = None,
-             batch_size: int = 500, prompts: dict[str, Tensor] | None = None
-             ) -> tuple[Tensor, Tensor | None, dict[int, Tensor]]:
-    """``(noise, labels, {k: samples})``: the same seeded noise and labels for every step count.
-
-    Labels default to ``arange(num) % num_classes`` (one column per class in a grid); with
-    ``prompts`` (text embeddings, see ``load_prompts``) sample ``i`` takes prompt ``i % P``.
-    """
-    info = getattr(module, "data_info", None) or {}
-    shape = tuple(shape or info.get("shape") or ())
-    if not shape:
-        raise ValueError("the checkpoint records no data shape; pass shape=(C, H, W)")
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num, *shape), generator=gen).to(module.device)
-    k_classes = getattr(module, "num_classes", 0)
-    if labels is None and k_classes:
-        labels = torch.arange(num) % k_classes
-    labels = labels.to(module.device) if labels is not None else None
-    kwargs = {} if guidance is None else {"guidance": guidance}
-    from flowmap_lit.metrics.few_step import prompt_cond, slice_cond
-
-    cond = prompt_cond(prompts, range(num), module.device)
-    out = {}
-    for k in steps:
-        parts = []
-        for i in range(0, num, batch_size):
-            lab = labels[i:i + batch_size] if labels is not None else None
-            parts.append(module.sample(noise[i:i + batch_size], lab, num_steps=k,
-                                       **slice_cond(cond, slice(i, i + batch_size)), **kwargs))
-        out[k] = torch.cat(parts)
-    return noise, labels, out
 
 
 def main(argv: list[str] | None = None) -> dict[int, Path]:
@@ -161,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[int, Path]:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--allow-pickle", action="store_true", help="load with weights_only=False (trusted files only)")
-    p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit.schedule (default: "
+    p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit schedule (default: "
                                                      "the checkpoint's, else uniform)")
     p.add_argument("--prompts", default=None, help="text checkpoints: an .npz of prompt embeddings, or 'val' (the "
                                                    "dataset's validation prompts)")

@@ -1,6 +1,6 @@
-"""Tuned k-step grids for a checkpoint: ``python -m flowmap_lit.schedule`` (or ``python -m flowmap_lit schedule``).
+"""Tuned k-step grids for a checkpoint: ``python -m flowmap_lit schedule`` (or ``python -m flowmap_lit schedule``).
 
-The search, the criteria and the file format are in :mod:`flowmap_lit.schedule` (docs/design.md section 11).
+The search, the criteria and the file format are in ``flowmap_lit.grid_search`` and ``flowmap_lit.grids`` (docs/design.md section 11).
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 
 from flowmap_lit.commands.evaluate import _data_root
-from flowmap_lit.commands.sample import denormalize, load_module
-from flowmap_lit.schedule import __doc__ as SCHEDULE_DOC
-from flowmap_lit.schedule import (fid_criterion, flowmap_error_criterion, held_out_inputs, save_schedules,
-                                  search_grid)
+from flowmap_lit.checkpoints import load_module
+from flowmap_lit.flowmap import denormalize
+from flowmap_lit.grids import __doc__ as SCHEDULE_DOC
+from flowmap_lit.grid_search import fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
+from flowmap_lit.grids import save_schedules
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m flowmap_lit.schedule", description=SCHEDULE_DOC.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m flowmap_lit schedule", description=SCHEDULE_DOC.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="FlowMapDistillModule checkpoint written by python -m flowmap_lit fit")
     p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])

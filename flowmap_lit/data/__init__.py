@@ -1,7 +1,7 @@
 """Latent datasets: WebDataset shards + ``stats.json``, a Lightning DataModule, and preparation tools.
 
 Layout and schema: see ``flowmap_lit/data/format.py``. Create a dataset with
-``python -m flowmap_lit.data.prepare {digits,shapes,images,array,text-array} ...`` (``prepare.py``) and read it
+``python -m flowmap_lit prepare {digits,shapes,images,array,text-array,imagenet} ...`` (``prepare.py``) and read it
 with ``LatentDataModule(root=...)``; ``DigitsDataModule`` and ``ShapesDataModule`` prepare the built-in
 datasets by themselves.
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "LatentDataModule": "datamodule", "DigitsDataModule": "digits", "ShapesDataModule": "digits",
-    "ShardError": "pipeline", "DataWarning": "pipeline",
+    "ShardError": "stream", "DataWarning": "stream", "read_split": "shards",
     "write_shards": "shards", "write_stats": "shards", "write_dataset": "shards",
     "read_stats": "shards", "channel_stats": "shards", "ShardSink": "shards",
     "prepare_digits": "prepare", "prepare_shapes": "prepare", "prepare_images": "prepare", "prepare_array": "prepare",
@@ -24,10 +24,10 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .datamodule import LatentDataModule
     from .digits import DigitsDataModule, ShapesDataModule
-    from .pipeline import DataWarning, ShardError
+    from .stream import DataWarning, ShardError
     from .prepare import prepare_array, prepare_digits, prepare_images, prepare_shapes, prepare_text_array
     from .shards import (
-        ShardSink, channel_stats, read_null_text, read_stats, write_dataset, write_null_text, write_shards, write_stats,
+        ShardSink, channel_stats, read_null_text, read_split, read_stats, write_dataset, write_null_text, write_shards, write_stats,
     )
 
 

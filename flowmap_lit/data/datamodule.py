@@ -29,7 +29,7 @@ import torch
 import webdataset as wds
 
 from .format import COND_KEYS, shard_paths
-from .pipeline import Collate, Decode, ErrorPolicy, EvenSplit, ShardList, Shuffle, TarSamples
+from .stream import Collate, Decode, ErrorPolicy, EvenSplit, ShardList, Shuffle, TarSamples
 from .shards import read_null_text, read_stats
 
 
@@ -164,7 +164,7 @@ class LatentDataModule(L.LightningDataModule):
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} shard(s) listed in {self.root}/stats.json are missing, e.g. {missing[0]}. "
-                f"Re-create the dataset: {self.stats.get('source') or 'python -m flowmap_lit.data.prepare ...'}"
+                f"Re-create the dataset: {self.stats.get('source') or 'python -m flowmap_lit prepare ...'}"
             )
         return urls
 

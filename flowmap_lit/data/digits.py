@@ -38,7 +38,7 @@ class BuiltinDataModule(LatentDataModule):
     def prepare_data(self) -> None:
         """Write the shards unless ``stats.json`` already exists (runs on local rank 0)."""
         if not os.path.isfile(os.path.join(self.root, STATS_FILE)):
-            from .prepare import BUILTIN_DATASETS  # lazy: keeps `python -m flowmap_lit.data.prepare` clean
+            from .prepare import BUILTIN_DATASETS  # lazy: keeps `python -m flowmap_lit prepare` clean
 
             BUILTIN_DATASETS[self.dataset][0](self.root, samples_per_shard=self.samples_per_shard)
 

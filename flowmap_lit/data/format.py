@@ -49,7 +49,7 @@ Class labels are still stored (``cls``, 0 for text data with ``num_classes: 0``)
       "mean": [m_0, ..., m_{C-1}],        per-channel mean of the train latents
       "std":  [s_0, ..., s_{C-1}],        per-channel std of the train latents
       "splits": {"train": {"num_samples": n, "num_shards": k}, "val": {...}},
-      "source": "python -m flowmap_lit.data.prepare digits --out data/digits",
+      "source": "python -m flowmap_lit prepare digits --out data/digits",
       "text": {                           optional: text-conditioned data only
         "emb_shape": [L, D],              shape of every text_emb.npy
         "pooled_shape": [D'] | null,      shape of every text_pooled.npy (null: none stored)
@@ -72,7 +72,7 @@ import os
 FORMAT_VERSION = 1                       # version of stats.json and the shard layout
 STATS_FILE = "stats.json"                # name of the statistics file next to the shards
 KINDS = ("latent", "posterior")          # sample kinds: stored latent, or VAE posterior pair
-PREPARE_CMD = "python -m flowmap_lit.data.prepare"  # the CLI that creates datasets
+PREPARE_CMD = "python -m flowmap_lit prepare"  # the CLI that creates datasets
 TEXT_EMB, TEXT_POOLED = "text_emb", "text_pooled"   # member names (``<key>.text_emb.npy``) of text embeddings
 NULL_TEXT_FILE = "null_text.npz"         # empty-prompt embeddings (arrays named like the members)
 COND_KEYS = {TEXT_EMB: "encoder_hidden_states", TEXT_POOLED: "pooled_projections"}  # batch["cond"] keys

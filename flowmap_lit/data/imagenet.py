@@ -1,6 +1,6 @@
 """ImageNet (or any class-labelled image collection) -> SD-VAE posterior shards.
 
-    python -m flowmap_lit.data.prepare imagenet --src /data/ILSVRC2012/train --vae /models/sd-vae-ft-mse \\
+    python -m flowmap_lit prepare imagenet --src /data/ILSVRC2012/train --vae /models/sd-vae-ft-mse \\
         --out data/imagenet512 --resolution 512
 
 Each image is center-cropped to ``resolution`` (box-halved while at least twice the target,
@@ -34,6 +34,7 @@ import torch
 from .format import PREPARE_CMD, STATS_FILE, shard_name
 from .images import IMAGE_EXTENSIONS, center_crop, list_images, split_indices
 from .shards import ChannelStats, ShardSink, read_stats, write_stats
+from flowmap_lit.checkpoints.vae import load_vae
 
 SIDECAR = ".stats.json"  # appended to a shard's file name: its channel sums, written once it is complete
 
@@ -109,22 +110,6 @@ class ImageSource:
 
 
 # --------------------------------------------------------------------------- the VAE
-def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A diffusers ``AutoencoderKL`` from a local directory (``save_pretrained`` layout); never downloads."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as exn:
-        raise ImportError("encoding images needs diffusers: pip install 'flowmap_lit[vae]'") from exn
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"--vae {path!r} is not a local diffusers AutoencoderKL directory (config.json + weights). Download it "
-            "once where there is internet, e.g. `huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir "
-            "/models/sd-vae-ft-mse`, and pass that folder; flowmap_lit never downloads weights."
-        )
-    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-    return vae.to(device).eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def encode(vae, images: np.ndarray, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(N, 3, R, R) images in [-1, 1] -> posterior (mean, std), each (N, C, R/f, R/f) float32."""

@@ -1,4 +1,4 @@
-"""Create latent datasets (format in ``format.py``): ``python -m flowmap_lit.data.prepare <source> ...``.
+"""Create latent datasets (format in ``format.py``): ``python -m flowmap_lit prepare <source> ...``.
 
 Subcommands::
 
@@ -16,7 +16,6 @@ whose parser sets ``func`` to a function of the parsed arguments.
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -311,20 +310,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, a
                                                                     add_text_array, add_imagenet]
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    """Parse ``argv`` (default: sys.argv), prepare the dataset, print a summary, return its stats."""
-    parser = argparse.ArgumentParser(prog=PREPARE_CMD, description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    for add in SUBCOMMANDS:
-        add(sub)
-    args = parser.parse_args(argv)
-    stats = args.func(args)
-    if stats is None:  # a parallel writer whose peers are still running
-        return None
-    splits = ", ".join(f"{k}: {v['num_samples']} samples in {v['num_shards']} shards" for k, v in stats["splits"].items())
-    print(f"wrote {args.out}: {stats['kind']} {stats['shape']}, {stats['num_classes']} classes; {splits}")
-    return stats
+if __name__ == "__main__":  # the former command form; the command lives in flowmap_lit.commands
+    import sys
 
+    from flowmap_lit._moved import run_moved_command
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_moved_command("flowmap_lit.data.prepare", "prepare", sys.argv[1:])

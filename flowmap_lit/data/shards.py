@@ -388,3 +388,16 @@ def write_dataset(
     write_stats(out_dir, shape=shape, num_classes=num_classes, kind=kind, mean=mean, std=std,
                 splits=infos, source=source, text=info_text)
     return read_stats(out_dir)
+
+
+def read_split(root: str, split: str = "train", normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """All samples of a split as arrays ``(x (N, C, H, W) float32, labels (N,) int64)``, in order."""
+    from flowmap_lit.data import LatentDataModule
+
+    dm = LatentDataModule(root=root, val_split=split, num_workers=0, val_batch_size=4096,
+                          normalize=normalize, val_posterior="mean")
+    xs, ys = [], []
+    for batch in dm.split_loader():  # the whole split, also inside a process group (not this rank's share)
+        xs.append(batch["x"].numpy())
+        ys.append(batch["label"].numpy())
+    return np.concatenate(xs), np.concatenate(ys)

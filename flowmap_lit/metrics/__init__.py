@@ -1,17 +1,16 @@
 """Evaluation metrics: FID on frozen feature extractors (digits classifier or Inception-v3).
 
 - ``digits_classifier.py``: a small CNN for the 8x8 digits, trained by
-  ``python -m flowmap_lit.metrics.digits_classifier --data data/digits --out data/digits/classifier.pt``.
+  ``python -m flowmap_lit classifier --data data/digits --out data/digits/classifier.pt``.
 - ``features.py``: ``FeatureExtractor`` (images in [-1, 1] -> (N, d) float64), ``DigitsFeatures``,
-  ``InceptionFeatures`` (local weights, needs torch-fidelity), ``DinoV2Features`` (local
+  ``InceptionFeatures`` (local weights; built-in FID Inception-v3, or torch-fidelity's), ``DinoV2Features`` (local
   transformers directory), ``DecodedFeatures`` (behind a latent decoder), ``build_feature_extractor``.
 - ``decode.py``: ``LatentDecoder``, a frozen local diffusers VAE for latent datasets.
 - ``few_step.py``: process-count-independent seeded noise, shares and distances of a sampler.
-- ``reference.py``: ``python -m flowmap_lit.metrics.reference``, reference statistics ahead of a job.
 - ``fid.py``: ``FID`` (torchmetrics with fixed reference statistics), cached reference statistics,
   and ``frechet_distance`` in float64.
 
-Names are imported lazily, so ``python -m flowmap_lit.metrics.digits_classifier`` runs cleanly.
+Names are imported lazily, so ``python -m flowmap_lit classifier`` runs cleanly.
 """
 
 import importlib

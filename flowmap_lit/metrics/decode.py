@@ -32,7 +32,7 @@ class LatentDecoder(nn.Module):
         dtype: str = "float32",            # decoder precision ("float32", "bfloat16", "float16")
     ) -> None:
         super().__init__()
-        from flowmap_lit.data.imagenet import load_vae
+        from flowmap_lit.checkpoints.vae import load_vae
         from flowmap_lit.metrics.features import _weights_digest
 
         if scaling_factor == 0:

@@ -2,7 +2,7 @@
 
 Create it once per dataset (about 10 s on 2 CPU cores)::
 
-    python -m flowmap_lit.metrics.digits_classifier --data data/digits --out data/digits/classifier.pt
+    python -m flowmap_lit classifier --data data/digits --out data/digits/classifier.pt
 
 Inputs are raw data in [-1, 1] (``read_split(root, split, normalize=False)``), not the normalized
 latents the flow models see: undo the normalization (``LatentDataModule.denormalize``) first.
@@ -10,7 +10,6 @@ latents the flow models see: undo the normalization (``LatentDataModule.denormal
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ KIND = "digits_classifier"                 # "kind" field of the saved file
 
 def create_command(out_path: str | Path = "data/digits/classifier.pt", data_root: str | Path = "data/digits") -> str:
     """The shell command that trains and writes the classifier file."""
-    return f"python -m flowmap_lit.metrics.digits_classifier --data {data_root} --out {out_path}"
+    return f"python -m flowmap_lit classifier --data {data_root} --out {out_path}"
 
 
 class DigitsClassifier(nn.Module):
@@ -101,7 +100,7 @@ def train_digits_classifier(
     Returns ``{"accuracy": val accuracy, "train_accuracy", "seconds", "epochs", "out_path", "model"}``
     (the trained model, eval mode).
     """
-    from flowmap_lit.teachers import read_split
+    from flowmap_lit.data import read_split
 
     start = time.perf_counter()
     x_np, y_np = read_split(str(data_root), "train", normalize=False)
@@ -188,21 +187,9 @@ def load_digits_classifier(path: str | Path, map_location: str | torch.device = 
     return model
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """CLI: train, save, print the held-out accuracy."""
-    parser = argparse.ArgumentParser(description="Train the digits classifier used for digits FID features.")
-    parser.add_argument("--data", default="data/digits",
-                        help="dataset directory (python -m flowmap_lit.data.prepare digits --out DIR)")
-    parser.add_argument("--out", default=None, help="output file (default: DATA/classifier.pt)")
-    parser.add_argument("--epochs", type=int, default=40, help="passes over the train split")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args(argv)
-    out = args.out or os.path.join(args.data, "classifier.pt")
-    result = train_digits_classifier(args.data, out, epochs=args.epochs, seed=args.seed)
-    print(f"held-out (val) accuracy {100 * result['accuracy']:.2f}%  "
-          f"train accuracy {100 * result['train_accuracy']:.2f}%  {result['seconds']:.1f} s  -> {out}")
-    return result
+if __name__ == "__main__":  # the former command form; the command lives in flowmap_lit.commands
+    import sys
 
+    from flowmap_lit._moved import run_moved_command
 
-if __name__ == "__main__":
-    main()
+    run_moved_command("flowmap_lit.metrics.digits_classifier", "classifier", sys.argv[1:])

@@ -141,7 +141,7 @@ class DecodeLatents(nn.Module):
         downsample: int = 1,  # average-pool the decoded image by this factor
     ) -> None:
         super().__init__()
-        from flowmap_lit.data.imagenet import load_vae
+        from flowmap_lit.checkpoints.vae import load_vae
 
         vae_model = load_vae(vae)
         vae_model.requires_grad_(False).eval()

@@ -12,7 +12,7 @@ same class); with ``d = D(x_f) - D(x_r)``:
 discriminator smooth around both distributions, which is what makes the relativistic loss
 converge locally (Huang et al., "The GAN is dead; long live the GAN!", 2024).
 
-Nothing here knows about Lightning: ``flowmap_lit.finetune.AdversarialFinetuneModule`` calls it.
+Nothing here knows about Lightning: ``flowmap_lit.modules.AdversarialFinetuneModule`` calls it.
 """
 
 from __future__ import annotations

@@ -13,15 +13,11 @@ copied into the distillation checkpoints (they are rebuilt from their own source
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowmap_lit.teachers.analytic import GaussianData, GaussianMixture
-from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
-from flowmap_lit.interpolant import edm_inputs, eps_to_velocity, x0_to_velocity
+from flowmap_lit.interpolant import edm_inputs, eps_to_velocity, expand_like, x0_to_velocity
 
 
 class Teacher(nn.Module):
@@ -50,101 +46,6 @@ class Teacher(nn.Module):
     def network(self) -> nn.Module | None:
         """The underlying network a student can be initialized from, if any."""
         return None
-
-
-def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
-    """``torch.load`` a checkpoint with ``weights_only=True`` unless pickles are allowed.
-
-    A directory is a sharded checkpoint (written under FSDP2's ``ModelParallelStrategy``): it is
-    consolidated in memory into the dict of the single-file form (``flowmap_lit.consolidate``), read
-    with the same ``weights_only`` rule.
-    """
-    path = Path(path)
-    if path.is_dir():
-        from flowmap_lit.consolidate import load_distributed_checkpoint
-
-        return load_distributed_checkpoint(path, allow_pickle)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist. Train it first (e.g. python -m flowmap_lit fit --config "
-            "configs/digits/teacher.yaml) or point the config at an existing file."
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as err:  # unpickling errors have many types
-        if allow_pickle:
-            raise
-        raise RuntimeError(
-            f"could not load {path} with weights_only=True ({err}). If you trust this file, set "
-            "allow_pickle: true on the teacher to load arbitrary pickled objects."
-        ) from err
-
-
-def network_from_config(config: dict) -> nn.Module:
-    """Instantiate a network from a ``{"class_path": ..., "init_args": {...}}`` dict."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(nn.Module, "net", fail_untyped=False)
-    cfg = parser.parse_object({"net": config})
-    return parser.instantiate(cfg).net
-
-
-class NetworkTeacher(Teacher):
-    """A trained velocity network, frozen.
-
-    Give ``checkpoint`` (a ``FlowMatchingModule`` checkpoint written by ``python -m flowmap_lit
-    fit``: its network config is read from the checkpoint) and/or ``net`` (the architecture, when
-    the checkpoint lacks it, or a network with weights already loaded when ``checkpoint`` is None).
-    """
-
-    def __init__(
-        self,
-        checkpoint: str | None = None,  # a Lightning checkpoint of a FlowMatchingModule (file or sharded directory)
-        net: nn.Module | None = None,  # architecture (optional with a checkpoint made by the CLI)
-        use_ema: bool = True,  # load the EMA weights when the checkpoint has them
-        num_classes: int | None = None,  # classes of the network; None: from the checkpoint, else 0
-        allow_pickle: bool = False,  # load the checkpoint with weights_only=False (trusted files only)
-    ) -> None:
-        super().__init__()
-        if checkpoint is None and net is None:
-            raise ValueError("NetworkTeacher needs a checkpoint path, a net, or both")
-        hparams = {}
-        self.net_config: dict | None = None  # {"class_path", "init_args"} of the network, when the checkpoint has it
-        if checkpoint is not None:
-            ckpt = load_checkpoint(checkpoint, allow_pickle)
-            hparams = ckpt.get("hyper_parameters", {})
-            if isinstance(hparams.get("net"), dict):
-                self.net_config = hparams["net"]
-            if net is None:
-                if not isinstance(hparams.get("net"), dict):
-                    raise ValueError(
-                        f"{checkpoint} does not record its network config; give the architecture as "
-                        "teacher net: {class_path: ..., init_args: ...}"
-                    )
-                net = network_from_config(hparams["net"])
-            state = ema_state_from_checkpoint(ckpt) if use_ema else None
-            if state is None:
-                prefix = "net."
-                state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise RuntimeError(
-                    f"{checkpoint} does not match the teacher architecture: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}"
-                )
-        self.net = net
-        self.checkpoint = checkpoint
-        self.num_classes = num_classes if num_classes is not None else int(hparams.get("num_classes", 0))
-        self.freeze()
-
-    @property
-    def network(self) -> nn.Module:
-        return self.net
-
-    def velocity(self, x, t, class_labels=None):
-        labels = class_labels if self.num_classes > 0 else None
-        return self.net(x, t, class_labels=labels)
 
 
 class ConvertedTeacher(Teacher):
@@ -195,92 +96,37 @@ class ConvertedTeacher(Teacher):
         return out
 
 
-def read_split(root: str, split: str = "train", normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """All samples of a split as arrays ``(x (N, C, H, W) float32, labels (N,) int64)``, in order."""
-    from flowmap_lit.data import LatentDataModule
-
-    dm = LatentDataModule(root=root, val_split=split, num_workers=0, val_batch_size=4096,
-                          normalize=normalize, val_posterior="mean")
-    xs, ys = [], []
-    for batch in dm.split_loader():  # the whole split, also inside a process group (not this rank's share)
-        xs.append(batch["x"].numpy())
-        ys.append(batch["label"].numpy())
-    return np.concatenate(xs), np.concatenate(ys)
+# A teacher trained on data scaled by ``data_scale`` (x_T = data_scale * x at t = 0), read in our space.
 
 
-class MixtureTeacher(Teacher):
-    """The exact velocity of a given ``GaussianMixture`` (docs/design.md section 6)."""
-
-    def __init__(self, mixture: GaussianMixture) -> None:
-        super().__init__()
-        self.gmm = mixture
-        self.num_classes = mixture.num_classes
-        self.freeze()
-
-    def velocity(self, x, t, class_labels=None):
-        return self.gmm.velocity(x, t, class_labels)
-
-    def sample(self, n: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Exact samples of the data distribution the teacher transports to."""
-        return self.gmm.sample(n, class_labels, generator)
+def teacher_time(t: Tensor, data_scale: float) -> Tensor:
+    """The teacher's time of our ``t`` when its data is ``data_scale * x0``: ``a t / ((1 - t) + a t)``."""
+    return t if data_scale == 1.0 else data_scale * t / ((1 - t) + data_scale * t)
 
 
-class GaussianTeacher(Teacher):
-    """Gaussian data ``N(mu, diag(c^2))``: closed-form velocity AND flow map (docs/design.md section 6),
-    the reference the flow-map diagnostics (``flowmap_lit.diagnostics``) use exactly."""
-
-    def __init__(self, data: GaussianData) -> None:
-        super().__init__()
-        self.data = data
-        self.freeze()
-
-    def velocity(self, x, t, class_labels=None):
-        return self.data.velocity(x, t)
-
-    def flow_map(self, x: Tensor, t: Tensor, s: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """The exact ODE solution from ``x`` at ``t`` read at ``s``."""
-        return self.data.flow_map(x, t, s)
+def our_time(t_teacher: Tensor, data_scale: float) -> Tensor:
+    """Inverse of :func:`teacher_time`: ``t = t_T / (a (1 - t_T) + t_T)``."""
+    return t_teacher if data_scale == 1.0 else t_teacher / (data_scale * (1 - t_teacher) + t_teacher)
 
 
-class GMMTeacher(MixtureTeacher):
-    """Exact velocity of a full-covariance Gaussian mixture fitted to a dataset's training split.
+def teacher_space(x_t: Tensor, t: Tensor, data_scale: float) -> tuple[Tensor, Tensor]:
+    """``(x_T, t_T)``: our ``x_t`` as the noisy sample of a teacher trained on ``a * x0``.
 
-    With ``per_class=True`` the mixture has ``num_components`` components per class and is
-    class-conditional (the null label mixes all classes, so CFG works too). The fit is
-    deterministic given ``seed``; it is redone at construction (a second or two for the digits).
+    The noise is not scaled, so with ``k = (1 - t) + a t``: ``x_T = a x_t / k`` at ``t_T = a t / k``
+    (then ``x_T = (1 - t_T) a x0 + t_T eps``). Exact for a scalar ``a``.
     """
+    if data_scale == 1.0:
+        return x_t, t
+    return x_t * expand_like(data_scale / ((1 - t) + data_scale * t), x_t), teacher_time(t, data_scale)
 
-    def __init__(
-        self,
-        data_root: str = "data/digits",  # dataset directory (shards + stats.json), normalized as in training
-        num_components: int = 2,  # components (per class when per_class)
-        per_class: bool = True,  # class-conditional mixture
-        covariance_scale: float = 1.0,  # widen every component (> 1 makes a weaker guide)
-        reg_covar: float = 1e-3,  # added to covariance diagonals (normalized units)
-        split: str = "train",  # split to fit
-        seed: int = 0,  # EM initialization seed
-        prepare_digits_if_missing: bool = True,  # write a built-in dataset when a data_root named after it ("digits", "shapes") has none
-    ) -> None:
-        if num_components < 1:
-            raise ValueError(f"num_components must be >= 1, got {num_components}")
-        if covariance_scale <= 0:
-            raise ValueError(f"covariance_scale must be > 0 (> 1 widens the components for a weaker guide), "
-                             f"got {covariance_scale}")
-        if reg_covar < 0:
-            raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
-        root = Path(data_root)
-        if not (root / "stats.json").is_file():
-            from flowmap_lit.data.prepare import BUILTIN_DATASETS
 
-            if not (prepare_digits_if_missing and root.name in BUILTIN_DATASETS):
-                raise FileNotFoundError(
-                    f"GMMTeacher: no dataset at {data_root} ({root / 'stats.json'} is missing). Fix data_root, or "
-                    "make the dataset first (python -m flowmap_lit.data.prepare ... --out DIR); only a directory "
-                    f"named after a built-in dataset ({', '.join(sorted(BUILTIN_DATASETS))}) is prepared automatically")
-            BUILTIN_DATASETS[root.name][0](str(root))
-        x, y = read_split(str(root), split)
-        super().__init__(GaussianMixture.fit(x, y if per_class else None, num_components, x.shape[1:],
-                                             covariance_scale=covariance_scale, reg_covar=reg_covar, seed=seed))
+def velocity_from_teacher_space(v_T: Tensor, x_T: Tensor, t_T: Tensor, data_scale: float) -> Tensor:
+    """Our ``v = eps - x0`` from the teacher's ``v_T = eps - a x0`` at ``(x_T, t_T)``:
+    ``a x0_hat = x_T - t_T v_T``, ``eps_hat = x_T + (1 - t_T) v_T``, ``v = eps_hat - a x0_hat / a``."""
+    if data_scale == 1.0:
+        return v_T
+    tt = expand_like(t_T, x_T)
+    return (x_T + (1 - tt) * v_T) - (x_T - tt * v_T) / data_scale
 
 
 def guided_velocity(teacher: Teacher, guide: Teacher | None, x: Tensor, t: Tensor,

@@ -1,6 +1,6 @@
 """One ordinary checkpoint file from a sharded (FSDP2) checkpoint directory.
 
-    python -m flowmap_lit.consolidate checkpoints/run/last.ckpt checkpoints/run/last-full.ckpt
+    python -m flowmap_lit consolidate checkpoints/run/last.ckpt checkpoints/run/last-full.ckpt
 
 Under ``ModelParallelStrategy`` (configs/strategies/fsdp2.yaml) Lightning writes every checkpoint
 as a directory in ``torch.distributed.checkpoint`` (DCP) format::
@@ -32,14 +32,13 @@ Every part is read with ``weights_only=True`` unless ``allow_pickle`` is set, in
 which torch itself unpickles without restriction: here only the plain classes an index is made of
 may appear in it. ``consolidate`` writes the dict with ``torch.save`` (to a temporary file moved
 into place), and the file loads with ``torch.load(path, weights_only=True)``.
-``flowmap_lit.teachers.load_checkpoint`` calls ``load_distributed_checkpoint`` for a directory, so
+``flowmap_lit.checkpoints.load_checkpoint`` calls ``load_distributed_checkpoint`` for a directory, so
 every reader of checkpoints (``NetworkTeacher``, ``sample``, ``evaluate``, the adversarial
 finetune's ``init_checkpoint``) takes either form.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
@@ -245,24 +244,3 @@ def consolidate(ckpt_dir: str | Path, out_path: str | Path, overwrite: bool = Fa
     finally:
         partial.unlink(missing_ok=True)
     return checkpoint
-
-
-def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m flowmap_lit.consolidate", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt_dir", help="sharded checkpoint directory written under ModelParallelStrategy (FSDP2)")
-    p.add_argument("out", help="checkpoint file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--allow-pickle", action="store_true", help="read with weights_only=False (trusted files only)")
-    args = p.parse_args(argv)
-    try:
-        checkpoint = consolidate(args.ckpt_dir, args.out, args.overwrite, args.allow_pickle)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise SystemExit(f"error: {err}") from None
-    ema = "EMA" in checkpoint.get("callbacks", {})
-    print(f"{args.out}: step {checkpoint.get('global_step')}, {len(checkpoint['state_dict'])} state_dict tensors, "
-          f"{len(checkpoint['optimizer_states'])} optimizer state(s), EMA weights: {'yes' if ema else 'no'}")
-    return Path(args.out)
-
-
-if __name__ == "__main__":
-    main()

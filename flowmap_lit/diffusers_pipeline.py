@@ -1,6 +1,6 @@
 """A diffusers pipeline around an exported flow map: student + VAE + k-step grids (needs diffusers).
 
-    from flowmap_lit.pipeline import FlowMapPipeline
+    from flowmap_lit.diffusers_pipeline import FlowMapPipeline
     pipe = FlowMapPipeline.from_pretrained("exported/imagenet/pipeline")    # a local directory
     images = pipe(class_labels=[207, 360], num_inference_steps=4).images    # PIL images
 
@@ -24,7 +24,7 @@ from diffusers.utils import BaseOutput
 
 from flowmap_lit.flowmap import FlowMap, instantiate
 from flowmap_lit.interpolant import uniform_schedule
-from flowmap_lit.schedule import check_grid, schedules_doc
+from flowmap_lit.grids import check_grid, schedules_doc
 
 
 class FlowMapModel(ModelMixin, ConfigMixin):
@@ -83,7 +83,7 @@ class FlowMapPipeline(DiffusionPipeline):
         if fm.network_config is None:
             raise ValueError("the flow map does not record its network config; load it with flowmap_lit.export.load_flowmap")
         if isinstance(vae, str):
-            from flowmap_lit.data.imagenet import load_vae
+            from flowmap_lit.checkpoints.vae import load_vae
 
             vae = load_vae(vae)
         model = FlowMapModel(fm.network_config, fm.num_classes, fm.condition_on_guidance, fm.guidance,

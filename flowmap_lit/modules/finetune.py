@@ -32,13 +32,14 @@ import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from flowmap_lit.callbacks.ema import ema_state_from_checkpoint
+from flowmap_lit.checkpoints import ema_state_from_checkpoint
 from flowmap_lit.distributed import data_parallel_mesh, is_sharded
 from flowmap_lit.interpolant import expand_like, interpolate
-from flowmap_lit.modules import FlowMapDistillModule, save_plain_hyperparameters, seeded_rng
+from flowmap_lit.modules import FlowMapDistillModule
+from flowmap_lit.modules.common import save_plain_hyperparameters, seeded_rng
 from flowmap_lit.objectives.adversarial import RpGAN
 from flowmap_lit.seeding import derive_seed
-from flowmap_lit.teachers import load_checkpoint
+from flowmap_lit.checkpoints import load_checkpoint
 
 
 def last_layer_weight(net: nn.Module, name: str | None = None) -> tuple[str, nn.Parameter]:

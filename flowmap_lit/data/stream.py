@@ -70,7 +70,7 @@ class ErrorPolicy:
 
     def fix(self) -> str:
         """The advice appended to every error."""
-        how = f"`{self.source}`" if self.source else "`python -m flowmap_lit.data.prepare ...`"
+        how = f"`{self.source}`" if self.source else "`python -m flowmap_lit prepare ...`"
         return (f"Re-create the dataset (it was made with {how}), or set data.init_args.on_error=warn "
                 f"(LatentDataModule(on_error='warn')) to skip bad samples.")
 

@@ -1,14 +1,10 @@
-"""LightningModules: flow-matching pretraining of teachers and guides, and flow-map distillation."""
+"""Flow-map distillation (``FlowMapDistillModule``): student, frozen teacher and guide, a selectable
+objective (docs/design.md section 7)."""
 
 from __future__ import annotations
 
 import copy
-import inspect
-import math
-import os
-import warnings
-from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -16,225 +12,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from flowmap_lit.distributed import apply_activation_checkpointing, data_parallel_mesh, is_sharded, shard_network
-from flowmap_lit.interpolant import edm_schedule, interpolate, sample_logit_normal, uniform_schedule, velocity_target
+from flowmap_lit.interpolant import edm_schedule, interpolate, uniform_schedule
 from flowmap_lit.objectives import Objective
-from flowmap_lit.sampling import gamma_sample, ode_sample
+from flowmap_lit.solvers import gamma_sample, ode_sample
 from flowmap_lit.seeding import derive_seed
 from flowmap_lit.teachers import Teacher, guided_velocity
-from flowmap_lit.time_sampling import TimePairSampler
-
-_PLAIN = (str, int, float, bool, type(None))
-
-
-def _is_plain(value) -> bool:
-    """True for values that a ``weights_only=True`` checkpoint load accepts (no objects)."""
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-def save_plain_hyperparameters(module: pl.LightningModule) -> None:
-    """``save_hyperparameters()`` of the caller's ``__init__``, keeping only plain values.
-
-    Under ``LightningCLI`` every argument arrives as a plain ``class_path``/``init_args`` dict and is
-    kept, so ``load_from_checkpoint`` and ``--ckpt_path`` can rebuild the module. Objects passed from
-    Python (modules, classes, callables) would make the checkpoint unloadable with
-    ``weights_only=True``; they are dropped.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-        module.save_hyperparameters(frame=inspect.currentframe().f_back)
-    for key in [k for k, v in module.hparams.items() if not _is_plain(v)]:
-        module._hparams.pop(key, None)
-        module._hparams_initial.pop(key, None)
-
-
-def data_info(trainer: pl.Trainer | None) -> dict | None:
-    """Shape, classes and normalization of the training data, stored in checkpoints so that
-    samples can be decoded without the dataset (``flowmap_lit.commands.sample``)."""
-    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-    stats = getattr(dm, "stats", None)
-    if not isinstance(stats, dict):
-        return None
-    return {"shape": list(stats["shape"]), "num_classes": int(stats["num_classes"]),
-            "normalize": bool(getattr(dm, "normalize", False)),
-            "mean": list(stats.get("mean", [])), "std": list(stats.get("std", []))}
-
-
-def resolve_noise_seed(noise_seed: int | None) -> int:
-    """``noise_seed``, or the run's ``seed_everything`` seed (``PL_GLOBAL_SEED``), or 0."""
-    if noise_seed is not None:
-        return int(noise_seed)
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-@contextmanager
-def seeded_rng(module: pl.LightningModule, seed: int) -> Iterator[None]:
-    """Runs the body on the global RNG seeded with ``seed``, then restores the RNG as it was.
-
-    Training and validation steps draw their noise (times, eps, lam, dropout) inside it with a
-    seed derived from ``(noise_seed, global_step, micro-batch[, rank])``, so a step's noise depends
-    only on where it is in the run: a resumed run draws exactly what the uninterrupted run drew,
-    and nothing else (data workers, evaluation callbacks) can shift it.
-    """
-    device = module.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
-def check_network_shape(net: nn.Module, datamodule, key: str) -> None:
-    """A clear error before the first step when ``net`` (with ``img_channels`` / ``img_resolution``, as
-    every backbone here has) does not fit the data module's ``shape`` (C, H, W); silent otherwise."""
-    shape = getattr(datamodule, "shape", None)
-    channels, resolution = getattr(net, "img_channels", None), getattr(net, "img_resolution", None)
-    if shape is None or channels is None or resolution is None or len(shape) != 3:
-        return
-    c, h, w = (int(v) for v in shape)
-    if (channels, resolution, resolution) != (c, h, w):
-        raise ValueError(
-            f"{type(net).__name__} ({key}) takes {channels} x {resolution} x {resolution} inputs but the data is "
-            f"{c} x {h} x {w}: set {key}.init_args.img_channels: {c} and img_resolution: {h}"
-            + ("" if h == w else " (the backbones take square inputs)"))
-
-
-def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int):
-    """Linear learning-rate warmup over ``warmup_steps`` optimizer steps, then constant."""
-    return warmup_then_decay(optimizer, warmup_steps)
-
-
-def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, kind: str = "constant",
-                      total_steps: int | None = None, decay_start: float = 0.0, min_ratio: float = 0.0):
-    """Learning-rate factor per optimizer step: a linear warmup over ``warmup_steps``, then
-    ``kind`` = "constant", or "cosine" / "linear" decay to ``min_ratio`` at ``total_steps``,
-    starting after the fraction ``decay_start`` of the run (docs/design.md section 10)."""
-    if kind not in ("constant", "cosine", "linear"):
-        raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {kind!r}")
-    if kind != "constant" and (total_steps is None or total_steps <= 0):
-        raise ValueError(f"a {kind} learning-rate decay needs the run's length: set trainer.max_steps")
-    if not 0.0 <= decay_start < 1.0 or not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"lr_decay_start must be in [0, 1) and lr_min_ratio in [0, 1], got {decay_start}, {min_ratio}")
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        if kind == "constant":
-            return warm
-        start = max(warmup_steps, int(decay_start * total_steps))
-        progress = min(1.0, max(0.0, (step - start) / max(1, total_steps - start)))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
-        return warm * (min_ratio + (1 - min_ratio) * shape)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class FlowMatchingModule(pl.LightningModule):
-    """Rectified-flow velocity training: ``|| v_theta(x_t, t, c) - (eps - x0) ||^2``.
-
-    Used to pretrain the teacher and the (weaker) autoguidance guide. Class labels are dropped to
-    the null token ``num_classes`` with probability ``label_dropout`` so the same network also
-    gives the unconditional velocity for classifier-free guidance.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,  # velocity network v(x, t, s=None, class_labels=None)
-        num_classes: int = 0,  # number of classes; 0 trains an unconditional model
-        label_dropout: float = 0.1,  # probability of replacing the label by the null token
-        t_distribution: Literal["logit_normal", "uniform"] = "logit_normal",  # training times
-        P_mean: float = 0.0,  # logit-normal location of t
-        P_std: float = 1.0,  # logit-normal scale of t
-        optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory (class_path/init_args)
-        lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
-        val_times: int = 8,  # validation loss is averaged over this many fixed t in (0, 1)
-        sample_steps: int = 32,  # ODE steps (Heun) used by sample()
-        noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
-    ) -> None:
-        super().__init__()
-        save_plain_hyperparameters(self)
-        self.net = net
-        self.num_classes = num_classes
-        self.label_dropout = label_dropout
-        self.t_distribution = t_distribution
-        self.P_mean, self.P_std = P_mean, P_std
-        self.optimizer_factory = optimizer
-        self.lr_warmup_steps = lr_warmup_steps
-        self.val_times = val_times
-        self.sample_steps = sample_steps
-        self.noise_seed = resolve_noise_seed(noise_seed)
-
-    # --- pieces used by callbacks ----------------------------------------------------------------
-    def ema_network(self) -> nn.Module:
-        return self.net
-
-    def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, guidance: float = 1.0) -> Tensor:
-        """Velocity, optionally with classifier-free guidance ``v_u + lam (v_c - v_u)``, ``lam = guidance``."""
-        if class_labels is None or self.num_classes == 0 or guidance == 1.0:
-            return self.net(x, t, class_labels=self._labels(class_labels))
-        null = torch.full_like(class_labels, self.num_classes)
-        v = self.net(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null]))
-        v_c, v_u = v.chunk(2)
-        return v_u + guidance * (v_c - v_u)
-
-    @torch.no_grad()
-    def sample(self, noise: Tensor, class_labels: Tensor | None = None, num_steps: int | None = None,
-               guidance: float = 1.0, solver: Literal["euler", "heun"] = "heun") -> Tensor:
-        """Samples by integrating the learned ODE from ``noise`` (t = 1) to data (t = 0), CFG scale ``guidance``."""
-        return ode_sample(lambda x, t: self.velocity(x, t, class_labels, guidance), noise,
-                          num_steps or self.sample_steps, solver)
-
-    def _labels(self, labels: Tensor | None) -> Tensor | None:
-        return None if self.num_classes == 0 else labels
-
-    # --- training --------------------------------------------------------------------------------
-    def _sample_t(self, n: int) -> Tensor:
-        if self.t_distribution == "logit_normal":
-            return sample_logit_normal(n, self.P_mean, self.P_std, device=self.device)
-        return torch.rand(n, device=self.device)
-
-    def loss(self, x0: Tensor, labels: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
-        """Per-sample flow-matching loss (mean over elements), computed in float32."""
-        x_t = interpolate(x0, eps, t)
-        v_pred = self.net(x_t, t, class_labels=self._labels(labels))
-        return (v_pred.float() - velocity_target(x0, eps).float()).square().flatten(1).mean(1)
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, labels = batch["x"], batch["label"]
-        with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
-            if self.num_classes > 0 and self.label_dropout > 0:
-                drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
-                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-            loss = self.loss(x0, labels, self._sample_t(x0.shape[0]), torch.randn_like(x0)).mean()
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, labels = batch["x"], batch["label"]
-        gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
-        eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-        # Fixed, evenly spread times so the validation loss is comparable across runs.
-        grid = (torch.arange(self.val_times, device=x0.device) + 0.5) / self.val_times
-        t = grid[torch.arange(x0.shape[0], device=x0.device) % self.val_times]
-        loss = self.loss(x0, labels, t, eps).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
-        return loss
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["data_info"] = data_info(self._trainer)
-
-    def configure_model(self) -> None:
-        """FSDP2 sharding of the network, block by block, under ``ModelParallelStrategy``."""
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None:
-            shard_network(self.net, data_parallel_mesh(mesh))
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
-        scheduler = constant_with_warmup(optimizer, self.lr_warmup_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+from flowmap_lit.time_pairs import TimePairSampler
+from flowmap_lit.modules.common import (check_network_shape, data_info, resolve_noise_seed,
+                                        save_plain_hyperparameters, seeded_rng, warmup_then_decay)
 
 
 class BoundStudent:
@@ -317,7 +102,7 @@ class FlowMapDistillModule(pl.LightningModule):
         noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
         activation_checkpointing: bool = False,  # recompute the student's block activations in backward
         shard_teacher: bool = True,  # under ModelParallelStrategy (FSDP2) shard the frozen teacher and guide too
-        schedules: str | None = None,  # tuned k-step grids (python -m flowmap_lit.schedule); None: uniform
+        schedules: str | None = None,  # tuned k-step grids (python -m flowmap_lit schedule); None: uniform
         compile_student: bool = False,  # torch.compile the student's grad-enabled forward and backward (not the JVP)
         compile_options: dict | None = None,  # keyword arguments of torch.compile (mode, dynamic, fullgraph, ...)
     ) -> None:
@@ -381,7 +166,7 @@ class FlowMapDistillModule(pl.LightningModule):
     def set_schedules(self, source: str | dict | None) -> None:
         """Use the tuned grids (and gammas) of a schedules file for the step counts it covers
         (docs/design.md section 11); other step counts stay uniform. None: uniform everywhere."""
-        from flowmap_lit.schedule import load_schedules
+        from flowmap_lit.grids import load_schedules
 
         self.schedules = {} if source is None else load_schedules(source)
 
@@ -604,4 +389,3 @@ class FlowMapDistillModule(pl.LightningModule):
         lam = self._eval_inputs(noise, guidance)
         return ode_sample(self.teacher_fn(class_labels, lam, cond), noise, num_steps, solver,
                           schedule=edm_schedule(num_steps))
-

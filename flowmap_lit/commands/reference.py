@@ -1,6 +1,6 @@
 """Compute (and cache next to the shards) the reference statistics of a dataset split, once.
 
-    python -m flowmap_lit.metrics.reference --data data/imagenet512 --split train \\
+    python -m flowmap_lit reference --data data/imagenet512 --split train \\
         --feature inception dinov2 --feature-path /models/pt_inception-2015-12-05-6726825d.pth /models/dinov2-large \\
         --vae /models/sd-vae-ft-mse --num 50000 --device cuda
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from flowmap_lit.metrics import build_feature_extractor, dataset_reference_stats, reference_cache_path
     from flowmap_lit.metrics.features import FEATURE_KINDS, DecodedFeatures
 
-    p = argparse.ArgumentParser(prog="python -m flowmap_lit.metrics.reference", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flowmap_lit reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset directory (shards + stats.json)")
     p.add_argument("--split", default="train")
     p.add_argument("--feature", nargs="+", default=["inception"], choices=FEATURE_KINDS)

@@ -1,0 +1,43 @@
+"""Export a distilled flow map: safetensors weights and a JSON config (``flowmap_lit.export``), and
+optionally a diffusers pipeline.
+
+    python -m flowmap_lit export --ckpt checkpoints/quickstart/last.ckpt --out exported/quickstart \\
+        [--schedules checkpoints/quickstart/schedules.json] [--vae DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flowmap_lit.checkpoints import load_module
+from flowmap_lit.export import CONFIG, WEIGHTS, export_flowmap, load_flowmap
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m flowmap_lit export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="FlowMapDistillModule checkpoint written by python -m flowmap_lit fit")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--schedules", default=None, help="tuned grids (python -m flowmap_lit schedule) to ship with it")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory: also write OUT/pipeline")
+    p.add_argument("--scaling-factor", type=float, default=1.0, help="latents are divided by it before decoding")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--allow-pickle", action="store_true", help="load with weights_only=False (trusted files only)")
+    args = p.parse_args(argv)
+    module = load_module(args.ckpt, use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
+    if not hasattr(module, "set_schedules"):
+        raise SystemExit(f"error: {args.ckpt} is not a distilled flow map (FlowMapDistillModule)")
+    out = export_flowmap(module, args.out, args.schedules)
+    print(f"flow map: {out / WEIGHTS}, {out / CONFIG}")
+    if args.vae:
+        from flowmap_lit.diffusers_pipeline import FlowMapPipeline
+
+        pipe = FlowMapPipeline.from_flowmap(load_flowmap(out), args.vae, scaling_factor=args.scaling_factor)
+        pipe.save_pretrained(out / "pipeline")
+        print(f"diffusers pipeline: {out / 'pipeline'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
