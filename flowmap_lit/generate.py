@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 PROMPT_KEYS = {"encoder_hidden_states": ("prompt_embeds", "encoder_hidden_states", "text_emb"),
                "pooled_projections": ("pooled_prompt_embeds", "pooled_projections", "text_pooled")}
 

@@ -25,14 +25,14 @@ The output JSON is read by ``python -m flowmap_lit sample/evaluate --schedules F
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from flowmap_lit.interpolant import edm_schedule, uniform_schedule
 from flowmap_lit.grids import THETA_BOUND, Criterion, check_grid, grid_from_params, params_from_grid
+from flowmap_lit.interpolant import edm_schedule, uniform_schedule
 
 
 @dataclass

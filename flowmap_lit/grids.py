@@ -6,13 +6,11 @@ A grid is ``1 = t_0 > t_1 > ... > t_k = 0``; a tuned grid is stored with its gam
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
-
-
 
 FORMAT = "flowmap-lit-schedules/1"
 THETA_BOUND = 8.0  # |theta| <= 8: the smallest increment is >= exp(-16) / k, far above float64 resolution
@@ -53,7 +51,8 @@ def schedules_doc(schedules: dict[int, tuple[Tensor, float]]) -> dict:
             "gamma": {str(k): float(gm) for k, (_, gm) in sorted(schedules.items())}}
 
 
-def save_schedules(path: str | Path, grids: dict[int, Tensor], gammas: dict[int, float], meta: dict | None = None) -> Path:
+def save_schedules(path: str | Path, grids: dict[int, Tensor], gammas: dict[int, float],
+                   meta: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {**schedules_doc({k: (g, gammas.get(k, 0.0)) for k, g in grids.items()}), **(meta or {})}

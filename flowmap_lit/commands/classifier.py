@@ -13,7 +13,8 @@ from flowmap_lit.metrics.digits_classifier import train_digits_classifier
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI: train, save, print the held-out accuracy."""
-    parser = argparse.ArgumentParser(prog="python -m flowmap_lit classifier", description="Train the digits classifier used for digits FID features.")
+    parser = argparse.ArgumentParser(prog="python -m flowmap_lit classifier",
+                                     description="Train the digits classifier used for digits FID features.")
     parser.add_argument("--data", default="data/digits",
                         help="dataset directory (python -m flowmap_lit prepare digits --out DIR)")
     parser.add_argument("--out", default=None, help="output file (default: DATA/classifier.pt)")

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from flowmap_lit.callbacks.diagnostics import grid_table, path_table
-from flowmap_lit.diagnostics import diagnose, heatmap_figure
 from flowmap_lit.checkpoints import load_module
 from flowmap_lit.commands.sample import use_schedules
+from flowmap_lit.diagnostics import diagnose, heatmap_figure
 from flowmap_lit.generate import generate
 
 

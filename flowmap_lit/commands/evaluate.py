@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ckpt", help="checkpoint written by python -m flowmap_lit fit (file or sharded directory)")
-    which.add_argument("--run-dir", dest="run", help="a run's checkpoint directory: evaluate every *.ckpt in it (needs --out-dir)")
+    which.add_argument("--run-dir", dest="run",
+                       help="a run's checkpoint directory: evaluate every *.ckpt in it (needs --out-dir)")
     p.add_argument("--out-dir", default=None, help="--run-dir: one JSON per checkpoint and the plot go here")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--num-samples", "--num", dest="num", type=int, default=2000,

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     stats = args.func(args)
     if stats is None:  # a parallel writer whose peers are still running
         return None
-    splits = ", ".join(f"{k}: {v['num_samples']} samples in {v['num_shards']} shards" for k, v in stats["splits"].items())
+    splits = ", ".join(f"{k}: {v['num_samples']} samples in {v['num_shards']} shards"
+                       for k, v in stats["splits"].items())
     print(f"wrote {args.out}: {stats['kind']} {stats['shape']}, {stats['num_classes']} classes; {splits}")
     return stats
 

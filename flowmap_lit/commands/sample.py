@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from flowmap_lit.callbacks.sample_grid import make_grid, save_png, to_images
-from flowmap_lit.flowmap import denormalize  # noqa: F401 - also this module's public name (notebook, evaluate)
 from flowmap_lit.checkpoints import checkpoint_data_root, load_module
+from flowmap_lit.flowmap import denormalize  # noqa: F401 - also this module's public name (notebook, evaluate)
 from flowmap_lit.generate import generate, load_prompts
 
 

@@ -1,6 +1,7 @@
 """Tuned k-step grids for a checkpoint: ``python -m flowmap_lit schedule`` (or ``python -m flowmap_lit schedule``).
 
-The search, the criteria and the file format are in ``flowmap_lit.grid_search`` and ``flowmap_lit.grids`` (docs/design.md section 11).
+The search and the criteria are in ``flowmap_lit.grid_search``, the file format in ``flowmap_lit.grids``
+(docs/design.md section 11).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from flowmap_lit.commands.evaluate import _data_root
 from flowmap_lit.checkpoints import load_module
+from flowmap_lit.commands.evaluate import _data_root
 from flowmap_lit.flowmap import denormalize
-from flowmap_lit.grids import __doc__ as SCHEDULE_DOC
 from flowmap_lit.grid_search import fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
+from flowmap_lit.grids import __doc__ as SCHEDULE_DOC
 from flowmap_lit.grids import save_schedules
 
 
