@@ -9,11 +9,11 @@ def quickstart_like_module(seed: int = 0):
     """A module shaped like the quickstart: a random 20-component mixture teacher and guide on
     1x8x8 data, autoguidance with lam in [1, 2], an MLP student (3 x 768). Speed does not depend
     on what the weights learned, so no training or dataset is needed."""
-    from flowmap_lit.teachers.analytic import GaussianMixture
     from flowmap_lit.modules import FlowMapDistillModule
     from flowmap_lit.networks import MLP
     from flowmap_lit.objectives import AYFEMD
     from flowmap_lit.teachers import MixtureTeacher
+    from flowmap_lit.teachers.analytic import GaussianMixture
 
     torch.manual_seed(seed)
     k, d = 20, 64

@@ -34,7 +34,8 @@ from flowmap_lit.data import LatentDataModule, write_dataset  # noqa: E402
 
 
 def stream_rate(root: str, workers: int, batch: int, batches: int) -> dict:
-    dm = LatentDataModule(root=root, batch_size=batch, num_workers=workers, train_samples_per_epoch=batch * (batches + 1))
+    dm = LatentDataModule(root=root, batch_size=batch, num_workers=workers,
+                          train_samples_per_epoch=batch * (batches + 1))
     dm.setup("fit")
     start = time.perf_counter()
     it = iter(dm.train_dataloader())
@@ -120,7 +121,6 @@ def main(argv=None) -> dict:
 def quickstart_step_rate(steps: int = 20, batch: int = 256) -> int:
     """Samples/s one AYF-EMD step of the quickstart consumes (exact mixture teacher, MLP student)."""
     import torch
-
     from common import quickstart_like_module
 
     m = quickstart_like_module()

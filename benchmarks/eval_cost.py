@@ -49,7 +49,8 @@ def build(workdir: Path, device: str, tiny: bool = False):
     Dinov2Model(Dinov2Config(**(TINY_DINOV2 if tiny else DINOV2_LARGE))).save_pretrained(workdir / "dinov2")
     torch.save(FIDInceptionV3().state_dict(), workdir / "inception.pth")
     decoder = LatentDecoder(str(workdir / "vae"), batch_size=64).to(device)
-    return decoder, InceptionFeatures(workdir / "inception.pth").to(device), DinoV2Features(workdir / "dinov2").to(device)
+    inception = InceptionFeatures(workdir / "inception.pth").to(device)
+    return decoder, inception, DinoV2Features(workdir / "dinov2").to(device)
 
 
 def main(argv=None) -> dict:
@@ -81,7 +82,8 @@ def main(argv=None) -> dict:
                 ms[name] = statistics.median(times) * 1000 / args.batch
     total = sum(ms.values())
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else
-              f"cpu ({torch.get_num_threads()} threads)", "resolution": args.resolution, "batch": args.batch, "tiny": args.tiny,
+              f"cpu ({torch.get_num_threads()} threads)", "resolution": args.resolution, "batch": args.batch,
+              "tiny": args.tiny,
               "repeats": args.repeats, "ms_per_sample": {k: round(v, 2) for k, v in ms.items()},
               "samples_per_s": round(1000 / total, 3), "hours_per_50k_per_step_count": round(50_000 * total / 3.6e6, 2)}
     print(json.dumps(result))

@@ -99,7 +99,7 @@ def step_cost(args, dev: torch.device) -> list[dict]:
         opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=1e-5)
         batch = batch_for(module, args.batch, dev)
         for precision in ("fp32", "bf16-mixed"):
-            def step():
+            def step(module=module, batch=batch, opt=opt, precision=precision):  # bound now, called below
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
                     loss, _ = module.step_loss(batch)
                 loss.mean().backward()
@@ -167,7 +167,8 @@ def finetune_cost(args, dev: torch.device) -> dict:
             d_opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
     if "seconds_per_step" in out["distill"] and "seconds_per_step" in out["finetune"]:
-        out["finetune_over_distill"] = round(out["finetune"]["seconds_per_step"] / out["distill"]["seconds_per_step"], 2)
+        ratio = out["finetune"]["seconds_per_step"] / out["distill"]["seconds_per_step"]
+        out["finetune_over_distill"] = round(ratio, 2)
     print(json.dumps(out), flush=True)
     return out
 
@@ -201,7 +202,8 @@ def jvp_precision(args, dev: torch.device) -> dict:
         F_bf16 = fn(student, torch.float32)(x_t, t)
     with torch.no_grad():
         F_fp32 = fn(student, torch.float32)(x_t, t)
-    out = {"batch": args.jvp_batch, "jvp_rel_error_fp32": relative(fp32, ref), "jvp_rel_error_bf16": relative(bf16, ref),
+    out = {"batch": args.jvp_batch, "jvp_rel_error_fp32": relative(fp32, ref),
+           "jvp_rel_error_bf16": relative(bf16, ref),
            "forward_rel_error_fp32": relative(F_fp32, F_ref), "forward_rel_error_bf16": relative(F_bf16, F_ref)}
     print(json.dumps(out), flush=True)
     return out
@@ -223,7 +225,8 @@ def lora_step(args, dev: torch.device) -> dict:
     batch = {"x": x, "label": torch.zeros(n, dtype=torch.long, device=dev), "cond": cond}
     t = torch.rand(n, device=dev)
     with torch.no_grad():
-        exact = torch.equal(module.student_fn(None, None, cond)(x, t, 0.5 * t), module.teacher_fn(None, None, cond)(x, t))
+        student, teacher = module.student_fn(None, None, cond), module.teacher_fn(None, None, cond)
+        exact = torch.equal(student(x, t, 0.5 * t), teacher(x, t))
     trainable = [p for p in module.student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=1e-5)
 
@@ -234,7 +237,8 @@ def lora_step(args, dev: torch.device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = {"layers": args.lora_layers, "hidden": 64 * args.lora_heads, "latent": [16, args.lora_latent, args.lora_latent],
+    out = {"layers": args.lora_layers, "hidden": 64 * args.lora_heads,
+           "latent": [16, args.lora_latent, args.lora_latent],
            "batch": n, "lora_rank": args.lora_rank, "base_params_M": round(sum(p.numel() for p in teacher.parameters()
                                                                                 if not p.requires_grad) / 1e6, 1),
            "trainable_params_M": round(sum(p.numel() for p in trainable) / 1e6, 2), "F_equals_v_at_init": exact}
@@ -264,7 +268,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lora-batch", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--parts", nargs="*", default=["step", "jvp"], choices=["step", "jvp", "finetune"])
-    p.add_argument("--finetune-checkpointing", action="store_true", help="activation checkpointing in the finetune part")
+    p.add_argument("--finetune-checkpointing", action="store_true",
+                   help="activation checkpointing in the finetune part")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     dev = torch.device(args.device)

@@ -59,15 +59,18 @@ def main(argv=None) -> dict:
     teacher_nfe = 2 * args.teacher_steps * guide_calls
     rows = []
     for k in args.steps:
-        sec = timed(lambda: module.sample(noise, labels, num_steps=k), args.repeats)
-        rows.append({"steps": k, "nfe": k, "samples_per_s": round(args.num / sec), "speedup_vs_teacher": round(teacher_s / sec, 1),
+        sec = timed(lambda k=k: module.sample(noise, labels, num_steps=k), args.repeats)
+        rows.append({"steps": k, "nfe": k, "samples_per_s": round(args.num / sec),
+                     "speedup_vs_teacher": round(teacher_s / sec, 1),
                      "nfe_ratio": round(teacher_nfe / k, 1)})
     result = {"device": str(module.device), "num": args.num, "teacher": {"heun_steps": args.teacher_steps,
               "nfe": teacher_nfe, "samples_per_s": round(args.num / teacher_s)}, "student": rows,
               "checkpoint": args.ckpt}
-    print(f"teacher Heun {args.teacher_steps} steps (NFE {teacher_nfe}): {result['teacher']['samples_per_s']} samples/s")
+    print(f"teacher Heun {args.teacher_steps} steps (NFE {teacher_nfe}): "
+          f"{result['teacher']['samples_per_s']} samples/s")
     for r in rows:
-        print(f"student {r['steps']} step(s): {r['samples_per_s']:>8} samples/s  speed-up {r['speedup_vs_teacher']:>6}x  "
+        print(f"student {r['steps']} step(s): {r['samples_per_s']:>8} samples/s  "
+              f"speed-up {r['speedup_vs_teacher']:>6}x  "
               f"(NFE ratio {r['nfe_ratio']}x)")
     print(json.dumps(result))
     return result

@@ -20,14 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flowmap_lit.commands.evaluate import _data_root  # noqa: E402
 from flowmap_lit.checkpoints import load_module  # noqa: E402
+from flowmap_lit.commands.evaluate import _data_root  # noqa: E402
 from flowmap_lit.flowmap import denormalize
-from flowmap_lit.interpolant import edm_schedule, uniform_schedule  # noqa: E402
 from flowmap_lit.grid_search import fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
+from flowmap_lit.interpolant import edm_schedule, uniform_schedule  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -87,7 +86,8 @@ def main(argv=None) -> dict:
               f"{base['edm']['flowmap_rel_error']:.5f} tuned {row['tuned_flowmap_rel_error_mean']:.5f}"
               f"±{row['tuned_flowmap_rel_error_std']:.5f}; FID uniform {base['uniform']['fid']:.3f} edm "
               f"{base['edm']['fid']:.3f} tuned {row['tuned_fid_mean']:.3f}±{row['tuned_fid_std']:.3f}", flush=True)
-    out = {"checkpoint": args.ckpt, "criterion": args.criterion, "seeds": args.seeds, "budget": args.budget, "search_num": args.num,
+    out = {"checkpoint": args.ckpt, "criterion": args.criterion, "seeds": args.seeds, "budget": args.budget,
+           "search_num": args.num,
            "eval_num": args.eval_num, "reference_steps": args.reference_steps, "steps": rows,
            "seconds": round(time.perf_counter() - start)}
     if args.json:

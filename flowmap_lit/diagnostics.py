@@ -23,8 +23,8 @@ normalization of ``FlowMapError``), and the step's local error before propagatio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -191,7 +191,7 @@ def bind_module(module, guidance: float | None = None, reference_steps: int = 25
 
 
 @torch.no_grad()
-def diagnose(module, noise: Tensor, labels: Tensor | None = None, step_counts: list[int] = [1, 2, 4, 8],
+def diagnose(module, noise: Tensor, labels: Tensor | None = None, step_counts: Sequence[int] = (1, 2, 4, 8),
              times: list[float] | None = None, guidance: float | None = None, reference_steps: int = 256,
              batch_size: int = 1000) -> tuple[JumpGrid, list[PathSteps]]:
     """The jump grid and the path decomposition for each step count, of a module (on the module's

@@ -23,8 +23,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from flowmap_lit.flowmap import FlowMap, instantiate
-from flowmap_lit.interpolant import uniform_schedule
 from flowmap_lit.grids import check_grid, schedules_doc
+from flowmap_lit.interpolant import uniform_schedule
 
 
 class FlowMapModel(ModelMixin, ConfigMixin):
@@ -78,10 +78,12 @@ class FlowMapPipeline(DiffusionPipeline):
         self.register_modules(flowmap=flowmap, vae=vae, scheduler=scheduler)
 
     @classmethod
-    def from_flowmap(cls, fm: FlowMap, vae: str | AutoencoderKL, scaling_factor: float = 1.0) -> "FlowMapPipeline":
-        """Wrap an exported :class:`~flowmap_lit.export.FlowMap` (``load_flowmap``) and a VAE (or its local directory)."""
+    def from_flowmap(cls, fm: FlowMap, vae: str | AutoencoderKL, scaling_factor: float = 1.0) -> FlowMapPipeline:
+        """Wrap an exported :class:`~flowmap_lit.flowmap.FlowMap` (``load_flowmap``) and a VAE (or its local
+        directory)."""
         if fm.network_config is None:
-            raise ValueError("the flow map does not record its network config; load it with flowmap_lit.export.load_flowmap")
+            raise ValueError("the flow map does not record its network config; load it with "
+                             "flowmap_lit.export.load_flowmap")
         if isinstance(vae, str):
             from flowmap_lit.checkpoints.vae import load_vae
 

@@ -10,9 +10,9 @@ import importlib
 import torch
 from torch import Tensor, nn
 
+from flowmap_lit.grids import check_grid
 from flowmap_lit.interpolant import uniform_schedule
 from flowmap_lit.solvers import gamma_sample
-from flowmap_lit.grids import check_grid
 
 
 def denormalize(x: Tensor, info: dict | None) -> Tensor:

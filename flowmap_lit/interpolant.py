@@ -71,7 +71,8 @@ def edm_inputs(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def flowmap_preconditioning(t: Tensor, s: Tensor, sigma_data: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """``(c_in, c_skip, c_out)`` for ``F(x_t, t, s) = c_skip x_t + c_out net(c_in x_t, t, s)`` (docs/design.md section 2).
+    """``(c_in, c_skip, c_out)`` for ``F(x_t, t, s) = c_skip x_t + c_out net(c_in x_t, t, s)``
+    (docs/design.md section 2).
 
     For data of per-element variance ``sigma_data^2`` and ``x_t = (1 - t) x0 + t eps``, with
     ``sigma(t)^2 = (1 - t)^2 sigma_data^2 + t^2`` the variance of ``x_t``:

@@ -25,7 +25,8 @@ autocast is switched off inside, so the JVP is computed in the parameters' preci
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor

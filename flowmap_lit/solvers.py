@@ -7,7 +7,8 @@ labels and guidance are bound by the caller (e.g. with ``functools.partial``). T
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor

@@ -24,11 +24,19 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .datamodule import LatentDataModule
     from .digits import DigitsDataModule, ShapesDataModule
-    from .stream import DataWarning, ShardError
     from .prepare import prepare_array, prepare_digits, prepare_images, prepare_shapes, prepare_text_array
     from .shards import (
-        ShardSink, channel_stats, read_null_text, read_split, read_stats, write_dataset, write_null_text, write_shards, write_stats,
+        ShardSink,
+        channel_stats,
+        read_null_text,
+        read_split,
+        read_stats,
+        write_dataset,
+        write_null_text,
+        write_shards,
+        write_stats,
     )
+    from .stream import DataWarning, ShardError
 
 
 def __getattr__(name: str):

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flowmap_lit.checkpoints.vae import load_vae
+
 from .format import PREPARE_CMD, STATS_FILE, shard_name
 from .images import IMAGE_EXTENSIONS, center_crop, list_images, split_indices
 from .shards import ChannelStats, ShardSink, read_stats, write_stats
-from flowmap_lit.checkpoints.vae import load_vae
 
 SIDECAR = ".stats.json"  # appended to a shard's file name: its channel sums, written once it is complete
 

@@ -3,7 +3,8 @@
 Subcommands::
 
     digits --out data/digits                          scikit-learn digits, 1 x 8 x 8 in [-1, 1], 1497/300
-    shapes --out data/shapes                          procedural colored shapes, 3 x 8 x 8 in [-1, 1], 4 classes, 1700/300
+    shapes --out data/shapes                          procedural colored shapes, 3 x 8 x 8 in [-1, 1], 4 classes,
+                                                      1700/300
     images --src DIR --out OUT --resolution R         DIR/<class>/<image>: center crop, resize, 3 x R x R in [-1, 1]
     array  --src FILE.npz --out OUT                   x (N,C,H,W) + y (N,), or mean + std + y (VAE posterior)
     text-array --src FILE.npz --out OUT              x (N,C,H,W) + text_emb (N,L,D) [+ text_pooled (N,D')]

@@ -25,7 +25,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from .format import (
-    FORMAT_VERSION, KINDS, NULL_TEXT_FILE, PREPARE_CMD, STATS_FILE, TEXT_EMB, TEXT_POOLED, sample_key, shard_name,
+    FORMAT_VERSION,
+    KINDS,
+    NULL_TEXT_FILE,
+    PREPARE_CMD,
+    STATS_FILE,
+    TEXT_EMB,
+    TEXT_POOLED,
+    sample_key,
+    shard_name,
 )
 
 Latents = np.ndarray | tuple[np.ndarray, np.ndarray]  # (N, C, H, W) array, or (means, stds) pair
@@ -306,7 +314,8 @@ def write_stats(
     stats = {
         "format": FORMAT_VERSION, "shape": shape, "num_classes": int(num_classes), "kind": kind,
         "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-        "splits": {k: {"num_samples": int(v["num_samples"]), "num_shards": int(v["num_shards"])} for k, v in splits.items()},
+        "splits": {k: {"num_samples": int(v["num_samples"]), "num_shards": int(v["num_shards"])}
+                   for k, v in splits.items()},
         "source": source,
     }
     if text is not None:

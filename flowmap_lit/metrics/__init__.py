@@ -29,13 +29,25 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from .digits_classifier import DigitsClassifier, load_digits_classifier, train_digits_classifier
     from .decode import LatentDecoder
-    from .features import (DecodedFeatures, DigitsFeatures, DinoV2Features, FeatureExtractor, InceptionFeatures,
-                           build_feature_extractor)
+    from .digits_classifier import DigitsClassifier, load_digits_classifier, train_digits_classifier
+    from .features import (
+        DecodedFeatures,
+        DigitsFeatures,
+        DinoV2Features,
+        FeatureExtractor,
+        InceptionFeatures,
+        build_feature_extractor,
+    )
     from .few_step import image_distances, rank_share, sampler_distances, seeded_noise
-    from .fid import (FID, dataset_reference_stats, frechet_distance, load_or_compute_reference_stats,
-                      reference_cache_path, reference_stats)
+    from .fid import (
+        FID,
+        dataset_reference_stats,
+        frechet_distance,
+        load_or_compute_reference_stats,
+        reference_cache_path,
+        reference_stats,
+    )
 
 
 def __getattr__(name: str):

@@ -7,8 +7,8 @@
   (Stein et al. 2023; the metric EDM2 reports), from a local Hugging Face ``transformers`` directory.
 - ``DecodedFeatures``: any of them behind a latent decoder (``decode.py``), for latent datasets.
 
-Nothing is ever downloaded. ``build_feature_extractor(kind, path, decoder)`` picks one by name. Each extractor has ``num_features``
-(read by torchmetrics instead of a dummy forward pass), ``name`` (used in cache file names) and
+Nothing is ever downloaded. ``build_feature_extractor(kind, path, decoder)`` picks one by name. Each extractor has
+``num_features`` (read by torchmetrics instead of a dummy forward pass), ``name`` (used in cache file names) and
 ``extractor_id`` (name + hash of the weights file, the key of cached reference statistics).
 """
 
@@ -50,13 +50,13 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.extractor_id = self.name      # identity of the weights; subclasses add a file hash
 
-    def freeze(self) -> "FeatureExtractor":
+    def freeze(self) -> FeatureExtractor:
         """Eval mode and no gradients for every parameter; returns self."""
         super().train(False)
         self.requires_grad_(False)
         return self
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":  # always stays in eval mode
+    def train(self, mode: bool = True) -> FeatureExtractor:  # always stays in eval mode
         return super().train(False)
 
     def extract(self, images: Tensor) -> Tensor:

@@ -94,7 +94,7 @@ class FID:
     def num_features(self) -> int:
         return int(self.metric.real_features_sum.shape[0])
 
-    def to(self, device: str | torch.device) -> "FID":
+    def to(self, device: str | torch.device) -> FID:
         self.metric.to(device)
         return self
 
@@ -170,7 +170,7 @@ def load_or_compute_reference_stats(
             if cached.get("format") == CACHE_FORMAT and cached.get("key") == key:
                 return {k: cached[k] for k in ("mean", "cov", "num_samples")}
         except Exception as err:          # unreadable or truncated: recompute
-            warnings.warn(f"ignoring unreadable FID reference cache {cache_path}: {err}")
+            warnings.warn(f"ignoring unreadable FID reference cache {cache_path}: {err}", stacklevel=2)
     stats = compute_fn()
     mean, cov = _as_tensor(stats["mean"]), _as_tensor(stats["cov"])
     payload = {"format": CACHE_FORMAT, "kind": "fid_reference", "key": key,

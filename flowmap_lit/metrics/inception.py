@@ -168,7 +168,8 @@ def load_fid_inception(path: str) -> FIDInceptionV3:
     unexpected = [k for k in state if k not in wanted]
     if missing or unexpected:
         raise ValueError(f"{path} does not hold the FID Inception-v3 weights: {len(missing)} tensors missing "
-                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); use pytorch-fid's "
+                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); use "
+                         "pytorch-fid's "
                          "pt_inception-2015-12-05-6726825d.pth")
     net.load_state_dict(state, strict=False)
     return net.eval().requires_grad_(False)
