@@ -55,7 +55,13 @@ def main(args: list[str] | None = None):
         print(usage())
         return None
     if argv[0] in COMMANDS:
-        return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+        from flowmap_lit.checkpoints.trust import UntrustedCodeError
+
+        try:
+            return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+        except UntrustedCodeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     if argv[0] not in TRAINING and not argv[0].startswith("-"):
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)

@@ -35,8 +35,10 @@ class FlowMapModel(ModelMixin, ConfigMixin):
                  guidance: float | None = None, sample_gamma: float = 0.0, data: dict | None = None,
                  scaling_factor: float = 1.0) -> None:
         super().__init__()
-        self.flowmap = FlowMap(instantiate(network), num_classes, condition_on_guidance, guidance, sample_gamma,
-                               data=data)
+        # config.json comes with the pipeline: only this package's networks are built from it (a network of
+        # another package: build the FlowMap with load_flowmap(..., trust_code=True) and use from_flowmap)
+        net = instantiate(network, "the pipeline's flow map config.json")
+        self.flowmap = FlowMap(net, num_classes, condition_on_guidance, guidance, sample_gamma, data=data)
 
     def forward(self, x, t, s, class_labels=None, guidance=None):
         return self.flowmap(x, t, s, class_labels, guidance)

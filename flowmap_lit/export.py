@@ -83,8 +83,11 @@ def export_flowmap(module, out: str | Path, schedules: str | Path | None = None)
     return out
 
 
-def load_flowmap(path: str | Path, device: str | torch.device = "cpu") -> FlowMap:
-    """The :class:`FlowMap` written by :func:`export_flowmap` (or ``python -m flowmap_lit export``)."""
+def load_flowmap(path: str | Path, device: str | torch.device = "cpu", trust_code: bool = False) -> FlowMap:
+    """The :class:`FlowMap` written by :func:`export_flowmap` (or ``python -m flowmap_lit export``).
+
+    Loading runs no code from the directory: the weights are safetensors, and the network is built
+    only when ``flowmap.json`` names a class of this package (another class needs ``trust_code=True``)."""
     load_model = _safetensors().load_model
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
@@ -93,11 +96,13 @@ def load_flowmap(path: str | Path, device: str | torch.device = "cpu") -> FlowMa
     config = json.loads((path / CONFIG).read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
-    return flowmap_from_config(config, lambda net: load_model(net, str(path / WEIGHTS), device=str(device)), device)
+    return flowmap_from_config(config, lambda net: load_model(net, str(path / WEIGHTS), device=str(device)), device,
+                               source=str(path / CONFIG), trust_code=trust_code)
 
 
-def flowmap_from_config(config: dict, load_weights, device="cpu") -> FlowMap:
-    net = instantiate(config["network"])
+def flowmap_from_config(config: dict, load_weights, device="cpu", source: str = "the flow map config",
+                        trust_code: bool = False) -> FlowMap:
+    net = instantiate(config["network"], source, trust_code)
     load_weights(net)
     grids = config.get("schedules") or {}
     schedules = load_schedules(grids) if grids.get("grids") else {}

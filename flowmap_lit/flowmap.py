@@ -10,6 +10,7 @@ import importlib
 import torch
 from torch import Tensor, nn
 
+from flowmap_lit.checkpoints.trust import check_trusted
 from flowmap_lit.grids import check_grid
 from flowmap_lit.interpolant import uniform_schedule
 from flowmap_lit.solvers import gamma_sample
@@ -24,16 +25,24 @@ def denormalize(x: Tensor, info: dict | None) -> Tensor:
     return x * std + mean
 
 
-def instantiate(config):
-    """Build ``{"class_path": ..., "init_args": {...}}`` (nested ones too) without jsonargparse."""
+def instantiate(config, source: str = "the network config", trust_code: bool = False):
+    """Build ``{"class_path": ..., "init_args": {...}}`` (nested ones too) without jsonargparse.
+
+    Only classes of this package and of ``torch.optim`` are built unless ``trust_code``
+    (``flowmap_lit.checkpoints.trust``); ``source`` names the file in the refusal."""
+    check_trusted(config, source, trust_code, option="trust_code=True")
+    return _build(config)
+
+
+def _build(config):
     if isinstance(config, dict) and "class_path" in config:
         module_name, _, cls_name = config["class_path"].rpartition(".")
         cls = getattr(importlib.import_module(module_name), cls_name)
-        return cls(**{k: instantiate(v) for k, v in (config.get("init_args") or {}).items()})
+        return cls(**{k: _build(v) for k, v in (config.get("init_args") or {}).items()})
     if isinstance(config, dict):
-        return {k: instantiate(v) for k, v in config.items()}
+        return {k: _build(v) for k, v in config.items()}
     if isinstance(config, list):
-        return [instantiate(v) for v in config]
+        return [_build(v) for v in config]
     return config
 
 

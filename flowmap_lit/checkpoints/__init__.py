@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowmap_lit.checkpoints.trust import check_trusted
+
 __all__ = ["checkpoint_data_root", "ema_state_from_checkpoint", "load_checkpoint", "load_module"]
 
 
@@ -58,10 +60,15 @@ def ema_state_from_checkpoint(checkpoint: dict) -> dict[str, Tensor] | None:
     return state["shadow"]
 
 
-def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu", allow_pickle: bool = False):
+def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu", allow_pickle: bool = False,
+                trust_code: bool = False):
     """The LightningModule saved in ``ckpt_path`` (a checkpoint file, or a sharded checkpoint directory),
-    in eval mode, with EMA weights when present."""
+    in eval mode, with EMA weights when present.
+
+    The module is rebuilt from the class paths stored in the checkpoint only when they are classes of
+    this package or ``torch.optim`` (``flowmap_lit.checkpoints.trust``); ``trust_code`` lifts that."""
     ckpt = load_checkpoint(ckpt_path, allow_pickle)
+    check_trusted(ckpt.get("hyper_parameters", {}), ckpt_path, trust_code)
     class_path = ckpt.get("hyper_parameters", {}).get("_class_path")
     if class_path is None:
         raise ValueError(

@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--schedules", default=None, help="decompose the tuned grids of python -m flowmap_lit schedule")
+    p.add_argument("--trust-code", action="store_true", help="build classes the checkpoint names outside flowmap_lit "
+                                                             "and torch.optim (trusted files only)")
     args = p.parse_args(argv)
-    module = load_module(args.ckpt, map_location=args.device)
+    module = load_module(args.ckpt, map_location=args.device, trust_code=args.trust_code)
     if args.schedules:
         use_schedules(module, args.schedules)
     if not hasattr(module, "teacher_fn"):

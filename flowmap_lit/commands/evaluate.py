@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
     p.add_argument("--schedules", default=None, help="tuned grids from python -m flowmap_lit schedule (default: "
                                                      "the checkpoint's, else uniform)")
+    p.add_argument("--trust-code", action="store_true", help="build classes the checkpoint names outside flowmap_lit "
+                                                             "and torch.optim (trusted files only)")
     args = p.parse_args(argv)
     paths = args.feature_path or [None] * len(args.feature)
     if len(paths) != len(args.feature):
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None):
     results = {}
     try:
         for ckpt in ckpts:
-            module = load_module(str(ckpt), map_location=device)
+            module = load_module(str(ckpt), map_location=device, trust_code=args.trust_code)
             if args.schedules:
                 use_schedules(module, args.schedules)
             rows = evaluate(module, args.steps, args.num, metrics, args.reference_steps, args.guidance, args.seed,

@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--scaling-factor", type=float, default=1.0, help="latents are divided by it before decoding")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     p.add_argument("--allow-pickle", action="store_true", help="load with weights_only=False (trusted files only)")
+    p.add_argument("--trust-code", action="store_true", help="build classes the checkpoint names outside flowmap_lit "
+                                                             "and torch.optim (trusted files only)")
     args = p.parse_args(argv)
-    module = load_module(args.ckpt, use_ema=not args.no_ema, allow_pickle=args.allow_pickle)
+    module = load_module(args.ckpt, use_ema=not args.no_ema, allow_pickle=args.allow_pickle,
+                         trust_code=args.trust_code)
     if not hasattr(module, "set_schedules"):
         raise SystemExit(f"error: {args.ckpt} is not a distilled flow map (FlowMapDistillModule)")
     out = export_flowmap(module, args.out, args.schedules)
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.vae:
         from flowmap_lit.diffusers_pipeline import FlowMapPipeline
 
-        pipe = FlowMapPipeline.from_flowmap(load_flowmap(out), args.vae, scaling_factor=args.scaling_factor)
+        flowmap = load_flowmap(out, trust_code=args.trust_code)
+        pipe = FlowMapPipeline.from_flowmap(flowmap, args.vae, scaling_factor=args.scaling_factor)
         pipe.save_pretrained(out / "pipeline")
         print(f"diffusers pipeline: {out / 'pipeline'}")
     return out

@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> dict[int, Path]:
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory: decode latents for the PNGs")
     p.add_argument("--vae-scaling-factor", type=float, default=1.0)
     p.add_argument("--vae-shift-factor", type=float, default=0.0)
+    p.add_argument("--trust-code", action="store_true", help="build classes the checkpoint names outside flowmap_lit "
+                                                             "and torch.optim (trusted files only)")
     args = p.parse_args(argv)
-    module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device, allow_pickle=args.allow_pickle)
+    module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device, allow_pickle=args.allow_pickle,
+                         trust_code=args.trust_code)
     if args.schedules:
         use_schedules(module, args.schedules)
     prompts = None

@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="output JSON (default: schedules.json next to the checkpoint)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trust-code", action="store_true", help="build classes the checkpoint names outside flowmap_lit "
+                                                             "and torch.optim (trusted files only)")
     args = p.parse_args(argv)
 
-    module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device)
+    module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device, trust_code=args.trust_code)
     if not hasattr(module, "teacher_sample"):
         raise SystemExit(f"error: {args.ckpt} is not a distilled flow map (FlowMapDistillModule); its sampler "
                          "has no free time grid to tune")

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -125,6 +126,23 @@ def check_checkpoint_path(path: str | None) -> None:
                           "keeps every_n_train_steps ones) or start without --ckpt_path")
 
 
+def check_checkpoint_classes(path: str | None, config: dict) -> None:
+    """Lightning rebuilds the model from the class paths a ``--ckpt_path`` file stores; a file from elsewhere
+    must not choose code to run. Classes of this package and ``torch.optim``, and any path the run's own
+    config names, pass (``flowmap_lit.checkpoints.trust``)."""
+    if path is None or not Path(path).is_file():
+        return
+    from flowmap_lit.checkpoints.trust import is_trusted, named_paths
+
+    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    own = set(named_paths(config))
+    refused = [p for p in named_paths(hparams) if p not in own and not is_trusted(p)]
+    if refused:
+        raise ConfigError(f"--ckpt_path {path} names {refused[0]!r}, which is neither a class of flowmap_lit or "
+                          "torch.optim nor named by this run's config; resuming would import and call code the file "
+                          "chooses. Name that class in the config if you trust the file.")
+
+
 class SaveConfigNextToLogs(SaveConfigCallback):
     """Saves the run's config into the logger's run directory, and nowhere when there is no logger
     (Lightning would otherwise write ``config.yaml`` into the working directory on every run)."""
@@ -166,7 +184,9 @@ class FlowMapCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:  # Lightning reads the checkpoint's hyperparameters here, first
         subcommand = self.config.get("subcommand")
         if subcommand:
-            check_checkpoint_path(self.config[subcommand].get("ckpt_path"))
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            check_checkpoint_path(ckpt_path)
+            check_checkpoint_classes(ckpt_path, self.config[subcommand].as_dict())
         super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config, callbacks):
