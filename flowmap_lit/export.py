@@ -96,8 +96,18 @@ def load_flowmap(path: str | Path, device: str | torch.device = "cpu", trust_cod
     config = json.loads((path / CONFIG).read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
-    return flowmap_from_config(config, lambda net: load_model(net, str(path / WEIGHTS), device=str(device)), device,
-                               source=str(path / CONFIG), trust_code=trust_code)
+
+    def load_weights(net):
+        try:
+            load_model(net, str(path / WEIGHTS), device=str(device))
+        except Exception as err:  # safetensors raises its own error types for a damaged header or size
+            if type(err).__name__ != "SafetensorError" and not isinstance(err, (OSError, ValueError, RuntimeError)):
+                raise
+            raise ValueError(f"{path / WEIGHTS} is not a readable safetensors file of this network (truncated, "
+                             f"corrupt or from another export?): {err}. Export it again with `python -m flowmap_lit "
+                             "export --ckpt CKPT --out DIR`.") from err
+
+    return flowmap_from_config(config, load_weights, device, source=str(path / CONFIG), trust_code=trust_code)
 
 
 def flowmap_from_config(config: dict, load_weights, device="cpu", source: str = "the flow map config",

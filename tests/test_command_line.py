@@ -74,3 +74,39 @@ def test_former_module_commands_run_the_command_with_a_note(old, command, capsys
     assert exit_.value.code == 0
     out, err = capsys.readouterr()
     assert f"python -m flowmap_lit {command}" in err and f"python -m flowmap_lit {command}" in out
+
+
+FIXTURE = ROOT / "tests/fixtures/v0/distill.ckpt"  # guidance-conditioned on lam in [1, 2]
+
+
+@pytest.mark.parametrize("command", [["sample", "--steps", "0"], ["sample", "--num", "0"],
+                                     ["evaluate", "--num-samples", "0"], ["evaluate", "--num", "1"],
+                                     ["diagnose", "--steps", "2", "-1"], ["schedule", "--steps", "x"]])
+def test_numbers_out_of_range_are_refused_with_the_projects_message(command, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--ckpt", str(FIXTURE)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert ("is below" in err or "is not a step count" in err) and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_guidance_outside_the_trained_range_warns_with_the_range(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the fixture names its teacher relative to the repository
+    main(["sample", "--ckpt", str(FIXTURE), "--steps", "1", "--num", "2", "--guidance", "7.5",
+          "--out", str(tmp_path / "out")])
+    assert "--guidance 7.5 is outside [1, 2]" in capsys.readouterr().err
+    main(["sample", "--ckpt", str(FIXTURE), "--steps", "1", "--num", "2", "--guidance", "1.5",
+          "--out", str(tmp_path / "in")])
+    assert "outside" not in capsys.readouterr().err
+
+
+def test_a_corrupt_export_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    from flowmap_lit.export import WEIGHTS, load_flowmap
+
+    monkeypatch.chdir(ROOT)
+    out = main(["export", "--ckpt", str(FIXTURE), "--out", str(tmp_path / "exported")])
+    (out / WEIGHTS).write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=f"{WEIGHTS} is not a readable safetensors file.*python -m flowmap_lit export"):
+        load_flowmap(out)

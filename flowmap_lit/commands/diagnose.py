@@ -19,6 +19,7 @@ import torch
 
 from flowmap_lit.callbacks.diagnostics import grid_table, path_table
 from flowmap_lit.checkpoints import load_module
+from flowmap_lit.commands.common import count_type, steps_type, warn_guidance
 from flowmap_lit.commands.sample import use_schedules
 from flowmap_lit.diagnostics import diagnose, heatmap_figure
 from flowmap_lit.generate import generate
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m flowmap_lit diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="distillation checkpoint written by python -m flowmap_lit fit")
     p.add_argument("--out", default=None, help="directory for jump_error.png and diagnostics.json")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="sampling paths to decompose")
+    p.add_argument("--steps", type=steps_type, nargs="+", default=[1, 2, 4, 8], help="sampling paths to decompose")
     p.add_argument("--times", type=float, nargs="+", default=None, help="jump grid (default 1, 7/8, ..., 0)")
-    p.add_argument("--num", type=int, default=1000, help="noise samples")
+    p.add_argument("--num", type=count_type, default=1000, help="noise samples")
     p.add_argument("--reference-steps", type=int, default=256, help="Heun steps of the teacher's flow map over [0, 1]")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the module's eval_guidance)")
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not hasattr(module, "teacher_fn"):
         raise SystemExit(f"{args.ckpt} is not a flow-map distillation checkpoint (no student and teacher)")
     noise, labels, _ = generate(module, args.num, [], seed=args.seed)
+    warn_guidance(module, args.guidance)
     grid, paths = diagnose(module, noise, labels, args.steps, args.times, args.guidance, args.reference_steps)
     print("Single jumps (relative = mse / mean square of the teacher's displacement):\n" + grid_table(grid))
     print("\nEach sampling step's error carried to t = 0 by the teacher (relative to the reference's mean "

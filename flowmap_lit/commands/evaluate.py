@@ -38,6 +38,7 @@ import torch.distributed as dist
 from flowmap_lit.callbacks.flowmap_error import format_table
 from flowmap_lit.checkpoints import checkpoint_data_root as _data_root
 from flowmap_lit.checkpoints import load_module
+from flowmap_lit.commands.common import at_least, steps_type, warn_guidance
 from flowmap_lit.commands.sample import use_schedules
 from flowmap_lit.flowmap import denormalize
 
@@ -189,8 +190,9 @@ def main(argv: list[str] | None = None):
     which.add_argument("--run-dir", dest="run",
                        help="a run's checkpoint directory: evaluate every *.ckpt in it (needs --out-dir)")
     p.add_argument("--out-dir", default=None, help="--run-dir: one JSON per checkpoint and the plot go here")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--num-samples", "--num", dest="num", type=int, default=2000,
+    p.add_argument("--steps", type=steps_type, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--num-samples", "--num", dest="num", type=at_least(2, "a sample count (FID needs two)"),
+                   default=2000,
                    help="samples per step count over all processes (under torchrun spell it --num-samples: "
                         "torchrun takes --num for its own --numa-binding)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampler call")
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None):
             module = load_module(str(ckpt), map_location=device, trust_code=args.trust_code)
             if args.schedules:
                 use_schedules(module, args.schedules)
+            warn_guidance(module, args.guidance)
             rows = evaluate(module, args.steps, args.num, metrics, args.reference_steps, args.guidance, args.seed,
                             args.batch_size, decoder)
             results[ckpt.name] = rows

@@ -26,6 +26,7 @@ import torch
 
 from flowmap_lit.callbacks.sample_grid import make_grid, save_png, to_images
 from flowmap_lit.checkpoints import checkpoint_data_root, load_module
+from flowmap_lit.commands.common import count_type, steps_type, warn_guidance
 from flowmap_lit.flowmap import denormalize  # noqa: F401 - also this module's public name (notebook, evaluate)
 from flowmap_lit.generate import generate, load_prompts
 
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict[int, Path]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by python -m flowmap_lit fit (file or sharded "
                                                  "directory)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (NFE for flow maps)")
-    p.add_argument("--num", type=int, default=100, help="samples per step count")
+    p.add_argument("--steps", type=steps_type, nargs="+", default=[1, 2, 4, 8], help="step counts (NFE for flow maps)")
+    p.add_argument("--num", type=count_type, default=100, help="samples per step count")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale lam (default: the module's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (same noise for every step count)")
     p.add_argument("--out", default="samples", help="output directory")
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict[int, Path]:
     if args.prompts:
         root = args.data or (checkpoint_data_root(args.ckpt) if args.prompts == "val" else None)
         prompts = load_prompts(args.prompts, module, root)
+    warn_guidance(module, args.guidance)
     noise, labels, samples = generate(module, args.num, args.steps, args.guidance, args.seed, prompts=prompts)
     decoder = None
     if args.vae:

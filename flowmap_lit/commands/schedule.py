@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from flowmap_lit.checkpoints import load_module
+from flowmap_lit.commands.common import count_type, steps_type, warn_guidance
 from flowmap_lit.commands.evaluate import _data_root
 from flowmap_lit.flowmap import denormalize
 from flowmap_lit.grid_search import fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
@@ -23,10 +24,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m flowmap_lit schedule", description=SCHEDULE_DOC.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="FlowMapDistillModule checkpoint written by python -m flowmap_lit fit")
-    p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--steps", type=steps_type, nargs="+", default=[2, 4, 8])
     p.add_argument("--criterion", default="flowmap_error", choices=["flowmap_error", "fid"])
     p.add_argument("--budget", type=int, default=64, help="criterion evaluations per step count")
-    p.add_argument("--num", type=int, default=1000, help="held-out noise samples")
+    p.add_argument("--num", type=count_type, default=1000, help="held-out noise samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (the held-out noise uses 10_000 + seed)")
     p.add_argument("--gamma", action="store_true", help="also search gamma (re-noising of gamma sampling)")
     p.add_argument("--reference-steps", type=int, default=128, help="Heun steps of the teacher reference")
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     module = load_module(args.ckpt, use_ema=not args.no_ema, map_location=args.device, trust_code=args.trust_code)
+    warn_guidance(module, args.guidance)
     if not hasattr(module, "teacher_sample"):
         raise SystemExit(f"error: {args.ckpt} is not a distilled flow map (FlowMapDistillModule); its sampler "
                          "has no free time grid to tune")
