@@ -204,6 +204,24 @@ def read_null_text(root: str, stats: dict) -> dict[str, np.ndarray] | None:
     return arrays
 
 
+def check_finite(split: str, latents: Latents, text: TextEmbeddings | None = None) -> None:
+    """Refuses a split holding NaN or infinite values, naming the first bad sample: a non-finite latent
+    would poison the channel statistics (``stats.json``) and every step it reaches."""
+    arrays = {"mean": latents[0], "std": latents[1]} if isinstance(latents, tuple) else {"latent": latents}
+    if text is not None:
+        arrays.update({TEXT_EMB: text[0]} if text[1] is None else {TEXT_EMB: text[0], TEXT_POOLED: text[1]})
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+        if len(bad):
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ValueError(f"split {split!r}: {name} of sample {int(bad[0])}{more} holds NaN or infinite values. "
+                             "Fix or drop those samples at the source (an encoder run in float16 overflows, a "
+                             "failed image decodes to NaN); nothing was written.")
+
+
 def write_shards(
     out_dir: str,                        # dataset directory
     split: str,                          # split name ("train", "val", ...)
@@ -218,6 +236,7 @@ def write_shards(
 
     Older shards of the same split with a higher index are removed afterwards.
     """
+    check_finite(split, latents, text)
     posterior = isinstance(latents, tuple)
     arrays = {"mean": latents[0], "std": latents[1]} if posterior else {"latent": latents}
     arrays = {k: np.asarray(v) if dtype is None else np.asarray(v, dtype=dtype) for k, v in arrays.items()}
@@ -347,6 +366,10 @@ def read_stats(root: str) -> dict:
         raise ValueError(f"{path}: kind must be one of {KINDS}, got {stats['kind']!r}")
     if stats.get("text") is not None:
         check_text_info(stats["text"], path)
+    if not np.isfinite(np.asarray(stats["mean"] + stats["std"], dtype=np.float64)).all():
+        raise ValueError(f"{path} holds non-finite channel statistics (mean {stats['mean']}, std {stats['std']}): "
+                         "its train split has NaN or infinite samples. Re-create the dataset from finite data "
+                         f"({PREPARE_CMD} refuses non-finite samples, naming them).")
     return stats
 
 
@@ -368,6 +391,8 @@ def write_dataset(
     directory that readers reject (and ``DigitsDataModule.prepare_data`` re-creates).
     With ``text``, every split needs its embeddings, all with the same shapes (``format.py``).
     """
+    for name, (x, _) in splits.items():  # before anything of an existing dataset is removed
+        check_finite(name, x, None if text is None else text.get(name))
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, STATS_FILE)):
         os.remove(os.path.join(out_dir, STATS_FILE))

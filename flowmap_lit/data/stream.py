@@ -376,6 +376,10 @@ class Decode:
             x = (x - self.mean) * self.inv_std
         cond = {COND_KEYS[name]: np.ascontiguousarray(self._array(sample, f"{name}.npy", shape))
                 for name, shape in self.text_shapes.items()} or None
+        for name, array in [("the latent", x), *(cond or {}).items()]:
+            if not np.isfinite(array).all():
+                raise ValueError(f"{name} holds NaN or infinite values: rewrite the dataset from finite data "
+                                 "(python -m flowmap_lit prepare refuses non-finite samples)")
         return np.ascontiguousarray(x, dtype=np.float32), label, key, cond
 
     def __call__(self, src):
