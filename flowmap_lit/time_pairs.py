@@ -17,19 +17,41 @@ from flowmap_lit.interpolant import edm_schedule, uniform_schedule
 
 
 class TimePairSampler:
-    """Draws ``(t, s)`` with ``1 >= t >= s >= 0``, all float32 ``(n,)`` tensors."""
+    """Draws ``(t, s)`` with ``1 >= t >= s >= 0``, all float32 ``(n,)`` tensors.
+
+    Each pair is drawn from ``distribution``, or, for the fractions of the batch that the
+    ``*_fraction`` arguments give (each >= 0, together <= 1), replaced by one of the special kinds.
+
+    Args:
+        distribution: The base pair distribution: "logit_normal" (two times sigmoid(N(P_mean,
+            P_std)), t the larger) or "uniform" (two times U(0, 1), t the larger).
+        P_mean: Location of the logit-normal distribution that both times are drawn from; below 0
+            puts more pairs near the data (t = 0).
+        P_std: Scale of the logit-normal distribution.
+        diagonal_fraction: Fraction of the pairs with s = t (flow matching: the student's own
+            velocity F(x, t, t), which k-step sampling tends to as k grows; docs/design.md section 10).
+        zero_fraction: Fraction of the pairs with s = 0 (consistency: jumps to the data).
+        grid_fraction: Fraction of the pairs (t_i, t_{i+1}) taken from the k-step sampling grids of
+            grid_steps (the first jumps from t = 1 among them).
+        one_fraction: Fraction of the pairs with t = 1 and s ~ U(0, 1) (every sampling path's first
+            jump).
+        grid_steps: Step counts k whose sampling grids make the grid pairs (all their jumps, drawn
+            uniformly).
+        grid_schedule: Schedule of those grids: "uniform" (t_i = 1 - i / k) or "edm" (the EDM
+            rho-schedule).
+    """
 
     def __init__(
         self,
-        distribution: Literal["logit_normal", "uniform"] = "logit_normal",  # base pair distribution
-        P_mean: float = -0.8,  # logit-normal location (both times drawn from it; t = the larger)
-        P_std: float = 1.0,  # logit-normal scale
-        diagonal_fraction: float = 0.0,  # fraction of pairs with s = t (flow matching)
-        zero_fraction: float = 0.0,  # fraction of pairs with s = 0 (consistency)
-        grid_fraction: float = 0.0,  # fraction of sampling-grid pairs (t_i, t_{i+1})
-        one_fraction: float = 0.0,  # fraction of pairs with t = 1 and s ~ U(0, 1) (every path's first jump)
-        grid_steps: list[int] = [1, 2, 4, 8],  # step counts whose schedules make the grid pairs
-        grid_schedule: Literal["uniform", "edm"] = "uniform",  # schedule of those grids
+        distribution: Literal["logit_normal", "uniform"] = "logit_normal",
+        P_mean: float = -0.8,
+        P_std: float = 1.0,
+        diagonal_fraction: float = 0.0,
+        zero_fraction: float = 0.0,
+        grid_fraction: float = 0.0,
+        one_fraction: float = 0.0,
+        grid_steps: list[int] = [1, 2, 4, 8],  # noqa: B006 (read, never mutated; --help shows it)
+        grid_schedule: Literal["uniform", "edm"] = "uniform",
     ) -> None:
         fractions = (diagonal_fraction, zero_fraction, grid_fraction, one_fraction)
         if min(fractions) < 0 or sum(fractions) > 1:

@@ -13,13 +13,19 @@ from torch import Tensor, nn
 
 from flowmap_lit.distributed import apply_activation_checkpointing, data_parallel_mesh, is_sharded, shard_network
 from flowmap_lit.interpolant import edm_schedule, interpolate, uniform_schedule
+from flowmap_lit.modules.common import (
+    check_network_shape,
+    data_info,
+    resolve_noise_seed,
+    save_plain_hyperparameters,
+    seeded_rng,
+    warmup_then_decay,
+)
 from flowmap_lit.objectives import Objective
-from flowmap_lit.solvers import gamma_sample, ode_sample
 from flowmap_lit.seeding import derive_seed
+from flowmap_lit.solvers import gamma_sample, ode_sample
 from flowmap_lit.teachers import Teacher, guided_velocity
 from flowmap_lit.time_pairs import TimePairSampler
-from flowmap_lit.modules.common import (check_network_shape, data_info, resolve_noise_seed,
-                                        save_plain_hyperparameters, seeded_rng, warmup_then_decay)
 
 
 class BoundStudent:
@@ -72,39 +78,113 @@ class FlowMapDistillModule(pl.LightningModule):
     objective may pin ``s``), noise the data, ``x_t = (1 - t) x0 + t eps``, draw the guidance scale
     ``lam`` per sample, and hand ``student(x, t, s)`` and the guided ``teacher(x, t)`` to the
     objective, with the tangent warmup ``r = min(r_max, step / warmup_steps)``.
+
+    Args:
+        teacher: The frozen velocity model v(x, t) that is distilled (NetworkTeacher,
+            GMMTeacher, EDM2Teacher, DiffusersTeacher, SD3Teacher, ...). It is put in eval
+            mode without grads and left out of the single-file checkpoints (rebuilt from its own source).
+        objective: The distillation loss (flowmap_lit.objectives): AYFEMD, AYFLMD, SCD,
+            FlowMatching or DiscreteEMD (docs/design.md section 3). Its trainable parameters
+            (an adaptive weighting) are optimized with the student.
+        student: The flow-map network F(x, t, s, class_labels, guidance, **cond) that is trained
+            (MLP, DiT, EDM2UNet, LoRAFlowMap, ...). None: a copy of the teacher's network.
+        guide: The weaker model of autoguidance (e.g. a NetworkTeacher of a smaller or less trained
+            network, or a GMMTeacher with fewer or wider components), frozen like the teacher;
+            required by guidance: autoguidance, unused otherwise.
+        guidance: How the teacher velocity is guided (docs/design.md section 1): "autoguidance"
+            (lam v_teacher + (1 - lam) v_guide), "cfg" (classifier-free guidance against the teacher
+            at the null label, or at the empty prompt's embedding for text data) or "none" (the teacher
+            alone; lam is not used).
+        guidance_min: Lower end of the guidance scale lam, drawn per training sample from
+            U[guidance_min, guidance_max]; equal ends give a fixed scale.
+        guidance_max: Upper end of the range of lam (must be >= guidance_min); a range wider than
+            one value needs condition_on_guidance: true.
+        condition_on_guidance: Feed lam to the student as an input, so that one student covers the
+            whole range and the scale is chosen again at sampling time (eval_guidance).
+        eval_guidance: The guidance scale lam of sample() and of the evaluation callbacks when
+            they give none; None: guidance_min.
+        sample_gamma: Re-noising of the k-step sampler (gamma sampling, docs/design.md section 5), in
+            [0, 1]: 0 is deterministic flow-map chaining, 1 the multistep sampling of consistency
+            models (jump to the data, re-noise fully). A tuned schedule's own gamma takes precedence.
+        num_classes: Number of classes of the data; labels reach the student and the teacher only
+            when > 0. 0: unconditional.
+        time_sampler: Sampler of the training time pairs (t, s) (TimePairSampler: logit-normal or
+            uniform pairs plus fractions of s = t, s = 0, t = 1 and sampling-grid pairs,
+            docs/design.md section 3); the objective may then pin s (SCD: s = 0, FlowMatching:
+            s = t). None: TimePairSampler(), logit-normal pairs with P_mean -0.8 and P_std 1.
+        warmup_steps: Length of the regularized tangent warmup in optimizer steps: the tangent
+            coefficient r = min(r_max, step / warmup_steps) ramps linearly from 0 (docs/design.md
+            section 3); 0: r = r_max from the first step. AdversarialFinetuneModule counts batches
+            here (two optimizer steps each).
+        r_max: Cap of the tangent warmup coefficient r; 1 - r_max keeps a pull toward the
+            teacher velocity for the whole run.
+        init_student_from_teacher: Copy the teacher network's weights into the given student (same
+            architecture) and zero its s and guidance embeddings, so that F(x, t, s) = v(x, t)
+            at step 0 (docs/design.md section 2); false: the student keeps its own initialization.
+            A student with shares_teacher_weights (LoRAFlowMap) wraps the teacher's network
+            instead, and a student of None is always such a copy.
+        optimizer: Optimizer factory (class_path/init_args, e.g. torch.optim.Adam with
+            lr) of the student's trainable parameters and the objective's; under
+            AdversarialFinetuneModule the optimizer of the student (generator) step.
+        lr_warmup_steps: Linear learning-rate warmup, in optimizer steps; 0: none.
+        lr_schedule: The learning rate after the warmup (docs/design.md section 10): "constant", or a
+            "cosine" or "linear" decay to lr_min_ratio at trainer.max_steps (which a decay needs).
+        lr_decay_start: Fraction of the run, in [0, 1), after which the decay starts (not before the
+            end of the warmup).
+        lr_min_ratio: Learning rate at the last step of a decay, as a fraction of the optimizer's, in
+            [0, 1].
+        nan_mask: Drop only the samples whose loss is not finite (when some are finite) instead of
+            skipping the whole step; the dropped fraction is logged as train/nonfinite_fraction.
+        max_bad_steps: Consecutive steps with a non-finite loss (each one skipped) after which
+            training stops with an error that says what to change.
+        noise_seed: Base seed of the per-step noise (times, noise, guidance scales, dropout), derived
+            per (step, micro-batch) so a resumed run draws what the uninterrupted run drew; None: the
+            run's seed_everything seed (0 without one).
+        activation_checkpointing: Recompute the student's block activations in the backward pass
+            (less memory, more compute); the objectives then take the tangent in two passes
+            (tangent_pass: one_pass is refused).
+        shard_teacher: Under ModelParallelStrategy (FSDP2), shard the frozen teacher and guide
+            over the data-parallel ranks like the student; false: every rank holds them whole.
+        schedules: A schedules file of tuned k-step time grids and gammas (written by python -m
+            flowmap_lit schedule, docs/design.md section 11), used by sample() for the step
+            counts it covers; None: uniform grids.
+        compile_student: torch.compile the student's grad-enabled forward (and so its backward) in
+            training; the tangent (JVP) pass stays eager, and tangent_pass: auto takes two passes
+            (only they train the compiled forward).
+        compile_options: Keyword arguments of torch.compile (mode, dynamic, fullgraph,
+            ...); None: its defaults.
     """
 
     def __init__(
         self,
-        teacher: Teacher,  # frozen velocity model (NetworkTeacher, GMMTeacher, ...)
-        objective: Objective,  # AYFEMD, AYFLMD, SCD, FlowMatching, DiscreteEMD
-        student: nn.Module | None = None,  # F(x, t, s, class_labels, guidance, **cond); None: copy of the teacher's net
-        guide: Teacher | None = None,  # weaker model for autoguidance
-        guidance: Literal["autoguidance", "cfg", "none"] = "none",  # how the teacher velocity is guided
-        guidance_min: float = 1.0,  # lam is drawn per sample from U[guidance_min, guidance_max]
-        guidance_max: float = 1.0,  # (a range needs condition_on_guidance: true)
-        condition_on_guidance: bool = False,  # feed lam to the student, chosen again at sampling time
-        eval_guidance: float | None = None,  # lam used by sample() and evaluation; None: guidance_min
-        sample_gamma: float = 0.0,  # re-noising of sample(): 0 = flow-map chaining, 1 = consistency multistep
-        num_classes: int = 0,  # classes of the data; 0: unconditional
-        time_sampler: TimePairSampler | None = None,  # (t, s) pairs; None: logit-normal(-0.8, 1)
-        warmup_steps: int = 1000,  # optimizer steps over which r ramps linearly from 0
-        r_max: float = 0.99,  # cap of r (1 - r_max keeps a pull toward the teacher velocity)
-        init_student_from_teacher: bool = True,  # copy the teacher network's weights into the student (a student
-                                                 # with shares_teacher_weights wraps the teacher's network instead)
-        optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory (class_path/init_args)
-        lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
-        lr_schedule: Literal["constant", "cosine", "linear"] = "constant",  # after the warmup (docs/design.md section 10)
-        lr_decay_start: float = 0.0,  # fraction of the run before the decay starts
-        lr_min_ratio: float = 0.0,  # learning rate at the last step, as a fraction of the optimizer's
-        nan_mask: bool = False,  # drop samples with a non-finite loss instead of the whole step
-        max_bad_steps: int = 10,  # consecutive non-finite steps before training stops with an error
-        noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
-        activation_checkpointing: bool = False,  # recompute the student's block activations in backward
-        shard_teacher: bool = True,  # under ModelParallelStrategy (FSDP2) shard the frozen teacher and guide too
-        schedules: str | None = None,  # tuned k-step grids (python -m flowmap_lit schedule); None: uniform
-        compile_student: bool = False,  # torch.compile the student's grad-enabled forward and backward (not the JVP)
-        compile_options: dict | None = None,  # keyword arguments of torch.compile (mode, dynamic, fullgraph, ...)
+        teacher: Teacher,
+        objective: Objective,
+        student: nn.Module | None = None,
+        guide: Teacher | None = None,
+        guidance: Literal["autoguidance", "cfg", "none"] = "none",
+        guidance_min: float = 1.0,
+        guidance_max: float = 1.0,
+        condition_on_guidance: bool = False,
+        eval_guidance: float | None = None,
+        sample_gamma: float = 0.0,
+        num_classes: int = 0,
+        time_sampler: TimePairSampler | None = None,
+        warmup_steps: int = 1000,
+        r_max: float = 0.99,
+        init_student_from_teacher: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine", "linear"] = "constant",
+        lr_decay_start: float = 0.0,
+        lr_min_ratio: float = 0.0,
+        nan_mask: bool = False,
+        max_bad_steps: int = 10,
+        noise_seed: int | None = None,
+        activation_checkpointing: bool = False,
+        shard_teacher: bool = True,
+        schedules: str | None = None,
+        compile_student: bool = False,
+        compile_options: dict | None = None,
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)

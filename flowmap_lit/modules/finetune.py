@@ -32,14 +32,13 @@ import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from flowmap_lit.checkpoints import ema_state_from_checkpoint
+from flowmap_lit.checkpoints import ema_state_from_checkpoint, load_checkpoint
 from flowmap_lit.distributed import data_parallel_mesh, is_sharded
 from flowmap_lit.interpolant import expand_like, interpolate
 from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.modules.common import save_plain_hyperparameters, seeded_rng
 from flowmap_lit.objectives.adversarial import RpGAN
 from flowmap_lit.seeding import derive_seed
-from flowmap_lit.checkpoints import load_checkpoint
 
 
 def last_layer_weight(net: nn.Module, name: str | None = None) -> tuple[str, nn.Parameter]:
@@ -72,23 +71,54 @@ def load_student_state(checkpoint: str, use_ema: bool = True, allow_pickle: bool
 
 
 class AdversarialFinetuneModule(FlowMapDistillModule):
-    """Distillation objective plus RpGAN against a discriminator, two optimizers (see module docstring)."""
+    """Distillation objective plus RpGAN against a discriminator, two optimizers (see module docstring).
+
+    Takes every FlowMapDistillModule argument too (teacher, objective, student, guide, optimizer, ...,
+    described there); its optimizer is the student's, and warmup_steps counts batches.
+
+    Args:
+        discriminator: The discriminator D(x, class_labels) -> (B,) logits, e.g.
+            flowmap_lit.networks.Discriminator; trained by discriminator_optimizer.
+        adversarial: The GAN loss with its R1/R2 gradient penalties (flowmap_lit.objectives.RpGAN);
+            None: RpGAN() (r1_gamma = r2_gamma = 1).
+        discriminator_optimizer: Optimizer factory (class_path/init_args) of the discriminator's
+            parameters, stepped once per batch before the student's step; it has no learning-rate
+            schedule (the student's optimizer keeps lr_warmup_steps and lr_schedule).
+        adv_weight: Weight w of the adversarial loss in the student's step; with adaptive_weight,
+            the base that the ratio of gradient norms multiplies.
+        adaptive_weight: Scale adv_weight by ||grad_W L_distill|| / ||grad_W L_adv|| at the student's
+            last layer W (VQGAN-style balancing); needs an unsharded student (not under FSDP2).
+        adaptive_weight_max: Upper clamp of the adaptive weight.
+        adaptive_weight_param: Name of the student parameter W of the adaptive weight (as in
+            student.named_parameters()); None: its last parameter with at least 2 dimensions.
+        distill_weight: Weight of the distillation loss in the student's step; 0: a pure GAN
+            finetune.
+        adv_times: Start times t in (0, 1] of the fakes f(x_t, t, 0), one drawn uniformly from the
+            list per sample; None: [1.0] (1-step samples from pure noise).
+        adv_guidance: Guidance scale lam of the fakes; None: eval_guidance.
+        init_checkpoint: A FlowMapDistillModule checkpoint (file or sharded FSDP2 directory) whose
+            student weights the student starts from; None: the student as FlowMapDistillModule
+            builds it. Resuming with --ckpt_path restores both networks and optimizers instead.
+        init_use_ema: Take the EMA weights of init_checkpoint when it has them; false: its raw
+            student weights.
+        allow_pickle: Load init_checkpoint with weights_only=False (trusted files only).
+    """
 
     def __init__(
         self,
-        discriminator: nn.Module,  # D(x, class_labels) -> (B,) logits, e.g. flowmap_lit.networks.Discriminator
-        adversarial: RpGAN | None = None,  # loss and R1/R2 penalties; None: RpGAN() (gamma 1, 1)
-        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory of D
-        adv_weight: float = 0.1,  # weight of the generator's adversarial loss (the base of the adaptive weight)
-        adaptive_weight: bool = False,  # scale adv_weight by the ratio of last-layer gradient norms
-        adaptive_weight_max: float = 10.0,  # clamp of the adaptive weight
-        adaptive_weight_param: str | None = None,  # student parameter W for it; None: its last weight matrix
-        distill_weight: float = 1.0,  # weight of the distillation loss (0: pure GAN finetune)
-        adv_times: list[float] | None = None,  # start times t of the fakes f(x_t, t, 0); None: [1.0]
-        adv_guidance: float | None = None,  # lam of the fakes; None: eval_guidance
-        init_checkpoint: str | None = None,  # distilled checkpoint (file or sharded directory) to start from
-        init_use_ema: bool = True,  # take the EMA weights of init_checkpoint when it has them
-        allow_pickle: bool = False,  # load init_checkpoint with weights_only=False (trusted files only)
+        discriminator: nn.Module,
+        adversarial: RpGAN | None = None,
+        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,
+        adv_weight: float = 0.1,
+        adaptive_weight: bool = False,
+        adaptive_weight_max: float = 10.0,
+        adaptive_weight_param: str | None = None,
+        distill_weight: float = 1.0,
+        adv_times: list[float] | None = None,
+        adv_guidance: float | None = None,
+        init_checkpoint: str | None = None,
+        init_use_ema: bool = True,
+        allow_pickle: bool = False,
         **kwargs,  # every FlowMapDistillModule argument (teacher, objective, student, guide, ...)
     ) -> None:
         super().__init__(**kwargs)

@@ -11,10 +11,15 @@ from torch import Tensor, nn
 
 from flowmap_lit.distributed import data_parallel_mesh, shard_network
 from flowmap_lit.interpolant import interpolate, sample_logit_normal, velocity_target
-from flowmap_lit.solvers import ode_sample
+from flowmap_lit.modules.common import (
+    constant_with_warmup,
+    data_info,
+    resolve_noise_seed,
+    save_plain_hyperparameters,
+    seeded_rng,
+)
 from flowmap_lit.seeding import derive_seed
-from flowmap_lit.modules.common import (constant_with_warmup, data_info, resolve_noise_seed,
-                                        save_plain_hyperparameters, seeded_rng)
+from flowmap_lit.solvers import ode_sample
 
 
 class FlowMatchingModule(pl.LightningModule):
@@ -23,21 +28,42 @@ class FlowMatchingModule(pl.LightningModule):
     Used to pretrain the teacher and the (weaker) autoguidance guide. Class labels are dropped to
     the null token ``num_classes`` with probability ``label_dropout`` so the same network also
     gives the unconditional velocity for classifier-free guidance.
+
+    Args:
+        net: The velocity network v(x, t, s=None, class_labels=None) that is trained (MLP, DiT,
+            EDM2UNet, ...); called without s it is a plain velocity model.
+        num_classes: Number of classes of the data; label num_classes is the null token. 0 trains
+            an unconditional model (the labels are not used).
+        label_dropout: Probability of replacing a training label by the null token num_classes, so
+            the same network also learns the unconditional velocity of classifier-free guidance.
+        t_distribution: Distribution of the training times t: "logit_normal" (sigmoid of
+            N(P_mean, P_std)) or "uniform" on (0, 1).
+        P_mean: Location of the logit-normal distribution of t (t_distribution: logit_normal).
+        P_std: Scale of the logit-normal distribution of t (t_distribution: logit_normal).
+        optimizer: Optimizer factory (class_path/init_args, e.g. torch.optim.Adam with lr) of the
+            network's parameters.
+        lr_warmup_steps: Linear learning-rate warmup, in optimizer steps, then a constant rate; 0:
+            none.
+        val_times: The validation loss is averaged over this many fixed, evenly spread times t in
+            (0, 1) with fixed noise, so that it is comparable across runs.
+        sample_steps: Steps of the ODE solver (Heun) of sample() when it is not given num_steps.
+        noise_seed: Base seed of the per-step noise (times, noise, label dropout), derived per
+            (step, micro-batch, rank); None: the run's seed_everything seed (0 without one).
     """
 
     def __init__(
         self,
-        net: nn.Module,  # velocity network v(x, t, s=None, class_labels=None)
-        num_classes: int = 0,  # number of classes; 0 trains an unconditional model
-        label_dropout: float = 0.1,  # probability of replacing the label by the null token
-        t_distribution: Literal["logit_normal", "uniform"] = "logit_normal",  # training times
-        P_mean: float = 0.0,  # logit-normal location of t
-        P_std: float = 1.0,  # logit-normal scale of t
-        optimizer: OptimizerCallable = torch.optim.Adam,  # optimizer factory (class_path/init_args)
-        lr_warmup_steps: int = 0,  # linear learning-rate warmup, optimizer steps
-        val_times: int = 8,  # validation loss is averaged over this many fixed t in (0, 1)
-        sample_steps: int = 32,  # ODE steps (Heun) used by sample()
-        noise_seed: int | None = None,  # base seed of the per-step noise; None: the run's seed_everything seed
+        net: nn.Module,
+        num_classes: int = 0,
+        label_dropout: float = 0.1,
+        t_distribution: Literal["logit_normal", "uniform"] = "logit_normal",
+        P_mean: float = 0.0,
+        P_std: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_warmup_steps: int = 0,
+        val_times: int = 8,
+        sample_steps: int = 32,
+        noise_seed: int | None = None,
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)

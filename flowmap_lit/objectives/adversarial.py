@@ -37,13 +37,20 @@ def gradient_penalty(d: DiscriminatorFn, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class RpGAN(nn.Module):
-    """Relativistic pairing GAN losses with R1 (real) and R2 (fake) gradient penalties."""
+    """Relativistic pairing GAN losses with R1 (real) and R2 (fake) gradient penalties.
+
+    Args:
+        r1_gamma: Weight gamma of the R1 penalty gamma/2 ||grad_x D(real)||^2 (>= 0; 0: off).
+        r2_gamma: Weight gamma of the R2 penalty gamma/2 ||grad_x D(fake)||^2 (>= 0; 0: off).
+        penalty_every: Apply the R1/R2 penalties on every this many discriminator steps only,
+            scaled up by the same factor (lazy regularization); 1: every step.
+    """
 
     def __init__(
         self,
-        r1_gamma: float = 1.0,  # R1 weight gamma: gamma/2 ||grad D(real)||^2
-        r2_gamma: float = 1.0,  # R2 weight gamma: gamma/2 ||grad D(fake)||^2
-        penalty_every: int = 1,  # apply R1/R2 every this many discriminator steps (lazy regularization, scaled up)
+        r1_gamma: float = 1.0,
+        r2_gamma: float = 1.0,
+        penalty_every: int = 1,
     ) -> None:
         super().__init__()
         if r1_gamma < 0 or r2_gamma < 0:

@@ -96,17 +96,37 @@ class TangentObjective(Objective):
     pass is as fast or faster (tiny U-Net and DiT at batch 64), but it keeps the tangent's graph
     alive through the backward (2.5-2.8x the saved activations), and on accelerators memory, not
     time, bounds the batch; a compiled student trains its compiled forward only in two passes.
+
+    Args:
+        tangent_norm: The per-sample norm ||g|| of the tangent normalization g / (||g|| + c)
+            (docs/design.md section 3): "l2" (the L2 norm), "rms" (L2 / sqrt(D), D the elements per
+            sample) or "none" (no normalization; ||g|| is still logged as train/tangent_norm).
+        norm_const: The constant c of the tangent normalization g / (||g|| + c).
+        jvp_backend: How the JVP of the two-pass tangent is computed (docs/design.md section 4):
+            "forward_ad" (torch.autograd.forward_ad), "func" (torch.func.jvp) or "finite_difference"
+            (a central difference with step fd_step; two_pass only).
+        fd_step: Step h of the central finite difference along the tangent (jvp_backend:
+            finite_difference only).
+        weighting: The loss weighting w(t, s) (flowmap_lit.objectives.Weighting: (t - s)^power,
+            optionally adaptive); None: Weighting(), uniform.
+        tangent_pass: How F and its derivative dF are computed: "one_pass" (one forward-mode pass
+            that trains F), "two_pass" (a grad-enabled forward, then a no-grad JVP) or "auto"
+            (one_pass on CPU without autocast for an uncompiled, unsharded student without
+            activation checkpointing, else two_pass); docs/design.md section 4.
+        attention_jvp: How the package's attention op is differentiated in the tangent pass: "math"
+            (SDPA math kernel, memory quadratic in the tokens), "chunked" (fused kernel plus a
+            closed-form tangent in query blocks) or "auto" (chunked on CUDA, math elsewhere).
     """
 
     def __init__(
         self,
-        tangent_norm: Literal["l2", "rms", "none"] = "l2",  # ||g|| per sample: L2, L2/sqrt(D), or off
-        norm_const: float = 0.1,  # c in g / (||g|| + c)
-        jvp_backend: JVPBackend = "forward_ad",  # "forward_ad" | "func" | "finite_difference"
-        fd_step: float = 1e-3,  # finite-difference step along the tangent
-        weighting: Weighting | None = None,  # w(t, s); None: uniform
-        tangent_pass: Literal["auto", "one_pass", "two_pass"] = "auto",  # F and dF in one pass or two
-        attention_jvp: Literal["auto", "math", "chunked"] = "auto",  # attention in the tangent pass
+        tangent_norm: Literal["l2", "rms", "none"] = "l2",
+        norm_const: float = 0.1,
+        jvp_backend: JVPBackend = "forward_ad",
+        fd_step: float = 1e-3,
+        weighting: Weighting | None = None,
+        tangent_pass: Literal["auto", "one_pass", "two_pass"] = "auto",
+        attention_jvp: Literal["auto", "math", "chunked"] = "auto",
     ) -> None:
         super().__init__()
         if tangent_norm not in ("l2", "rms", "none"):

@@ -17,12 +17,18 @@ from flowmap_lit.objectives.weighting import Weighting
 
 
 class DiscreteEMD(Objective):
-    """Consistency-style discrete loss between the student at (x_t, t) and at (x_t', t')."""
+    """Consistency-style discrete loss between the student at (x_t, t) and at (x_t', t').
+
+    Args:
+        delta: The step from t toward s as a fraction of (t - s): t' = t + delta (s - t), reached
+            by one Euler step of the teacher ODE; the continuous limit is delta -> 0.
+        weighting: The loss weighting w(t, s) (flowmap_lit.objectives.Weighting); None: uniform.
+    """
 
     def __init__(
         self,
-        delta: float = 0.01,  # step toward s as a fraction of (t - s)
-        weighting: Weighting | None = None,  # w(t, s); None: uniform
+        delta: float = 0.01,
+        weighting: Weighting | None = None,
     ) -> None:
         super().__init__()
         self.delta = delta

@@ -13,7 +13,12 @@ from flowmap_lit.objectives.weighting import Weighting
 
 
 class FlowMatching(Objective):
-    """Velocity regression onto the teacher at ``s = t``."""
+    """Velocity regression onto the teacher at ``s = t``.
+
+    Args:
+        weighting: The loss weighting (flowmap_lit.objectives.Weighting), evaluated at s = t, where
+            (t - s)^power is 0: only power 0 (optionally adaptive) is meaningful here; None: uniform.
+    """
 
     s_override = "t"
 

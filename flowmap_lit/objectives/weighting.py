@@ -13,14 +13,22 @@ class Weighting(nn.Module):
     ``exp(-u(t, s)) * (t - s)^power * L + u(t, s)`` (sCM / EDM2 style; ``L`` is already a mean over
     the ``D`` elements). ``u`` is a small MLP on Fourier features of ``t`` and ``t - s``, zero at
     initialization so training starts from the uniform weighting.
+
+    Args:
+        power: Exponent of (t - s) in the weight (t - s)^power; 0: uniform, 2: the literal
+            continuous-time limit in f-space (docs/design.md section 3).
+        adaptive: Learn the log-variance u(t, s) (its parameters join the student's optimizer).
+        hidden: Width of the hidden layer of u (adaptive only).
+        fourier_channels: Fourier features of each time input of u, t and t - s (angular
+            frequencies 0.5 to 16 per unit t; adaptive only).
     """
 
     def __init__(
         self,
-        power: float = 0.0,  # exponent of (t - s); 2 is the literal continuous-time limit in f-space
-        adaptive: bool = False,  # learn u(t, s) (adds its parameters to the optimizer)
-        hidden: int = 128,  # width of u's hidden layer
-        fourier_channels: int = 64,  # Fourier features per time input
+        power: float = 0.0,
+        adaptive: bool = False,
+        hidden: int = 128,
+        fourier_channels: int = 64,
     ) -> None:
         super().__init__()
         self.power = power
