@@ -13,7 +13,6 @@ copied into the distillation checkpoints (they are rebuilt from their own source
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
@@ -63,15 +62,23 @@ class ConvertedTeacher(Teacher):
     Divisions by ``t`` or ``1 - t`` clamp ``t`` to ``[T_MIN, T_MAX]`` (``flowmap_lit.interpolant``).
     Only a ``"velocity"`` network can initialize a student (``network``); for the others, give the
     student explicitly.
+
+    Args:
+        net: The network, with its weights loaded: called as net(x_t, t, class_labels=...), or for
+            "edm" as net(x_t / (1 - t), sigma, class_labels=...).
+        prediction: What net returns: "velocity" (v = eps - x0), "eps" (the noise), "x0" (the clean
+            data) or "edm" (an EDM/EDM2 denoiser D(x_sigma; sigma), sigma = t / (1 - t)).
+        num_classes: Classes of the network (label num_classes is its null label); 0:
+            unconditional, no labels are passed.
     """
 
     PREDICTIONS = ("velocity", "eps", "x0", "edm")
 
     def __init__(
         self,
-        net: nn.Module,  # the network, weights loaded
-        prediction: str = "velocity",  # "velocity" | "eps" | "x0" | "edm" (see the class docstring)
-        num_classes: int = 0,  # classes of the network; 0: unconditional
+        net: nn.Module,
+        prediction: str = "velocity",
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         if prediction not in self.PREDICTIONS:

@@ -25,9 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap_lit.interpolant import eps_to_velocity, expand_like, x0_to_velocity
-from flowmap_lit.teachers.base import (Teacher, our_time, teacher_space, teacher_time,
-                                      velocity_from_teacher_space)
-
+from flowmap_lit.teachers.base import Teacher, our_time, teacher_space, teacher_time, velocity_from_teacher_space
 
 # ============================================================================ scheduler conventions
 
@@ -190,6 +188,15 @@ class SchedulerTeacher(Teacher):
     ``t_T = a t / k``, returns ``v_T``, and ``x0_T = x_T - t_T v_T``, ``eps = x_T + (1 - t_T) v_T``,
     ``v = eps - x0_T / a`` (``teacher_space``, ``velocity_from_teacher_space``). Our ``t`` is
     clamped where the convention clamps the teacher's time.
+
+    Args:
+        net: The network, called as net(x_in, timestep, class_labels=...).
+        convention: How net is called at our (x_t, t) and how its output maps back to our velocity:
+            a DiscreteVPConvention or FlowMatchConvention (e.g. convention_from_scheduler).
+        num_classes: Classes of the network (label num_classes is its null label); 0:
+            unconditional, no labels are passed.
+        data_scale: a > 0: the teacher was trained on a * x0 of our data x0, an exact change of
+            time (raw SD-VAE latents: 0.18215).
     """
 
     def __init__(self, net: nn.Module, convention, num_classes: int = 0, data_scale: float = 1.0) -> None:
@@ -256,18 +263,36 @@ class DiffusersTeacher(SchedulerTeacher):
     ``num_class_embeds`` is set; our null label then exists only if its last embedding is the
     null class: set ``num_classes: num_class_embeds - 1`` for such a model.
     The teacher has no velocity network to copy: give the student explicitly.
+
+    Args:
+        path: Local directory (never downloaded): a pipeline directory, or a model directory (then
+            give scheduler).
+        subfolder: The model's folder inside path; None: path itself when it holds config.json,
+            else transformer/ or unet/.
+        model_class: "UNet2DModel" or "DiTTransformer2DModel" ("Transformer2DModel" is read as a
+            DiT); None: config.json's _class_name.
+        scheduler: Scheduler directory or scheduler_config.json, whose config fixes the convention;
+            None: <path>/scheduler.
+        prediction_type: Overrides the scheduler config's prediction type: "epsilon", "v_prediction"
+            or "sample" (discrete schedules only: flow-matching models predict the velocity).
+        num_classes: Classes of the teacher (our null label num_classes); None: the config's
+            num_embeds_ada_norm (DiT) or num_class_embeds (UNet2DModel, which has a null class only
+            if its last embedding is one: then set num_class_embeds - 1).
+        data_scale: a > 0: the teacher was trained on a * x0 of our data x0, an exact change of
+            time (raw SD-VAE latents: 0.18215).
+        dtype: Dtype of the weights: "float32", "bfloat16" or "float16".
     """
 
     def __init__(
         self,
-        path: str,  # local pipeline directory (or model directory, with `scheduler`)
-        subfolder: str | None = None,  # model subfolder; None: config.json in path, else transformer/ or unet/
-        model_class: str | None = None,  # "UNet2DModel" | "DiTTransformer2DModel"; None: from config.json
-        scheduler: str | None = None,  # scheduler directory or scheduler_config.json; None: <path>/scheduler
-        prediction_type: str | None = None,  # override the scheduler's: epsilon | v_prediction | sample
-        num_classes: int | None = None,  # classes; None: num_embeds_ada_norm (DiT) or num_class_embeds (UNet)
-        data_scale: float = 1.0,  # the teacher's data is data_scale * our data (SD-VAE latents: 0.18215)
-        dtype: str = "float32",  # weights dtype: float32 | bfloat16 | float16
+        path: str,
+        subfolder: str | None = None,
+        model_class: str | None = None,
+        scheduler: str | None = None,
+        prediction_type: str | None = None,
+        num_classes: int | None = None,
+        data_scale: float = 1.0,
+        dtype: str = "float32",
     ) -> None:
         import diffusers
 

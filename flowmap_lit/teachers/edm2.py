@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from flowmap_lit.teachers.base import ConvertedTeacher
-from flowmap_lit.teachers.base import teacher_space, velocity_from_teacher_space
+from flowmap_lit.teachers.base import ConvertedTeacher, teacher_space, velocity_from_teacher_space
 
 
 class OneHotLabels(nn.Module):
@@ -93,17 +92,34 @@ class EDM2Teacher(ConvertedTeacher):
     EDM2's fixed constants to std 0.5, so with ``normalize: true`` data (std 1 per channel, our own
     dataset statistics) ``a = 0.5`` matches only as far as the two sets of statistics agree.
     The teacher has no velocity network to copy: give the student explicitly.
+
+    Args:
+        path: Local file of the denoiser (never downloaded): an EDM2 network pickle (.pkl), or a state
+            dict (.pt/.pth read with weights_only=True, or .safetensors) of the architecture net.
+        allow_pickle: Allow loading a .pkl, which executes code stored in the file (trusted files
+            only); a .pkl needs it.
+        source_dir: Local clone of NVlabs/edm2, put on sys.path so that a pickle's classes import;
+            None: EDM2's modules must be importable already.
+        key: Entry of the pickled dict (or of the state dict) that holds the denoiser ("ema" in
+            EDM2's snapshots); a state-dict file with neither it nor a "state_dict" entry is read
+            whole.
+        net: The denoiser architecture for a state dict, called as net(x, sigma, one_hot_labels);
+            ignored for a pickle.
+        num_classes: Classes of the teacher (our null label num_classes becomes the zero one-hot
+            vector); None: the denoiser's label_dim.
+        data_scale: a > 0: the denoiser was trained on a * x0 of our data x0 (an exact change of
+            time). EDM2's latents have std 0.5, so for normalize: true data (std 1) about 0.5.
     """
 
     def __init__(
         self,
-        path: str,  # .pkl network pickle, or .pt/.pth/.safetensors state dict of `net`
-        allow_pickle: bool = False,  # needed for .pkl: unpickling executes code from the file
-        source_dir: str | None = None,  # local clone of NVlabs/edm2, put on sys.path to unpickle
-        key: str = "ema",  # entry of the pickled dict (or of the state dict) holding the denoiser
-        net: nn.Module | None = None,  # architecture for a state dict; ignored for a pickle
-        num_classes: int | None = None,  # classes; None: the denoiser's label_dim
-        data_scale: float = 1.0,  # the denoiser's data is data_scale * our data (see SchedulerTeacher)
+        path: str,
+        allow_pickle: bool = False,
+        source_dir: str | None = None,
+        key: str = "ema",
+        net: nn.Module | None = None,
+        num_classes: int | None = None,
+        data_scale: float = 1.0,
     ) -> None:
         if data_scale <= 0:
             raise ValueError(f"data_scale must be > 0, got {data_scale}")

@@ -9,13 +9,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flowmap_lit.teachers.analytic import GaussianData, GaussianMixture
 from flowmap_lit.data import read_split
+from flowmap_lit.teachers.analytic import GaussianData, GaussianMixture
 from flowmap_lit.teachers.base import Teacher
 
 
 class MixtureTeacher(Teacher):
-    """The exact velocity of a given ``GaussianMixture`` (docs/design.md section 6)."""
+    """The exact velocity of a given ``GaussianMixture`` (docs/design.md section 6).
+
+    Args:
+        mixture: The Gaussian mixture (flowmap_lit.teachers.GaussianMixture) of the data; its
+            classes are the teacher's.
+    """
 
     def __init__(self, mixture: GaussianMixture) -> None:
         super().__init__()
@@ -33,7 +38,11 @@ class MixtureTeacher(Teacher):
 
 class GaussianTeacher(Teacher):
     """Gaussian data ``N(mu, diag(c^2))``: closed-form velocity AND flow map (docs/design.md section 6),
-    the reference the flow-map diagnostics (``flowmap_lit.diagnostics``) use exactly."""
+    the reference the flow-map diagnostics (``flowmap_lit.diagnostics``) use exactly.
+
+    Args:
+        data: The Gaussian data distribution (flowmap_lit.teachers.GaussianData); unconditional.
+    """
 
     def __init__(self, data: GaussianData) -> None:
         super().__init__()
@@ -54,18 +63,35 @@ class GMMTeacher(MixtureTeacher):
     With ``per_class=True`` the mixture has ``num_components`` components per class and is
     class-conditional (the null label mixes all classes, so CFG works too). The fit is
     deterministic given ``seed``; it is redone at construction (a second or two for the digits).
+
+    Args:
+        data_root: Dataset directory (shards and stats.json) whose split is fitted, standardized
+            per channel with its stats.json like the training data (LatentDataModule, normalize:
+            true).
+        num_components: Full-covariance components of the mixture (per class with per_class), >= 1.
+        per_class: Fit num_components per class: a class-conditional mixture; false: one
+            unconditional mixture of the whole split.
+        covariance_scale: Multiplies every component's covariance (> 0); above 1 widens the
+            components, which makes a weaker model for autoguidance.
+        reg_covar: Added to the covariance diagonals in the fit (in the standardized units), >= 0.
+        split: The dataset split that is fitted.
+        seed: Seed of the EM initialization (scikit-learn's random_state): the fit is deterministic
+            given it.
+        prepare_digits_if_missing: When data_root has no stats.json and its directory is named after
+            a built-in dataset ("digits", "shapes"), write that dataset there first; otherwise a
+            missing dataset is an error.
     """
 
     def __init__(
         self,
-        data_root: str = "data/digits",  # dataset directory (shards + stats.json), normalized as in training
-        num_components: int = 2,  # components (per class when per_class)
-        per_class: bool = True,  # class-conditional mixture
-        covariance_scale: float = 1.0,  # widen every component (> 1 makes a weaker guide)
-        reg_covar: float = 1e-3,  # added to covariance diagonals (normalized units)
-        split: str = "train",  # split to fit
-        seed: int = 0,  # EM initialization seed
-        prepare_digits_if_missing: bool = True,  # write a built-in dataset when a data_root named after it ("digits", "shapes") has none
+        data_root: str = "data/digits",
+        num_components: int = 2,
+        per_class: bool = True,
+        covariance_scale: float = 1.0,
+        reg_covar: float = 1e-3,
+        split: str = "train",
+        seed: int = 0,
+        prepare_digits_if_missing: bool = True,
     ) -> None:
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")

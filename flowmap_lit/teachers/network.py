@@ -3,11 +3,9 @@ default), or any network passed in with its weights."""
 
 from __future__ import annotations
 
-
 from torch import nn
 
-from flowmap_lit.checkpoints import ema_state_from_checkpoint
-from flowmap_lit.checkpoints import load_checkpoint
+from flowmap_lit.checkpoints import ema_state_from_checkpoint, load_checkpoint
 from flowmap_lit.teachers.base import Teacher
 
 
@@ -27,15 +25,28 @@ class NetworkTeacher(Teacher):
     Give ``checkpoint`` (a ``FlowMatchingModule`` checkpoint written by ``python -m flowmap_lit
     fit``: its network config is read from the checkpoint) and/or ``net`` (the architecture, when
     the checkpoint lacks it, or a network with weights already loaded when ``checkpoint`` is None).
+
+    Args:
+        checkpoint: A Lightning checkpoint of a FlowMatchingModule run (a file or a sharded FSDP2
+            directory) whose network weights are loaded; None: net is used as given.
+        net: The network architecture (class_path/init_args); optional with a checkpoint written by
+            python -m flowmap_lit fit (which records it), or, without a checkpoint, the network with
+            its weights already loaded.
+        use_ema: Load the checkpoint's EMA weights when it has them; false (or none saved): the raw
+            trained weights.
+        num_classes: Classes of the network (label num_classes is its null label for classifier-free
+            guidance); None: the checkpoint's num_classes hyperparameter, else 0 (unconditional).
+        allow_pickle: Load the checkpoint with weights_only=False, which can run code stored in it
+            (trusted files only).
     """
 
     def __init__(
         self,
-        checkpoint: str | None = None,  # a Lightning checkpoint of a FlowMatchingModule (file or sharded directory)
-        net: nn.Module | None = None,  # architecture (optional with a checkpoint made by the CLI)
-        use_ema: bool = True,  # load the EMA weights when the checkpoint has them
-        num_classes: int | None = None,  # classes of the network; None: from the checkpoint, else 0
-        allow_pickle: bool = False,  # load the checkpoint with weights_only=False (trusted files only)
+        checkpoint: str | None = None,
+        net: nn.Module | None = None,
+        use_ema: bool = True,
+        num_classes: int | None = None,
+        allow_pickle: bool = False,
     ) -> None:
         super().__init__()
         if checkpoint is None and net is None:

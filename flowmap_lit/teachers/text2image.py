@@ -36,7 +36,6 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flowmap_lit.networks.attention import math_only_active
@@ -156,16 +155,28 @@ class SD3Teacher(Teacher):
     ``load_sd3_transformer``) or ``config`` (the transformer's config dict: random weights, seeded,
     for tests). ``velocity(x, t, encoder_hidden_states=..., pooled_projections=...)`` always runs the
     base model, even while a ``LoRAFlowMap`` student has adapters on the same module.
+
+    Args:
+        path: Local diffusers directory (never downloaded): a pipeline root (with transformer/ and
+            scheduler/) or the transformer's own folder; exactly one of path and config.
+        config: An SD3Transformer2DModel config dict: a transformer with random (seeded) weights,
+            for tests, instead of path.
+        subfolder: Folder of the transformer inside path; None: "transformer" if present, else
+            path itself.
+        num_train_timesteps: The transformer is called at timestep = t * num_train_timesteps; None:
+            the value in the scheduler config next to the transformer, else 1000.
+        dtype: Dtype of the base weights: "float32", "bfloat16" or "float16".
+        seed: Initialization seed of a transformer built from config.
     """
 
     def __init__(
         self,
-        path: str | None = None,  # local diffusers directory (pipeline root or transformer folder)
-        config: dict | None = None,  # SD3Transformer2DModel config (random weights) instead of a path
-        subfolder: str | None = None,  # folder of the transformer inside path; None: "transformer" if present
-        num_train_timesteps: int | None = None,  # timestep = t * this; None: the scheduler config's, else 1000
-        dtype: str = "float32",  # weights dtype: float32 | bfloat16 | float16
-        seed: int = 0,  # initialization seed of a transformer built from config
+        path: str | None = None,
+        config: dict | None = None,
+        subfolder: str | None = None,
+        num_train_timesteps: int | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if (path is None) == (config is None):
@@ -224,20 +235,34 @@ class LoRAFlowMap(nn.Module):
     Built empty from the config; ``FlowMapDistillModule`` calls ``attach(teacher)`` (because
     ``shares_teacher_weights``), which injects the LoRA adapters into ``teacher.network`` in place,
     freezes its base weights and adds the gap (and guidance) embeddings.
+
+    Args:
+        rank: LoRA rank r of the adapters.
+        alpha: LoRA alpha: the adapters' update is scaled by alpha / rank; None: alpha = rank.
+        target_modules: Names (suffixes) of the transformer's modules that get adapters; default: the
+            attention projections (to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj,
+            to_add_out).
+        lora_dropout: Dropout on the adapters' input; 0 keeps the JVP pass and the grad pass
+            identical.
+        gap_channels: Fourier features of the gap t - s (and of lam - 1 for the guidance embedding).
+        gap_hidden: Hidden width of the gap (and guidance) embedding MLP.
+        gap_max_freq: Highest angular frequency of those features per unit t (the lowest is 0.5);
+            keep it low: the JVP differentiates through it (docs/design.md section 3, Stability).
+        guidance_embedding: Also embed the guidance scale lam (for condition_on_guidance: true).
     """
 
     shares_teacher_weights = True
 
     def __init__(
         self,
-        rank: int = 16,  # LoRA rank r
-        alpha: float | None = None,  # LoRA alpha (update scaled by alpha / r); None: alpha = rank
-        target_modules: Sequence[str] = DEFAULT_TARGETS,  # module names (suffixes) that get adapters
-        lora_dropout: float = 0.0,  # dropout on the LoRA input (0 keeps the JVP and grad passes identical)
-        gap_channels: int = 64,  # Fourier features of t - s (and of lam - 1)
-        gap_hidden: int = 256,  # hidden width of the gap MLP
-        gap_max_freq: float = 16.0,  # highest angular frequency per unit t; low: the JVP differentiates it
-        guidance_embedding: bool = True,  # also embed the guidance scale (condition_on_guidance: true)
+        rank: int = 16,
+        alpha: float | None = None,
+        target_modules: Sequence[str] = DEFAULT_TARGETS,
+        lora_dropout: float = 0.0,
+        gap_channels: int = 64,
+        gap_hidden: int = 256,
+        gap_max_freq: float = 16.0,
+        guidance_embedding: bool = True,
     ) -> None:
         super().__init__()
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
