@@ -67,16 +67,30 @@ class MinibatchStd(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """``D(x, class_labels) -> (B,)`` logits; class-conditional by projection when ``num_classes > 0``."""
+    """``D(x, class_labels) -> (B,)`` logits; class-conditional by projection when ``num_classes > 0``.
+
+    Args:
+        img_channels: Channels of the latents (or images) it judges; with an input_transform, of
+            its output.
+        img_resolution: Height = width of what it judges, a power of two >= 4; with an
+            input_transform, of its output.
+        channels: Features of each resolution level, full resolution first, one entry per level
+            down to 4x4 (log2(img_resolution) - 1 entries); None: 64, 128, 256, 256, ...
+        num_classes: Number of classes (projection conditioning; the null label num_classes has its
+            own embedding); 0: unconditional.
+        mbstd_group: Group size of the minibatch standard deviation feature; 0 disables it.
+        input_transform: Differentiable module applied to x first, e.g. DecodeLatents to judge
+            decoded images (the generator's gradient flows through it); None: x itself.
+    """
 
     def __init__(
         self,
-        img_channels: int = 4,  # channels of the latents (or images) it judges
-        img_resolution: int = 64,  # height = width; a power of two >= 4
-        channels: list[int] | None = None,  # features per resolution, full resolution first; None: 64, 128, 256, 256, ...
-        num_classes: int = 0,  # classes (projection conditioning); 0: unconditional
-        mbstd_group: int = 4,  # minibatch-std group size (0 disables it)
-        input_transform: nn.Module | None = None,  # applied to x first, e.g. DecodeLatents; judged resolution is its output's
+        img_channels: int = 4,
+        img_resolution: int = 64,
+        channels: list[int] | None = None,
+        num_classes: int = 0,
+        mbstd_group: int = 4,
+        input_transform: nn.Module | None = None,
     ) -> None:
         super().__init__()
         levels = int(math.log2(img_resolution)) - 2
@@ -131,14 +145,22 @@ class DecodeLatents(nn.Module):
     diffusers ``AutoencoderKL`` loaded from a local directory (never downloaded), optionally
     average-pooled by ``downsample`` to keep the discriminator cheap. Its weights are frozen and
     not saved in checkpoints (they are reloaded from ``vae``).
+
+    Args:
+        vae: Local directory of a diffusers AutoencoderKL (e.g. an SD-VAE download); never
+            downloaded.
+        stats_root: Dataset directory whose stats.json mean and std undo the data module's
+            normalization; None: the latents are used as they are (data with normalize: false).
+        scaling_factor: The latents are divided by it before decoding; 1.0: stored unscaled.
+        downsample: Average-pool the decoded image by this factor; 1: full resolution.
     """
 
     def __init__(
         self,
-        vae: str,  # local directory of a diffusers AutoencoderKL (e.g. an SD-VAE download)
-        stats_root: str | None = None,  # dataset directory with stats.json (its mean/std undo the normalization)
-        scaling_factor: float = 1.0,  # latents are divided by it before decoding (1.0: stored unscaled)
-        downsample: int = 1,  # average-pool the decoded image by this factor
+        vae: str,
+        stats_root: str | None = None,
+        scaling_factor: float = 1.0,
+        downsample: int = 1,
     ) -> None:
         super().__init__()
         from flowmap_lit.checkpoints.vae import load_vae

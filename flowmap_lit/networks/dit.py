@@ -11,8 +11,8 @@ from torch import nn
 
 from .attention import attention
 from .embeddings import ConditionEmbedding, batch_vector
-from .tangent_ops import Conv2d, Linear
 from .mp import force_normalize_
+from .tangent_ops import Conv2d, Linear
 
 
 def sincos_pos_embed_2d(dim: int, height: int, width: int) -> torch.Tensor:
@@ -91,23 +91,41 @@ class DiT(nn.Module):
     """Diffusion Transformer F(x, t, s, class, guidance) -> same shape as x.
 
     Defaults are the CPU digits model (1x8x8); `presets.py` holds DiT-S/B/L/XL-2 sizes.
+
+    Args:
+        img_channels: Channels of x (and of the output).
+        img_resolution: Height = width of x, in pixels; a multiple of patch_size.
+        patch_size: Patch side in pixels; tokens = (img_resolution / patch_size)^2.
+        hidden_size: Token width D.
+        depth: Number of transformer blocks.
+        num_heads: Attention heads (D / num_heads channels per head).
+        mlp_ratio: Hidden width of the blocks' MLP, as a multiple of D.
+        num_classes: Number of classes (label num_classes is the learned null token of
+            classifier-free guidance); 0: unconditional.
+        dropout: Dropout probability on the attention output and the MLP hidden layer.
+        learn_pos_embed: Learn the position table (initialized to the 2D sin-cos table); false:
+            the fixed sin-cos table.
+        fourier_channels: Width of the Fourier time features.
+        time_min_freq: Lowest angular frequency of the t and t - s embeddings, per unit t.
+        time_max_freq: Highest angular frequency of the t and t - s embeddings; keep it low: the
+            JVP differentiates through it (docs/design.md section 3, Stability).
     """
 
     def __init__(
         self,
-        img_channels: int = 1,  # Channels of x (and of the output).
-        img_resolution: int = 8,  # Height = width of x, in pixels.
-        patch_size: int = 2,  # Patch side in pixels; tokens = (img_resolution / patch_size)^2.
-        hidden_size: int = 64,  # Token width D.
-        depth: int = 2,  # Number of transformer blocks.
-        num_heads: int = 4,  # Attention heads (D / num_heads per head).
-        mlp_ratio: float = 4.0,  # MLP hidden width / D.
-        num_classes: int = 0,  # Number of classes; 0 = unconditional.
-        dropout: float = 0.0,  # Dropout on the attention output and the MLP hidden layer.
-        learn_pos_embed: bool = False,  # Learn the position table (initialized to 2D sin-cos).
-        fourier_channels: int = 256,  # Width of the Fourier time features.
-        time_min_freq: float = 0.5,  # Lowest angular frequency of the t, t - s embeddings.
-        time_max_freq: float = 16.0,  # Highest angular frequency; keep low (docs/design.md section 3, Stability).
+        img_channels: int = 1,
+        img_resolution: int = 8,
+        patch_size: int = 2,
+        hidden_size: int = 64,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        dropout: float = 0.0,
+        learn_pos_embed: bool = False,
+        fourier_channels: int = 256,
+        time_min_freq: float = 0.5,
+        time_max_freq: float = 16.0,
     ):
         super().__init__()
         if img_resolution % patch_size:

@@ -19,23 +19,43 @@ from .tangent_ops import Linear
 
 
 class MLP(nn.Module):
-    """F(x, t, s) on ``x`` of shape ``(B, C, H, W)`` flattened to ``C * H * W`` features."""
+    """F(x, t, s) on ``x`` of shape ``(B, C, H, W)`` flattened to ``C * H * W`` features.
+
+    Args:
+        img_channels: Channels of x (and of the output).
+        img_resolution: Height = width of x, in pixels.
+        width: Hidden units per layer.
+        depth: Number of hidden layers.
+        num_classes: Number of classes (label num_classes is the learned null token of
+            classifier-free guidance); 0: unconditional.
+        emb_dim: Width of the conditioning vector c(t, s, class, guidance).
+        fourier_channels: Width of each Fourier feature vector (of t, t - s and the guidance scale).
+        time_min_freq: Lowest angular frequency of the t and t - s embeddings, per unit t.
+        time_max_freq: Highest angular frequency of the t and t - s embeddings; keep it low: the
+            JVP differentiates through it (docs/design.md section 3, Stability).
+        dropout: Dropout probability after each hidden layer.
+        modulation: How c enters a layer: "shift" (added) or "scale_shift" (it also scales the
+            layer, FiLM / adaLN style, starting from the additive network).
+        precondition: F = c_skip(t, s) x + c_out(t) net(c_in(t) x), so that net = 0 is the exact
+            flow map of Gaussian data with std sigma_data (docs/design.md section 2).
+        sigma_data: Per-element data std that the preconditioning assumes (1 for normalized latents).
+    """
 
     def __init__(
         self,
-        img_channels: int = 1,  # channels of x (and of the output)
-        img_resolution: int = 8,  # height = width of x
-        width: int = 768,  # hidden units per layer
-        depth: int = 3,  # hidden layers
-        num_classes: int = 0,  # number of classes; 0 = unconditional
-        emb_dim: int = 256,  # width of the conditioning vector c
-        fourier_channels: int = 128,  # width of each Fourier feature vector
-        time_min_freq: float = 0.5,  # lowest angular frequency of the t, t - s embeddings
-        time_max_freq: float = 16.0,  # highest angular frequency; keep low (docs/design.md section 3, Stability)
-        dropout: float = 0.0,  # dropout after each hidden layer
-        modulation: str = "shift",  # how c enters a layer: "shift" (added) or "scale_shift" (also multiplies)
-        precondition: bool = False,  # F = c_skip(t, s) x + c_out(t) net(c_in(t) x): net = 0 is the Gaussian flow map
-        sigma_data: float = 1.0,  # per-element data std the preconditioning assumes (1 for normalized latents)
+        img_channels: int = 1,
+        img_resolution: int = 8,
+        width: int = 768,
+        depth: int = 3,
+        num_classes: int = 0,
+        emb_dim: int = 256,
+        fourier_channels: int = 128,
+        time_min_freq: float = 0.5,
+        time_max_freq: float = 16.0,
+        dropout: float = 0.0,
+        modulation: str = "shift",
+        precondition: bool = False,
+        sigma_data: float = 1.0,
     ) -> None:
         super().__init__()
         if modulation not in ("shift", "scale_shift"):

@@ -88,27 +88,50 @@ class EDM2UNet(nn.Module):
     """Magnitude-preserving U-Net F(x, t, s, class, guidance) -> same shape as x.
 
     Defaults are the CPU digits model (1x8x8); `presets.py` holds EDM2-XS/S/M-like sizes.
+
+    Args:
+        img_channels: Channels of x (and of the output).
+        img_resolution: Height = width of x, in pixels; halved once per level after the first.
+        model_channels: Base channel count (EDM2's "channels").
+        channel_mult: Channel multiplier of each resolution level, full resolution first.
+        num_blocks: Residual blocks per resolution level on the encoder side (the decoder has one
+            more).
+        attn_resolutions: Resolutions (in pixels) whose blocks have self-attention; the first
+            block of the lowest resolution's decoder always has it.
+        num_classes: Number of classes (label num_classes is the learned null token of
+            classifier-free guidance); 0: unconditional.
+        emb_dim: Width of the conditioning vector c; None: model_channels * max(channel_mult).
+        fourier_channels: Width of the Fourier features; None: model_channels.
+        channels_per_head: Channels per attention head.
+        dropout: Dropout probability in the residual blocks.
+        time_min_freq: Lowest angular frequency of the t and t - s embeddings, per unit t.
+        time_max_freq: Highest angular frequency of the t and t - s embeddings; keep it low: the
+            JVP differentiates through it (docs/design.md section 3, Stability).
+        res_balance: mp_sum weight of the residual branches.
+        attn_balance: mp_sum weight of the attention branches.
+        concat_balance: mp_cat weight of the encoder skip connections.
+        clip_act: Clamp of the activations to [-clip_act, clip_act] after each block; None: off.
     """
 
     def __init__(
         self,
-        img_channels: int = 1,  # Channels of x (and of the output).
-        img_resolution: int = 8,  # Height = width of x, in pixels.
-        model_channels: int = 32,  # Base channel count (EDM2 "channels").
-        channel_mult: Sequence[int] = (1, 2),  # Channel multiplier per resolution level.
-        num_blocks: int = 1,  # Residual blocks per resolution level (encoder side).
-        attn_resolutions: Sequence[int] = (4,),  # Resolutions with self-attention.
-        num_classes: int = 0,  # Number of classes; 0 = unconditional.
-        emb_dim: int | None = None,  # Width of c; None = model_channels * max(channel_mult).
-        fourier_channels: int | None = None,  # Width of the Fourier features; None = model_channels.
-        channels_per_head: int = 64,  # Attention head width.
-        dropout: float = 0.0,  # Dropout probability in the residual blocks.
-        time_min_freq: float = 0.5,  # Lowest angular frequency of the t, t - s embeddings.
-        time_max_freq: float = 16.0,  # Highest angular frequency; keep low (docs/design.md section 3, Stability).
-        res_balance: float = 0.3,  # mp_sum weight of residual branches.
-        attn_balance: float = 0.3,  # mp_sum weight of attention branches.
-        concat_balance: float = 0.5,  # mp_cat weight of the encoder skip connections.
-        clip_act: float | None = 256.0,  # Activation clamp after each block; None = off.
+        img_channels: int = 1,
+        img_resolution: int = 8,
+        model_channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2),
+        num_blocks: int = 1,
+        attn_resolutions: Sequence[int] = (4,),
+        num_classes: int = 0,
+        emb_dim: int | None = None,
+        fourier_channels: int | None = None,
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        time_min_freq: float = 0.5,
+        time_max_freq: float = 16.0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        concat_balance: float = 0.5,
+        clip_act: float | None = 256.0,
     ):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
