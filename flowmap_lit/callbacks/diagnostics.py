@@ -29,18 +29,30 @@ def grid_table(grid) -> str:
 
 class FlowMapDiagnostics(pl.Callback):
     """Where the EMA student's flow map is wrong, at the end of fit (and, with ``every_validation``, at
-    each validation). Rank 0 computes it (the teacher's reference is a fine ODE solve per jump)."""
+    each validation). Rank 0 computes it (the teacher's reference is a fine ODE solve per jump).
+
+    Args:
+        times: Times of the single-jump grid, every pair (t, s) of them a jump; None: 1, 7/8, ..., 0.
+        step_counts: Step counts k of the sampling paths (uniform schedules) whose error is split
+            into the steps' shares.
+        num_samples: Noise samples (fixed by seed).
+        reference_steps: Heun steps (EDM grid) of the teacher's flow map over [0, 1].
+        batch_size: Samples per network call.
+        seed: Seed of the noise and the labels.
+        every_validation: Also run at every validation (costs about 2 jump grids of ODE solves).
+        print_table: Print the tables at the end of fit.
+    """
 
     def __init__(
         self,
-        times: list[float] | None = None,  # jump grid (default 1, 7/8, ..., 0)
-        step_counts: list[int] = [1, 2, 4, 8],  # sampling paths to decompose (uniform schedules)
-        num_samples: int = 500,  # noise samples (fixed by seed)
-        reference_steps: int = 256,  # Heun steps (EDM grid) of the teacher's flow map over [0, 1]
-        batch_size: int = 500,  # samples per network call
-        seed: int = 0,  # seed of the noise and labels
-        every_validation: bool = False,  # also at every validation (costs about 2 jump grids of ODE solves)
-        print_table: bool = True,  # print the tables at the end of fit
+        times: list[float] | None = None,
+        step_counts: list[int] = [1, 2, 4, 8],  # noqa: B006 (read, never mutated; --help shows it)
+        num_samples: int = 500,
+        reference_steps: int = 256,
+        batch_size: int = 500,
+        seed: int = 0,
+        every_validation: bool = False,
+        print_table: bool = True,
     ) -> None:
         self.times = times
         self.step_counts = list(step_counts)

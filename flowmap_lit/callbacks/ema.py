@@ -38,14 +38,21 @@ class EMA(pl.Callback):
 
     ``beta = decay``, or, with ``warmup=True``, ``min(decay, (1 + n) / (10 + n))`` after ``n``
     updates so that early averages are not dominated by the random initialization.
+
+    Args:
+        decay: EMA decay beta per update, in [0, 1); the half-life is about ln 2 / (1 - decay)
+            updates.
+        warmup: Ramp the decay as min(decay, (1 + n) / (10 + n)) over the first updates n.
+        update_every: Optimizer steps (trainer.global_step) between EMA updates.
+        validate_with_ema: Swap the EMA weights in during validation, test and predict.
     """
 
     def __init__(
         self,
-        decay: float = 0.999,  # EMA decay per update (half-life = ln 2 / (1 - decay) updates)
-        warmup: bool = True,  # ramp the decay as (1 + n) / (10 + n) for the first updates
-        update_every: int = 1,  # optimizer steps between EMA updates
-        validate_with_ema: bool = True,  # swap the EMA weights in during validation/test/predict
+        decay: float = 0.999,
+        warmup: bool = True,
+        update_every: int = 1,
+        validate_with_ema: bool = True,
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")

@@ -22,7 +22,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from flowmap_lit.callbacks.ema import evaluation_mode
 from flowmap_lit.callbacks.flowmap_error import format_table, log_at_fit_end
 
-
 DISPLAY = {"fid": "FID", "fd_dinov2": "FD_DINOv2"}
 
 
@@ -36,34 +35,65 @@ class FewStepFID(pl.Callback):
 
     ``feature``: one kind or a list of kinds, each with its weights in ``feature_path`` (one path
     per kind): ``"digits"`` (a small classifier trained on the digits, made by ``python -m
-    flowmap_lit.metrics.digits_classifier``), ``"inception"`` (Inception-v3 pool features, FID;
+    flowmap_lit classifier``), ``"inception"`` (Inception-v3 pool features, FID;
     local weights file) or ``"dinov2"`` (DINOv2 class token, FD_DINOv2; local transformers
     directory). Samples are mapped to images by the data module's ``denormalize`` and, for latent
     data, by the diffusers ``AutoencoderKL`` in the local directory ``vae`` (stored latents =
     ``(z - vae_shift_factor) * vae_scaling_factor``); the digits are their own images. On a text
     dataset sample ``i`` is conditioned on the stored embeddings of validation sample
     ``i % num_prompts``, and the reference is the training split's decoded latents.
+
+    Args:
+        feature: The feature network kind, or a list of kinds: "digits" (a small digits classifier,
+            made by python -m flowmap_lit classifier), "inception" (Inception-v3 pool features: FID)
+            or "dinov2" (DINOv2 class token: FD_DINOv2); "digits" and "inception" both give FID, so
+            not both.
+        feature_path: Weights of each feature network, one per kind (a single kind takes a single
+            path): the digits classifier file, the Inception-v3 weights file or the DINOv2
+            transformers directory.
+        step_counts: Sampler step counts k (each logged as fid/{k}step or fd_dinov2/{k}step).
+        num_samples: Generated samples per step count, over all ranks.
+        reference_split: Data split whose statistics are the reference (computed once and cached
+            next to the shards).
+        reference_samples: Use the first this many samples of the reference split; None: all.
+        batch_size: Samples per network call.
+        seed: Noise seed: sample i's noise and label depend on (seed, i) only, whatever the number
+            of ranks.
+        guidance: Guidance scale lam passed to sample(); None: the module's own (eval_guidance).
+        print_table: Print the table at the end of fit, and after validate.
+        train_if_missing: With "digits": train the classifier (about 10 s) when feature_path is
+            missing.
+        teacher_steps: Also the teacher's distances (its ODE from the same noise, with this many
+            Heun steps), computed once and shown with the table; None or 0: skip.
+        vae: Local directory of a diffusers AutoencoderKL that decodes latent samples (and the
+            reference data) into images; None: the samples are images.
+        vae_scaling_factor: How the stored latents were scaled: stored = (z - vae_shift_factor) *
+            vae_scaling_factor (flowmap_lit.metrics.decode).
+        vae_shift_factor: How the stored latents were shifted (see vae_scaling_factor).
+        vae_batch_size: Latents per decoder call.
+        num_prompts: Text data: sample i is conditioned on the stored embeddings of validation
+            sample i % num_prompts (at most num_samples prompts).
     """
 
     def __init__(
         self,
-        feature: str | list[str] = "digits",  # feature network kind(s): "digits", "inception", "dinov2"
-        feature_path: str | None | list[str | None] = "data/digits/classifier.pt",  # weights, one per kind
-        step_counts: list[int] = [1, 2, 4, 8],  # sampler step counts
-        num_samples: int = 2000,  # generated samples per step count, over all ranks
-        reference_split: str = "train",  # data split of the reference statistics
-        reference_samples: int | None = None,  # the first this many samples of the split (None: all)
-        batch_size: int = 500,  # samples per network call
-        seed: int = 0,  # noise seed: sample i's noise and label depend on (seed, i) only
-        guidance: float | None = None,  # guidance scale for sampling; None: the module's default
-        print_table: bool = True,  # print the table at the end of fit / validate
-        train_if_missing: bool = False,  # "digits": train the classifier (~10 s) when feature_path is missing
-        teacher_steps: int | None = 64,  # at the end, also the teacher's distances with this many Heun steps (None: skip)
-        vae: str | None = None,  # local diffusers AutoencoderKL directory: decode latent samples (None: pixels)
-        vae_scaling_factor: float = 1.0,  # how the stored latents were scaled (flowmap_lit.metrics.decode)
+        feature: str | list[str] = "digits",
+        feature_path: str | None | list[str | None] = "data/digits/classifier.pt",
+        step_counts: list[int] = [1, 2, 4, 8],  # noqa: B006 (read, never mutated; --help shows it)
+        num_samples: int = 2000,
+        reference_split: str = "train",
+        reference_samples: int | None = None,
+        batch_size: int = 500,
+        seed: int = 0,
+        guidance: float | None = None,
+        print_table: bool = True,
+        train_if_missing: bool = False,
+        teacher_steps: int | None = 64,
+        vae: str | None = None,
+        vae_scaling_factor: float = 1.0,
         vae_shift_factor: float = 0.0,
-        vae_batch_size: int = 32,  # latents per decoder call
-        num_prompts: int = 1000,  # text data: sample i takes prompt i % num_prompts of the validation split
+        vae_batch_size: int = 32,
+        num_prompts: int = 1000,
     ) -> None:
         from flowmap_lit.metrics.features import FEATURE_KINDS, METRIC_NAMES
 

@@ -44,17 +44,28 @@ class FlowMapError(pl.Callback):
 
     Needs ``pl_module.sample(noise, labels, num_steps=k)`` and ``pl_module.teacher_sample(noise,
     labels, num_steps=...)`` (``FlowMapDistillModule`` has both).
+
+    Args:
+        step_counts: Student step counts k that are evaluated (each logged as
+            flowmap_error/{k}step and flowmap_rel_error/{k}step).
+        num_samples: Noise samples (fixed by seed), with the teacher's reference computed once.
+        reference_steps: Heun steps (EDM schedule) of the teacher's reference ODE solution.
+        batch_size: Samples per network call.
+        seed: Seed of the noise and the labels.
+        print_table: Print the table at the end of fit.
+        velocity_limit_steps: Above 0: also integrate the student's own velocity F(x, t, t) with
+            this many Heun steps (flowmap_rel_error/velocity_limit, docs/design.md section 9); 0: off.
     """
 
     def __init__(
         self,
-        step_counts: list[int] = [1, 2, 4, 8],  # student step counts to evaluate
-        num_samples: int = 1000,  # noise samples (fixed by seed)
-        reference_steps: int = 128,  # Heun steps (EDM schedule) of the teacher's reference ODE
-        batch_size: int = 500,  # samples per network call
-        seed: int = 0,  # seed of the noise and labels
-        print_table: bool = True,  # print the table at the end of fit
-        velocity_limit_steps: int = 0,  # > 0: also the student's own velocity F(x, t, t), Heun with this many steps
+        step_counts: list[int] = [1, 2, 4, 8],  # noqa: B006 (read, never mutated; --help shows it)
+        num_samples: int = 1000,
+        reference_steps: int = 128,
+        batch_size: int = 500,
+        seed: int = 0,
+        print_table: bool = True,
+        velocity_limit_steps: int = 0,
     ) -> None:
         self.step_counts = list(step_counts)
         self.num_samples = num_samples

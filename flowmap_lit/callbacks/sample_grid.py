@@ -62,18 +62,34 @@ class SampleGrid(pl.Callback):
     Calls ``pl_module.sample(noise, class_labels, num_steps=...)`` with the EMA weights when an
     ``EMA`` callback is present. Grids go to TensorBoard (``samples/{k}step``) and to
     ``{log_dir}/samples/step{global_step:07d}_{k}step.png``.
+
+    Args:
+        every_n_steps: Optimizer steps (trainer.global_step) between grids; 0: only at the end of
+            fit.
+        num_samples: Images per grid.
+        num_steps: Sampler step counts k; one grid per entry.
+        seed: Seed of the fixed noise, so that grids are comparable over training (the labels
+            cycle through the classes).
+        value_range: The data range mapped to black..white, after the data module's denormalize
+            (and the VAE decoding).
+        upscale: Nearest-neighbour upscaling factor of the PNG.
+        vae: Local directory of a diffusers AutoencoderKL that decodes latent samples for display;
+            None: the samples are shown as images.
+        vae_scaling_factor: How the stored latents were scaled: stored = (z - vae_shift_factor) *
+            vae_scaling_factor (flowmap_lit.metrics.decode).
+        vae_shift_factor: How the stored latents were shifted (see vae_scaling_factor).
     """
 
     def __init__(
         self,
-        every_n_steps: int = 1000,  # optimizer steps between grids (0: only at the end of fit)
-        num_samples: int = 64,  # images per grid
-        num_steps: list[int] = [32],  # sampler steps; one grid per entry
-        seed: int = 0,  # fixed noise and labels so grids are comparable over training
-        value_range: tuple[float, float] = (-1.0, 1.0),  # data range mapped to black..white
-        upscale: int = 4,  # nearest-neighbour upscaling of the PNG
-        vae: str | None = None,  # local diffusers AutoencoderKL directory: show decoded latents
-        vae_scaling_factor: float = 1.0,  # how the stored latents were scaled (flowmap_lit.metrics.decode)
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        num_steps: list[int] = [32],  # noqa: B006 (read, never mutated; --help shows it)
+        seed: int = 0,
+        value_range: tuple[float, float] = (-1.0, 1.0),
+        upscale: int = 4,
+        vae: str | None = None,
+        vae_scaling_factor: float = 1.0,
         vae_shift_factor: float = 0.0,
     ) -> None:
         self.every_n_steps = every_n_steps

@@ -29,8 +29,8 @@ import torch
 import webdataset as wds
 
 from .format import COND_KEYS, shard_paths
-from .stream import Collate, Decode, ErrorPolicy, EvenSplit, ShardList, Shuffle, TarSamples
 from .shards import read_null_text, read_stats
+from .stream import Collate, Decode, ErrorPolicy, EvenSplit, ShardList, Shuffle, TarSamples
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -38,26 +38,50 @@ class LatentDataModule(L.LightningDataModule):
 
     ``shape`` / ``num_classes`` / ``stats`` read ``stats.json`` lazily, so they work
     before ``setup()`` (e.g. to size a network); ``setup()`` re-reads the file.
+
+    Args:
+        root: Shard directory holding stats.json (made by python -m flowmap_lit prepare); a
+            relative path is relative to the current working directory.
+        batch_size: Training batch size per rank.
+        val_batch_size: Validation batch size per rank; None: batch_size.
+        num_workers: DataLoader worker processes per rank; 0: the main process reads.
+        train_samples_per_epoch: Samples of one training epoch over all ranks (each rank reads
+            train_samples_per_epoch // world_size // batch_size batches); None: the train split's size.
+        shuffle_buffer: Size of the shuffle buffer in samples, per worker.
+        seed: Base seed of the shard order, the shuffle and the posterior draws; the streams derive
+            from (seed, rank, worker, epoch).
+        normalize: Standardize the latents per channel with the stats.json mean and std
+            (denormalize() maps samples back).
+        expected_shape: Fail with a clear error unless the data has this shape [C, H, W]; None: any.
+        on_error: What a bad shard or sample does: "raise" a clear error, or "warn" and skip it.
+        pin_memory: Pin batches in page-locked memory; None: if CUDA is available.
+        val_posterior: Validation samples of VAE-posterior data: "sample" (a draw seeded by the
+            sample's key, the same in every run) or "mean" (the posterior mean).
+        return_keys: Also put the sample keys (a list of str) in batch["key"].
+        train_split: Name of the split used for training.
+        val_split: Name of the split used for validation.
+        cache_mb: Keep a split's raw shards in memory (per worker) when together they fit in this
+            many MiB; 0: no cache.
     """
 
     def __init__(
         self,
-        root: str,                                       # shard directory holding stats.json; relative to the cwd
-        batch_size: int = 128,                           # training batch size per rank
-        val_batch_size: int | None = None,               # validation batch size per rank; None: batch_size
-        num_workers: int = 2,                            # DataLoader worker processes per rank (0: main process)
-        train_samples_per_epoch: int | None = None,      # samples per epoch over all ranks; None: train split size
-        shuffle_buffer: int = 1000,                      # shuffle buffer size in samples, per worker
-        seed: int = 0,                                   # base seed; streams derive from (seed, rank, worker, epoch)
-        normalize: bool = True,                          # standardize latents with the per-channel stats.json mean/std
-        expected_shape: list[int] | None = None,         # fail unless the data has this [C, H, W]
-        on_error: Literal["raise", "warn"] = "raise",    # bad shard/sample: raise a clear error, or warn and skip it
-        pin_memory: bool | None = None,                  # pin batches in page-locked memory; None: if CUDA is available
-        val_posterior: Literal["sample", "mean"] = "sample",  # validation posterior: draw seeded by key, or the mean
-        return_keys: bool = False,                       # also put the sample keys (list[str]) in batch["key"]
-        train_split: str = "train",                      # split name used for training
-        val_split: str = "val",                          # split name used for validation
-        cache_mb: float = 64.0,                          # keep a split's raw shards in memory (per worker) if they fit
+        root: str,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        train_samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        normalize: bool = True,
+        expected_shape: list[int] | None = None,
+        on_error: Literal["raise", "warn"] = "raise",
+        pin_memory: bool | None = None,
+        val_posterior: Literal["sample", "mean"] = "sample",
+        return_keys: bool = False,
+        train_split: str = "train",
+        val_split: str = "val",
+        cache_mb: float = 64.0,
     ):
         super().__init__()
         self._worker_loaders: list[weakref.ref] = []  # loaders with persistent workers, ended in teardown

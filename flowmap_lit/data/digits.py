@@ -18,7 +18,14 @@ from .format import STATS_FILE
 
 
 class BuiltinDataModule(LatentDataModule):
-    """``LatentDataModule`` over ``root``, writing the built-in dataset ``dataset`` there if needed."""
+    """``LatentDataModule`` over ``root``, writing the built-in dataset ``dataset`` there if needed.
+
+    Args:
+        root: Shard directory, written when it has no stats.json; relative to the current working
+            directory.
+        batch_size: Training batch size per rank.
+        samples_per_shard: Samples per shard when the dataset is written; no effect once it exists.
+    """
 
     dataset: str = ""  # key of prepare.BUILTIN_DATASETS
 
@@ -48,16 +55,23 @@ class DigitsDataModule(BuiltinDataModule):
 
     Takes every ``LatentDataModule`` argument; ``samples_per_shard`` only matters when the
     shards are (re)created.
+
+    Args:
+        root: Shard directory, where the digits are written when it has no stats.json; relative to
+            the current working directory.
+        batch_size: Training batch size per rank.
+        samples_per_shard: Samples per shard when the digits are written (750: 2 train shards and
+            1 val shard); no effect once they exist.
     """
 
     dataset = "digits"
 
     def __init__(
         self,
-        root: str = "data/digits",       # shard directory; relative to the current working directory
-        batch_size: int = 256,           # training batch size per rank
-        samples_per_shard: int = 750,    # when preparing: 750 gives 2 train shards + 1 val shard
-        **kwargs,                        # any other LatentDataModule argument
+        root: str = "data/digits",
+        batch_size: int = 256,
+        samples_per_shard: int = 750,
+        **kwargs,  # any other LatentDataModule argument
     ):
         super().__init__(root=root, batch_size=batch_size, samples_per_shard=samples_per_shard, **kwargs)
 
@@ -67,15 +81,22 @@ class ShapesDataModule(BuiltinDataModule):
 
     Takes every ``LatentDataModule`` argument; ``samples_per_shard`` only matters when the
     shards are (re)created.
+
+    Args:
+        root: Shard directory, where the shapes are written when it has no stats.json; relative to
+            the current working directory.
+        batch_size: Training batch size per rank.
+        samples_per_shard: Samples per shard when the shapes are written (850: 2 train shards and
+            1 val shard); no effect once they exist.
     """
 
     dataset = "shapes"
 
     def __init__(
         self,
-        root: str = "data/shapes",       # shard directory; relative to the current working directory
-        batch_size: int = 256,           # training batch size per rank
-        samples_per_shard: int = 850,    # when preparing: 850 gives 2 train shards + 1 val shard
-        **kwargs,                        # any other LatentDataModule argument
+        root: str = "data/shapes",
+        batch_size: int = 256,
+        samples_per_shard: int = 850,
+        **kwargs,  # any other LatentDataModule argument
     ):
         super().__init__(root=root, batch_size=batch_size, samples_per_shard=samples_per_shard, **kwargs)
