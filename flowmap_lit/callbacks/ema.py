@@ -8,8 +8,8 @@ and teacher loading use them; training always steps the raw weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import lightning.pytorch as pl
 import torch

@@ -162,7 +162,7 @@ class FewStepFID(pl.Callback):
             extractor = build_feature_extractor(kind, path).to(device)
             reference_net = DecodedFeatures(extractor, self.decoder) if self.decoder is not None else extractor
 
-            def stats():
+            def stats(reference_net=reference_net):  # called within this iteration
                 return dataset_reference_stats(dm.root, self.reference_split, reference_net, device=device,
                                                num_samples=self.reference_samples)
 
@@ -246,7 +246,8 @@ class FewStepFID(pl.Callback):
             teacher = "" if self.teacher_distances is None else (
                 f"\nteacher, {self.teacher_steps}-step Heun ODE: "
                 + ", ".join(f"{DISPLAY[name]} {value:.4g}" for name, value in self.teacher_distances.items()))
-            rank_zero_info(f"\n{' and '.join(DISPLAY[n] for n in self.metric_names)} ({', '.join(self.features)} features, "
+            names = " and ".join(DISPLAY[n] for n in self.metric_names)
+            rank_zero_info(f"\n{names} ({', '.join(self.features)} features, "
                            f"{self.num_samples} samples, reference: {self.reference_split} split) at step "
                            f"{trainer.global_step}:\n" + format_table(self.results, ["steps", *self.metric_names])
                            + teacher)

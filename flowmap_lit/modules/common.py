@@ -7,14 +7,12 @@ import inspect
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
-
-
 
 _PLAIN = (str, int, float, bool, type(None))
 

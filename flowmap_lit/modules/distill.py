@@ -51,7 +51,7 @@ class BoundStudent:
         return self.net(x, t, s, **self.kwargs)
 
     @property
-    def eager(self) -> "BoundStudent":
+    def eager(self) -> BoundStudent:
         if self.net is self.eager_net:
             return self
         return BoundStudent(self.eager_net, self.eager_net, self.kwargs, self.checkpointed)
@@ -64,7 +64,7 @@ class BoundStudent:
 class _CompileCache(dict):
     """Holds the compiled student; neither copied nor pickled with the module (rebuilt on first use)."""
 
-    def __deepcopy__(self, memo) -> "_CompileCache":
+    def __deepcopy__(self, memo) -> _CompileCache:
         return _CompileCache()
 
     def __reduce__(self):
@@ -197,7 +197,8 @@ class FlowMapDistillModule(pl.LightningModule):
                 "guidance_max = guidance_min for a fixed scale"
             )
         if guidance == "autoguidance" and guide is None:
-            raise ValueError("guidance: autoguidance needs a guide model (e.g. a NetworkTeacher of a weaker checkpoint)")
+            raise ValueError("guidance: autoguidance needs a guide model (e.g. a NetworkTeacher of a weaker "
+                             "checkpoint)")
         self.teacher = teacher.freeze()
         self.guide = guide.freeze() if guide is not None else None
         self.shared_student = bool(getattr(student, "shares_teacher_weights", False))

@@ -196,7 +196,8 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
 
     def _skip_nonfinite(self, loss: Tensor, what: str) -> bool:
         return self.skip_nonfinite(loss, f"the {what}", "Lower the learning rates or adv_weight, raise "
-                                   "r1_gamma/r2_gamma, or set nan_mask: true to drop bad samples of the distillation loss.")
+                                   "r1_gamma/r2_gamma, or set nan_mask: true to drop bad samples of the "
+                                   "distillation loss.")
 
     # --- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -17,7 +17,7 @@ Nothing here knows about Lightning: ``flowmap_lit.modules.AdversarialFinetuneMod
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -120,7 +120,7 @@ class GaussianMixture(nn.Module):
     @classmethod
     def fit(cls, data: np.ndarray, labels: np.ndarray | None, num_components: int,
             shape: tuple[int, ...], covariance_scale: float = 1.0, reg_covar: float = 1e-3,
-            seed: int = 0) -> "GaussianMixture":
+            seed: int = 0) -> GaussianMixture:
         """Fit with scikit-learn's EM; ``labels`` given: ``num_components`` per class.
 
         ``covariance_scale > 1`` widens every component: a natural weak guide for autoguidance.

@@ -24,13 +24,13 @@ class Teacher(nn.Module):
 
     num_classes: int = 0
 
-    def freeze(self) -> "Teacher":
+    def freeze(self) -> Teacher:
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
         return self
 
-    def train(self, mode: bool = True) -> "Teacher":  # always stays in eval mode
+    def train(self, mode: bool = True) -> Teacher:  # always stays in eval mode
         return super().train(False)
 
     def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, **cond: Tensor) -> Tensor:

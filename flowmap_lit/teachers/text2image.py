@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -195,7 +195,7 @@ class SD3Teacher(Teacher):
         self.num_classes = 0
         self.freeze()
 
-    def freeze(self) -> "SD3Teacher":
+    def freeze(self) -> SD3Teacher:
         """Eval mode and no grads for the base weights (adapters a student adds stay trainable)."""
         self.eval()
         for name, p in self.named_parameters():
