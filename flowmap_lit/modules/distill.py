@@ -136,7 +136,14 @@ class FlowMapDistillModule(pl.LightningModule):
         nan_mask: Drop only the samples whose loss is not finite (when some are finite) instead of
             skipping the whole step; the dropped fraction is logged as train/nonfinite_fraction.
         max_bad_steps: Consecutive steps with a non-finite loss (each one skipped) after which
-            training stops with an error that says what to change.
+            training stops with an error that says what to change (and whether the batch's inputs
+            were finite); also how many consecutive steps over max_output_rms stop a run.
+        max_output_rms: Divergence guard. The normalized tangent bounds the loss, so a student whose
+            outputs explode still shows a small loss; its output RMS (logged as train/student_rms, with
+            train/grad_norm and the raw and normalized tangent norms) does show it. Above this value
+            for max_bad_steps consecutive steps training stops with an error. A flow map's output is
+            an average velocity, of the order of the data's scale (about 1.4 for normalized data).
+            None: no guard.
         noise_seed: Base seed of the per-step noise (times, noise, guidance scales, dropout), derived
             per (step, micro-batch) so a resumed run draws what the uninterrupted run drew; None: the
             run's seed_everything seed (0 without one).
@@ -179,6 +186,7 @@ class FlowMapDistillModule(pl.LightningModule):
         lr_min_ratio: float = 0.0,
         nan_mask: bool = False,
         max_bad_steps: int = 10,
+        max_output_rms: float | None = 100.0,
         noise_seed: int | None = None,
         activation_checkpointing: bool = False,
         shard_teacher: bool = True,
@@ -235,8 +243,8 @@ class FlowMapDistillModule(pl.LightningModule):
         self.lr_schedule, self.lr_decay_start, self.lr_min_ratio = lr_schedule, lr_decay_start, lr_min_ratio
         warmup_then_decay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lr_warmup_steps,
                           lr_schedule, 1, lr_decay_start, lr_min_ratio)  # bad values fail here, not at fit
-        self.nan_mask, self.max_bad_steps = nan_mask, max_bad_steps
-        self.bad_steps = 0
+        self.nan_mask, self.max_bad_steps, self.max_output_rms = nan_mask, max_bad_steps, max_output_rms
+        self.bad_steps = self.exploding_steps = 0
         self.noise_seed = resolve_noise_seed(noise_seed)
         self.activation_checkpointing, self.shard_teacher = activation_checkpointing, shard_teacher
         self.schedules: dict[int, tuple[Tensor, float]] = {}
@@ -344,8 +352,9 @@ class FlowMapDistillModule(pl.LightningModule):
         with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, self.global_rank)):
             per_sample, stats = self.step_loss(batch, gen, rank=self.global_rank, world_size=world_size)
         loss = self.masked_mean(per_sample, stats)
-        if self.skip_nonfinite(loss):
+        if self.skip_nonfinite(loss, batch=batch):
             return None  # skip this optimizer step
+        self.check_divergence(stats)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/r", self.tangent_warmup())
         for key, value in stats.items():
@@ -362,17 +371,49 @@ class FlowMapDistillModule(pl.LightningModule):
 
     def skip_nonfinite(self, loss: Tensor, what: str = "the",
                        advice: str = "Lower the learning rate, lower the time embedding frequencies (time_max_freq), "
-                                     "use tangent_norm: l2, or set nan_mask: true to drop bad samples.") -> bool:
-        """True when ``loss`` is not finite (the caller skips the step); raises after ``max_bad_steps`` in a row."""
+                                     "use tangent_norm: l2, or set nan_mask: true to drop bad samples.",
+                       batch: dict | None = None) -> bool:
+        """True when ``loss`` is not finite (the caller skips the step); raises after ``max_bad_steps`` in a
+        row, saying whether the last batch's inputs were finite (bad data) or not (the training)."""
         if torch.isfinite(loss):
             self.bad_steps = 0
             return False
         self.bad_steps += 1
         self.log("train/nonfinite_steps", float(self.bad_steps))
         if self.bad_steps >= self.max_bad_steps:
-            raise RuntimeError(f"{what} loss was non-finite for {self.bad_steps} consecutive steps (last at step "
-                               f"{self.global_step}). {advice}")
+            where = (f"{what} loss was non-finite for {self.bad_steps} consecutive steps (last at step "
+                     f"{self.global_step})")
+            if batch is not None and not all(torch.isfinite(v).all() for v in _tensors(batch)):
+                raise RuntimeError(f"{where}, and the batch held NaN or infinite inputs: the data is at fault, not "
+                                   "the training. Re-create the dataset from finite data (python -m flowmap_lit "
+                                   "prepare refuses non-finite samples), or set nan_mask: true.")
+            inputs = " The batch's inputs were finite." if batch is not None else ""
+            raise RuntimeError(f"{where}.{inputs} {advice}")
         return True
+
+    def check_divergence(self, stats: dict) -> None:
+        """Stops a run whose student outputs explode (``max_output_rms``) while its bounded loss looks fine."""
+        rms = stats.get("student_rms")
+        if self.max_output_rms is None or rms is None:
+            return
+        if float(rms) <= self.max_output_rms:
+            self.exploding_steps = 0
+            return
+        self.exploding_steps += 1
+        if self.exploding_steps >= self.max_bad_steps:
+            raise RuntimeError(
+                f"the student is diverging: its output RMS was {float(rms):.3g} at step {self.global_step}, above "
+                f"max_output_rms={self.max_output_rms:g} for {self.exploding_steps} consecutive steps (a flow map's "
+                "output is an average velocity, of the order of the data's scale). The normalized tangent bounds "
+                "the loss, so train/loss stays small while this happens. Lower the learning rate (or raise "
+                "lr_warmup_steps); set max_output_rms: null to train on regardless.")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Logs the student's gradient norm (train/grad_norm), before any clipping."""
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         with seeded_rng(self, derive_seed(self.noise_seed, -1, batch_idx, self.global_rank)):
@@ -470,3 +511,14 @@ class FlowMapDistillModule(pl.LightningModule):
         lam = self._eval_inputs(noise, guidance)
         return ode_sample(self.teacher_fn(class_labels, lam, cond), noise, num_steps, solver,
                           schedule=edm_schedule(num_steps))
+
+
+def _tensors(batch):
+    """The floating-point tensors of a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return [batch] if batch.is_floating_point() else []
+    if isinstance(batch, dict):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, (list, tuple)):
+        return [t for v in batch for t in _tensors(v)]
+    return []

@@ -241,6 +241,7 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
         finally:
             self.discriminator.requires_grad_(True)
         distill = self.masked_mean(per_sample, stats)
+        self.check_divergence(stats)
         w = self.balance(distill, adv)
         loss = self.distill_weight * distill + w * adv
         if self._skip_nonfinite(loss, "generator"):

@@ -211,8 +211,10 @@ class TangentObjective(Objective):
         with torch.no_grad():
             g, g_norm = self.normalize(fp32(g))
             target = F_sg - g
+            stats = {"tangent_norm": g_norm.mean(), "tangent_norm_normalized": g.flatten(1).norm(dim=1).mean(),
+                     "student_rms": F_sg.flatten(1).pow(2).mean(dim=1).sqrt().mean()}
         loss = per_sample_mean((fp32(F) - target) ** 2)
-        return ObjectiveOutput(self.weighting(loss, t, s), {"tangent_norm": g_norm.mean()})
+        return ObjectiveOutput(self.weighting(loss, t, s), stats)
 
 
 def eager(student: StudentFn) -> StudentFn:
