@@ -33,7 +33,7 @@ class BoundStudent:
 
     ``eager`` is the same function on the uncompiled network: the tangent pass differentiates that
     one, because ``torch.compile`` silently drops the custom forward-AD rules of an
-    ``autograd.Function`` (PITFALLS; the chunked attention tangent is one) and falls back to eager
+    ``autograd.Function`` (docs/pitfalls.md; the chunked attention tangent is one) and falls back to eager
     under ``torch.func.jvp`` anyway.
 
     ``checkpointed``: the network recomputes its activations in the backward (activation

@@ -2,7 +2,7 @@
 
 `F.scaled_dot_product_attention` dispatches to fused kernels (flash on CPU, flash or
 memory-efficient on CUDA) that have no forward-AD rule, so `torch.func.jvp` through them
-raises NotImplementedError (PITFALLS.md, JVP). Inside `forward_ad_safe_attention()` the helper
+raises NotImplementedError (docs/pitfalls.md, JVP). Inside `forward_ad_safe_attention()` the helper
 switches to a form that composes with forward AD; ordinary forwards and backwards keep the fast
 kernels. Two forms (docs/design.md section 4, "Attention in the tangent pass"):
 

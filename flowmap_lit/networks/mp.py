@@ -3,7 +3,7 @@ Improving the Training Dynamics of Diffusion Models", EDM2), section 3.
 
 Every op here keeps unit-variance inputs at unit variance. Weights are normalized
 *functionally* inside `forward` (never rewritten in place there), so `torch.func.jvp`
-can trace the module (PITFALLS.md, JVP). The forced weight normalization of the paper
+can trace the module (docs/pitfalls.md, JVP). The forced weight normalization of the paper
 (eq. 6, applied after each optimizer step) is the separate method `normalize_weight_()`,
 reached through `force_normalize_()` on the networks and called by a callback.
 """
