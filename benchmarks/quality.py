@@ -136,8 +136,12 @@ def exact_arm(budget, data_root: Path, seed: int, lr: float, cache: dict) -> lis
     return out
 
 
-def train_flow_matching(net, steps: int, dm, data_root: Path, seed: int) -> NetworkTeacher:
+def train_flow_matching(make_net, steps: int, dm, data_root: Path, seed: int) -> NetworkTeacher:
+    """Trains ``make_net()`` by flow matching. The seed is set before the network is built: its initial
+    weights come from the global RNG, so building it first made the teacher depend on whatever the
+    process had drawn before (two processes with one seed trained different teachers)."""
     pl.seed_everything(seed, verbose=False)
+    net = make_net()
     module = FlowMatchingModule(net, num_classes=10, lr_warmup_steps=min(200, steps // 5),
                                 optimizer=lambda p: torch.optim.Adam(p, lr=2e-3))
     ema = EMA(decay=0.999)
@@ -170,9 +174,9 @@ def neural_teachers(budget, data_root: Path, seed: int, teacher_ckpt: str | None
     dm_fm = DigitsDataModule(root=str(data_root), batch_size=128, num_workers=1)
     start = time.perf_counter()
     teacher = NetworkTeacher(teacher_ckpt) if teacher_ckpt else train_flow_matching(
-        build_network("unet", "tiny", **TEACHER_ARCH), budget["teacher_steps"], dm_fm, data_root, seed)
+        lambda: build_network("unet", "tiny", **TEACHER_ARCH), budget["teacher_steps"], dm_fm, data_root, seed)
     guide = NetworkTeacher(guide_ckpt) if guide_ckpt else train_flow_matching(
-        build_network("unet", "tiny", **GUIDE_ARCH), budget["guide_steps"], dm_fm, data_root, seed)
+        lambda: build_network("unet", "tiny", **GUIDE_ARCH), budget["guide_steps"], dm_fm, data_root, seed)
     if save_dir:
         save_teacher(teacher, TEACHER_ARCH, Path(save_dir) / "teacher.ckpt")
         save_teacher(guide, GUIDE_ARCH, Path(save_dir) / "guide.ckpt")

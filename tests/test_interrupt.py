@@ -85,6 +85,9 @@ def test_a_stopped_fit_saves_its_step_and_resumes_exactly(whole, tmp_path, monke
     tmp_path.mkdir()
     monkeypatch.chdir(tmp_path)
     (tmp_path / "digits").symlink_to(whole / "digits")
+    legacy = tmp_path / "stopped/last.ckpt"  # what an unversioned run left: kept, not overwritten
+    legacy.parent.mkdir()
+    legacy.write_bytes(b"an unversioned run's file")
     with pytest.raises(SystemExit):
         fit(tmp_path, tmp_path / "stopped", 6, stop_at=3, signum=signum)
     assert torch.load(tmp_path / "stopped/last.ckpt", weights_only=True)["global_step"] == 3  # nothing lost
@@ -95,21 +98,10 @@ def test_a_stopped_fit_saves_its_step_and_resumes_exactly(whole, tmp_path, monke
     assert resumed.keys() == reference.keys()
     different = [k for k in reference if k != "step" and not torch.equal(resumed[k], reference[k])]
     assert not different, different  # bit for bit
-    assert (tmp_path / "stopped/version_0/last.ckpt").is_file()  # the stopped run's own files are kept
+    # Two runs of one config: each kept its own files, and last.ckpt links the newest.
+    assert torch.load(tmp_path / "stopped/version_0/last.ckpt", weights_only=True)["global_step"] == 3
     assert os.path.realpath(tmp_path / "stopped/last.ckpt") == str(tmp_path / "stopped/version_1/last.ckpt")
-
-
-def test_runs_of_one_config_keep_their_own_checkpoints(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    legacy = tmp_path / "ckpt/last.ckpt"
-    legacy.parent.mkdir()
-    legacy.write_bytes(b"an unversioned run's file")
-    fit(tmp_path, tmp_path / "ckpt", 2)
-    fit(tmp_path, tmp_path / "ckpt", 3)
-    assert torch.load(tmp_path / "ckpt/version_0/last.ckpt", weights_only=True)["global_step"] == 2
-    assert torch.load(tmp_path / "ckpt/version_1/last.ckpt", weights_only=True)["global_step"] == 3
-    assert torch.load(tmp_path / "ckpt/last.ckpt", weights_only=True)["global_step"] == 3  # the newest run
-    assert (tmp_path / "ckpt/last-unversioned.ckpt").read_bytes() == b"an unversioned run's file"
+    assert (tmp_path / "stopped/last-unversioned.ckpt").read_bytes() == b"an unversioned run's file"
 
 
 def _claim(root: str) -> int:
