@@ -37,7 +37,8 @@ DESIGN_SECTIONS = {
     11: "Tuned grids and the exported flow map",
     12: "Evaluation across processes",
 }
-NOT_IN_REPO = ("DESIGN.md", "PITFALLS")  # notes the project once cited; docs/design.md and docs/pitfalls.md replace them
+#: notes the project once cited; docs/design.md and docs/pitfalls.md replace them
+NOT_IN_REPO = ("DESIGN.md", "PITFALLS")
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -134,7 +135,9 @@ def path_problems(text: str, where: str) -> list[str]:
     for cited in set(PATH.findall(text)):
         if cited.startswith("data/") and cited != "data/README.md":
             continue
-        if re.search(r"\{[^,}]*\}", cited) or any(re.fullmatch(r"[A-Z][A-Z0-9_]*", Path(p).stem) for p in cited.split("/")):
+        template = re.search(r"\{[^,}]*\}", cited)
+        placeholder = any(re.fullmatch(r"[A-Z][A-Z0-9_]*", Path(p).stem) for p in cited.split("/"))
+        if template or placeholder:
             continue
         for path in expand_braces(cited):
             if not (glob.glob(str(ROOT / path)) if "*" in path else (ROOT / path).exists()):

@@ -26,7 +26,8 @@ def test_explore_samples_notebook_executes(tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT / "notebooks")}})
     client.execute()
-    outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    outputs = "".join(o.get("text", "") for cell in code for o in cell.get("outputs", []))
     assert "FlowMapDistillModule" in outputs
     assert "FID: [" in outputs  # the FID-versus-steps branch ran
     assert not any(o.get("output_type") == "error" for cell in nb.cells for o in cell.get("outputs", []))
