@@ -17,11 +17,15 @@ are un-normalized with the data statistics, divided by ``scaling_factor`` and de
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
+from flowmap_lit.checkpoints.trust import UntrustedCodeError
 from flowmap_lit.flowmap import FlowMap, instantiate
 from flowmap_lit.grids import check_grid, schedules_doc
 from flowmap_lit.interpolant import uniform_schedule
@@ -78,6 +82,22 @@ class FlowMapPipeline(DiffusionPipeline):
     def __init__(self, flowmap: FlowMapModel, vae: AutoencoderKL, scheduler: FlowMapGridScheduler) -> None:
         super().__init__()
         self.register_modules(flowmap=flowmap, vae=vae, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, trust_code: bool = False, **kwargs):
+        """diffusers' ``from_pretrained``, after checking that a local ``model_index.json`` names only
+        components of flowmap_lit and diffusers: diffusers imports whatever library a component names."""
+        index = Path(pretrained_model_name_or_path) / "model_index.json"
+        if not trust_code and index.is_file():
+            components = {k: v for k, v in json.loads(index.read_text()).items()
+                          if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
+            foreign = sorted(f"{k}: {v[0]}.{v[1]}" for k, v in components.items()
+                             if v[0] not in ("flowmap_lit", "diffusers"))
+            if foreign:
+                raise UntrustedCodeError(f"{index} names components outside flowmap_lit and diffusers ({foreign}); "
+                                         "loading them would import code that the file chooses. If you trust the "
+                                         "file's source, pass trust_code=True.")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_flowmap(cls, fm: FlowMap, vae: str | AutoencoderKL, scaling_factor: float = 1.0) -> FlowMapPipeline:

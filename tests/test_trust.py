@@ -82,3 +82,24 @@ def test_a_crafted_pipeline_config_runs_nothing(tmp_path):
     with pytest.raises(UntrustedCodeError, match="config.json names 'subprocess.run'"):
         FlowMapModel(network=crafted(marker))
     assert not marker.exists()
+
+
+def test_a_crafted_teacher_checkpoint_and_pipeline_index_run_nothing(tmp_path):
+    from flowmap_lit.teachers import NetworkTeacher
+
+    marker = tmp_path / "ran"
+    ckpt = torch.load(FIXTURES / "teacher.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["net"] = crafted(marker)
+    torch.save(ckpt, tmp_path / "teacher.ckpt")
+    with pytest.raises(UntrustedCodeError, match="teacher.ckpt names 'subprocess.run'.*trust_code: true"):
+        NetworkTeacher(str(tmp_path / "teacher.ckpt"))
+    pytest.importorskip("diffusers")
+    from flowmap_lit.diffusers_pipeline import FlowMapPipeline
+
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe/model_index.json").write_text(json.dumps(
+        {"_class_name": "FlowMapPipeline", "flowmap": ["antigravity", "Anything"],
+         "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(UntrustedCodeError, match="flowmap: antigravity.Anything"):
+        FlowMapPipeline.from_pretrained(tmp_path / "pipe")
+    assert not marker.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from flowmap_lit.checkpoints import ema_state_from_checkpoint, load_checkpoint
+from flowmap_lit.checkpoints.trust import check_trusted
 from flowmap_lit.teachers.base import Teacher
 
 
@@ -38,6 +39,8 @@ class NetworkTeacher(Teacher):
             guidance); None: the checkpoint's num_classes hyperparameter, else 0 (unconditional).
         allow_pickle: Load the checkpoint with weights_only=False, which can run code stored in it
             (trusted files only).
+        trust_code: Build the network class the checkpoint names even when it is not a class of
+            flowmap_lit (trusted files only; flowmap_lit.checkpoints.trust).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class NetworkTeacher(Teacher):
         use_ema: bool = True,
         num_classes: int | None = None,
         allow_pickle: bool = False,
+        trust_code: bool = False,
     ) -> None:
         super().__init__()
         if checkpoint is None and net is None:
@@ -64,6 +68,7 @@ class NetworkTeacher(Teacher):
                         f"{checkpoint} does not record its network config; give the architecture as "
                         "teacher net: {class_path: ..., init_args: ...}"
                     )
+                check_trusted(hparams["net"], checkpoint, trust_code, option="trust_code: true")
                 net = network_from_config(hparams["net"])
             state = ema_state_from_checkpoint(ckpt) if use_ema else None
             if state is None:
