@@ -92,7 +92,7 @@ class FlowMapPipeline(DiffusionPipeline):
             components = {k: v for k, v in json.loads(index.read_text()).items()
                           if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
             foreign = sorted(f"{k}: {v[0]}.{v[1]}" for k, v in components.items()
-                             if v[0] not in ("flowmap_lit", "diffusers"))
+                             if v[0].split(".")[0] not in ("flowmap_lit", "diffusers"))
             if foreign:
                 raise UntrustedCodeError(f"{index} names components outside flowmap_lit and diffusers ({foreign}); "
                                          "loading them would import code that the file chooses. If you trust the "
