@@ -244,3 +244,10 @@ def test_checks_catch_fabricated_problems():
     assert slug("9. Diagnostics: where a flow map is wrong") == "9-diagnostics-where-a-flow-map-is-wrong"
     assert slug("Where the quickstart's time goes") == "where-the-quickstarts-time-goes"
     assert anchors("## A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"# 2\. Set up and run the tests[^\n]*\n(.+)\n", readme).group(1).strip()
+    assert "ruff check ." in command and command.endswith("python -m pytest")
+    assert (ROOT / ".ci/run").read_text().strip().splitlines()[-1] == command
