@@ -1,0 +1,189 @@
+"""The benchmark scripts run end to end with tiny settings and print one JSON object (no timing asserts).
+
+Each script's ``main(argv)`` runs in this process; the last line it prints must be the JSON of what it
+returns."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def load_benchmark(name: str):
+    """``benchmarks/NAME`` as a module (its directory importable, as when it runs as a script)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name.removesuffix('.py')}", ROOT / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """``python benchmarks/NAME ARGS`` in this process: the JSON object it prints last (equal to what ``main``
+    returns). ``cwd`` is the working directory of the run (the isolation fixture restores it)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # for the processes a script starts itself
+
+    def run(name, *args, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / name), *args])
+        capsys.readouterr()
+        returned = load_benchmark(name).main(list(args))
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert printed == json.loads(json.dumps(returned))
+        return printed
+
+    return run
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_step_cost(arch, run_script):
+    out = run_script("step_cost.py", "--arch", arch, "--batch", "4", "--repeats", "1", "--warmup", "1")
+    assert {r["step"] for r in out["steps"]} == {"ayf_emd", "ayf_lmd", "scd"}
+    assert all(r["ms"] > 0 and r["sum_of_parts_ms"] > 0 for r in out["steps"])
+    passes = {(r["jvp_backend"], r["tangent_pass"]) for r in out["steps"]}
+    assert passes == {("forward_ad", "two_pass"), ("forward_ad", "one_pass"), ("func", "two_pass"),
+                      ("func", "one_pass"), ("finite_difference", "two_pass")}
+    defaults = [(r["step"], r["jvp_backend"], r["tangent_pass"]) for r in out["steps"] if r["default"]]
+    assert ("ayf_emd", "forward_ad", "one_pass") in defaults and len(defaults) == 3  # CPU: one pass
+    mem = {(r["step"], r["jvp_backend"], r["tangent_pass"]): r["saved_for_backward_mib"] for r in out["steps"]}
+    assert all(v > 0 for v in mem.values())
+    # the two-pass step saves exactly the grad forward's activations, whatever the JVP backend
+    assert mem[("ayf_emd", "func", "two_pass")] == mem[("ayf_emd", "finite_difference", "two_pass")]
+
+
+def test_step_cost_compiled_rows(run_script):
+    out = run_script("step_cost.py", "--arch", "mlp", "--batch", "4", "--repeats", "1", "--warmup", "1",
+                     "--backends", "func", "--compile")
+    compiled = [r for r in out["steps"] if r["compiled"]]
+    assert [(r["step"], r["jvp_backend"]) for r in compiled] == [("ayf_emd", "func")]
+    assert compiled[0]["over_compiled_flow_matching"] > 0 and compiled[0]["over_sum_of_parts"] > 0
+    assert "flow_matching_step[compiled]" in out["median_ms"]
+
+
+def test_eval_cost_script_on_tiny_networks(run_script):
+    out = run_script("eval_cost.py", "--tiny", "--resolution", "64", "--batch", "2", "--repeats", "1")
+    assert set(out["ms_per_sample"]) == {"vae_decode", "inception", "dinov2"} and out["samples_per_s"] > 0
+
+
+def test_data_throughput(run_script):
+    out = run_script("data_throughput.py", "--num-samples", "200", "--shards", "2", "--batch", "16", "--batches", "3",
+                     "--workers", "0", "2", "--shape", "2", "8", "8")
+    assert [r["workers"] for r in out["streams"]] == [0, 2] and all(r["samples_per_s"] > 0 for r in out["streams"])
+
+
+def test_data_throughput_digits(run_script):
+    out = run_script("data_throughput.py", "--digits", "--epochs", "1", "--workers", "0")
+    assert [(r["workers"], r["cache_mb"]) for r in out["streams"]] == [(0, 64.0), (0, 0.0)]
+    assert all(r["batches_per_s"] > 0 for r in out["streams"])
+
+
+def test_ablation_runner(tmp_path, run_script):
+    """Two seeds of a 2-step quickstart through the ablation runner: per-step mean and spread."""
+    import shutil
+
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs/quickstart.yaml", tmp_path / "configs/quickstart.yaml")
+    small = tmp_path / "small.yaml"
+    small.write_text("trainer:\n  callbacks:\n    - class_path: flowmap_lit.callbacks.FlowMapError\n"
+                     "      init_args: {step_counts: [1, 2], num_samples: 20, reference_steps: 4}\n")
+    out = run_script("ablation.py", "--seeds", "0", "1", "--max-steps", "2", "--variant", f"base=--config {small}",
+                     cwd=tmp_path)
+    rel = out["variants"]["base"]["rel"]
+    assert set(rel) == {"1", "2"} and len(rel["1"]["values"]) == 2 and rel["1"]["std"] >= 0
+
+
+def test_sampling(run_script):
+    out = run_script("sampling.py", "--num", "16", "--steps", "1", "2", "--teacher-steps", "2", "--repeats", "1")
+    assert [r["nfe"] for r in out["student"]] == [1, 2] and out["teacher"]["nfe"] == 8
+
+
+def test_schedule_gain_scores_every_grid_on_the_evaluation_noise(quickstart, tmp_path, run_script):
+    from flowmap_lit.grids import check_grid
+
+    out = run_script("schedule_gain.py", "--ckpt", str(quickstart.ckpt), "--steps", "2", "--seeds", "0", "1",
+                     "--budget", "6", "--num", "32", "--eval-num", "64", "--reference-steps", "8",
+                     "--json", str(tmp_path / "gain.json"), cwd=tmp_path)
+    assert json.loads((tmp_path / "gain.json").read_text()) == out
+    row = out["steps"]["2"]
+    assert [t["seed"] for t in row["tuned"]] == [0, 1]
+    for t in row["tuned"]:
+        check_grid(t["grid"], 2)
+        assert t["fid"] > 0 and t["flowmap_rel_error"] > 0
+    assert row["uniform"]["flowmap_rel_error"] != row["edm"]["flowmap_rel_error"]
+    assert row["flowmap_rel_error_ratio_to_uniform"] == pytest.approx(
+        row["tuned_flowmap_rel_error_mean"] / row["uniform"]["flowmap_rel_error"])
+    # the FID criterion: the search's value is an FID on its own held-out noise, every grid valid
+    out = run_script("schedule_gain.py", "--ckpt", str(quickstart.ckpt), "--steps", "2", "--seeds", "0",
+                     "--budget", "4", "--num", "64", "--eval-num", "64", "--reference-steps", "8",
+                     "--criterion", "fid", "--json", str(tmp_path / "fid.json"), cwd=tmp_path)
+    assert json.loads((tmp_path / "fid.json").read_text()) == out and out["criterion"] == "fid"
+    (tuned,) = out["steps"]["2"]["tuned"]
+    check_grid(tuned["grid"], 2)
+    assert tuned["held_out"] > 0 and tuned["held_out"] != tuned["flowmap_rel_error"]
+
+
+@pytest.mark.slow
+def test_quality_tiny_budget(tmp_path, run_script):
+    """About 2 minutes: every arm and ablation runs, one JSON object and the plot come out."""
+    out = run_script("quality.py", "--budget", "tiny", "--data", str(tmp_path / "digits"),
+                     "--out", str(tmp_path / "res"))
+    assert len(out["results"]) == 10 and (tmp_path / "res/quality_tiny.png").is_file()
+    assert all(len(r["fid"]) == 4 and len(r["flowmap_rel_error"]) == 4 for r in out["results"])
+    assert [r["method"] for r in out["summary"]] == [r["method"] for r in out["results"]]
+
+
+def test_quality_summary_is_the_mean_and_spread_over_seeds():
+    quality = load_benchmark("quality.py")
+    runs = [{"method": m, "seed": seed, "teacher_fid": 5.0, "fid": [10 + seed, 5, 4, 4 - seed],
+             "flowmap_rel_error": [0.1, 0.05, 0.04, 0.03 + 0.01 * seed]} for seed in (0, 1, 2) for m in ("b", "a")]
+    rows = quality.summarize(runs)
+    assert [r["method"] for r in rows] == ["b", "a"] and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["fid"] == [11, 5, 4, 3] and rows[0]["fid_std"] == [1, 0, 0, 1]
+    assert abs(rows[1]["flowmap_rel_error"][3] - 0.04) < 1e-12
+    assert abs(rows[1]["flowmap_rel_error_std"][3] - 0.01) < 1e-12
+
+
+def test_quality_saved_teachers_load_back_as_the_same_teacher(tmp_path):
+    """``--save-teachers`` writes checkpoints that ``--teacher-ckpt``/``--guide-ckpt`` read back exactly."""
+    import torch
+
+    from flowmap_lit.networks import build_network
+    from flowmap_lit.teachers import NetworkTeacher
+
+    quality = load_benchmark("quality.py")
+    for overrides in (quality.TEACHER_ARCH, quality.GUIDE_ARCH):
+        torch.manual_seed(0)
+        net = build_network("unet", "tiny", **overrides)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        quality.save_teacher(NetworkTeacher(net=net, num_classes=10), overrides, tmp_path / "t.ckpt")
+        loaded = NetworkTeacher(str(tmp_path / "t.ckpt"))
+        x, t, labels = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 4, 9])
+        assert loaded.num_classes == 10
+        expected = NetworkTeacher(net=net, num_classes=10).velocity(x, t, labels)
+        assert torch.equal(loaded.velocity(x, t, labels), expected)
+
+
+def test_gpu_step_runs_on_cpu_at_tiny_size(run_script):
+    out = run_script("gpu_step.py", "--preset", "tiny", "--guide-preset", "tiny", "--batch", "2", "--jvp-batch", "2",
+                     "--repeats", "1", "--warmup", "0", "--device", "cpu")
+    assert [(r["precision"], r["activation_checkpointing"]) for r in out["step"]] == [
+        ("fp32", False), ("bf16-mixed", False), ("fp32", True), ("bf16-mixed", True)]
+    jvp = out["jvp"]
+    assert jvp["jvp_rel_error_fp32"] < 1e-4 < jvp["jvp_rel_error_bf16"]  # why the tangent pass stays fp32
+
+
+def test_attention_jvp_benchmark(run_script):
+    """Both attention forms measured per token count; their tangents agree."""
+    out = run_script("attention_jvp.py", "--tokens", "32", "--batch", "1", "--heads", "2", "--head-dim", "8",
+                     "--repeats", "1", "--chunk-elements", "64")
+    (row,) = out["rows"]
+    assert row["tokens"] == 32 and row["math"]["ms"] > 0 and row["chunked"]["ms"] > 0
+    assert row["math"]["peak_mib"] >= 0 and row["chunked"]["peak_mib"] >= 0
+    assert row["tangent_rel_difference"] < 1e-5

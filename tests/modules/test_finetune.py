@@ -1,0 +1,152 @@
+"""The adversarial finetune (flowmap_lit.modules.finetune): the two-optimizer step checked against the plain
+distillation step, the adaptive weight, starting from a distilled checkpoint, the config from the command
+line with exact resume, and the strategy it needs under DDP."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from flowmap_lit.modules import AdversarialFinetuneModule, FlowMapDistillModule
+from flowmap_lit.modules.finetune import last_layer_weight
+from flowmap_lit.networks import Discriminator
+from flowmap_lit.objectives import AYFEMD
+from flowmap_lit.teachers import NetworkTeacher
+from tests.helpers import ROOT, MLPVelocity
+from tests.helpers.cli import SMALL_CALLBACKS, cli
+
+
+class Batches(torch.utils.data.Dataset):
+    def __init__(self, n=8, shape=(1, 4, 4), num_batches=3, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [{"x": torch.randn(n, *shape, generator=g), "label": torch.randint(0, 3, (n,), generator=g)}
+                      for _ in range(num_batches)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _modules(adv_weight=0.1, **kw):
+    torch.manual_seed(0)
+    teacher = NetworkTeacher(net=MLPVelocity((1, 4, 4)))
+    student = MLPVelocity((1, 4, 4))
+    common = dict(objective=AYFEMD(), student=student, init_student_from_teacher=False, warmup_steps=0,
+                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), noise_seed=3)
+    disc = Discriminator(img_channels=1, img_resolution=4, channels=[8], num_classes=3)
+    ft = AdversarialFinetuneModule(teacher=teacher, discriminator=disc, adv_weight=adv_weight, num_classes=3,
+                                   discriminator_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **common, **kw)
+    plain = FlowMapDistillModule(teacher=NetworkTeacher(net=MLPVelocity((1, 4, 4))), num_classes=3,
+                                 **{**common, "student": MLPVelocity((1, 4, 4))})
+    plain.student.load_state_dict(ft.student.state_dict())
+    plain.teacher.load_state_dict(ft.teacher.state_dict())
+    return ft, plain
+
+
+def _fit(module, max_steps, batches=None):
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader(batches or Batches(), batch_size=None)
+    trainer.fit(module, loader)
+    return trainer
+
+
+def test_generator_step_with_zero_gan_weight_is_the_distillation_step():
+    ft, plain = _modules(adv_weight=0.0)
+    d_before = [p.detach().clone() for p in ft.discriminator.parameters()]
+    trainer = _fit(ft, max_steps=2)  # one batch: a discriminator step and a student step
+    assert trainer.global_step == 2
+    _fit(plain, max_steps=1)
+    for (name, a), b in zip(ft.student.named_parameters(), plain.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, ft.discriminator.parameters()))
+
+
+def test_gan_term_changes_the_student_and_the_adaptive_weight_is_the_gradient_ratio():
+    ft, plain = _modules(adv_weight=0.5)
+    _fit(ft, max_steps=2)
+    _fit(plain, max_steps=1)
+    assert any(not torch.equal(a, b) for a, b in zip(ft.student.parameters(), plain.student.parameters()))
+
+    ft, _ = _modules(adv_weight=0.5, adaptive_weight=True, adaptive_weight_max=1e6)
+    name, weight = last_layer_weight(ft.student)
+    assert name == "body.4.weight"
+    x = torch.randn(4, 1, 4, 4)
+    out = ft.student(x, torch.rand(4), torch.zeros(4))
+    a, b = out.square().mean(), out.sum()
+    ga, gb = torch.autograd.grad(a, weight, retain_graph=True)[0], torch.autograd.grad(b, weight, retain_graph=True)[0]
+    torch.testing.assert_close(ft.balance(a, b), 0.5 * ga.norm() / (gb.norm() + 1e-8))
+    with pytest.raises(ValueError, match="not a parameter"):
+        last_layer_weight(ft.student, "nope")
+
+
+def test_init_checkpoint_loads_the_distilled_student(tmp_path):
+    _, plain = _modules()
+    with torch.no_grad():
+        for p in plain.student.parameters():
+            p.add_(1.0)
+    ema = {k: v + 2.0 for k, v in plain.student.state_dict().items()}
+    path = tmp_path / "distilled.ckpt"
+    torch.save({"state_dict": {f"student.{k}": v for k, v in plain.student.state_dict().items()},
+                "callbacks": {"EMA": {"shadow": ema, "num_updates": 1, "decay": 0.9}}}, path)
+    for use_ema, expected in ((True, ema), (False, plain.student.state_dict())):
+        ft, _ = _modules(init_checkpoint=str(path), init_use_ema=use_ema)
+        for k, v in ft.student.state_dict().items():
+            torch.testing.assert_close(v, expected[k])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _modules(init_checkpoint=str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": {"student.other.weight": torch.zeros(1)}}, tmp_path / "wrong.ckpt")
+    with pytest.raises(RuntimeError, match="does not match the student"):
+        _modules(init_checkpoint=str(tmp_path / "wrong.ckpt"), init_use_ema=False)
+    with pytest.raises(ValueError, match="adv_times"):
+        _modules(adv_times=[0.0])
+
+
+def test_finetune_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(quickstart, tmp_path, monkeypatch,
+                                                                             lightning_log):
+    # checkpoints every 2 batches (4 optimizer steps), all kept
+    callbacks = SMALL_CALLBACKS.replace("save_last: true}", "save_last: true, every_n_train_steps: 4, save_top_k: -1}")
+    assert "every_n_train_steps" in callbacks
+
+    monkeypatch.chdir(tmp_path)
+    digits = str(quickstart.digits)
+    common = ["fit", "--config", str(ROOT / "configs/digits/finetune_adversarial.yaml"),
+              "--model.init_args.init_checkpoint", str(quickstart.ckpt), "--trainer.logger", "false",
+              "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
+              "--data.init_args.batch_size", "16",
+              "--model.init_args.teacher.init_args.data_root", digits,
+              "--model.init_args.guide.init_args.data_root", digits, "--data.init_args.root", digits]
+    runs = {}
+    for name, steps, resume in (("straight", 8, None), ("killed", 4, None), ("killed", 8, "last")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(callbacks % (tmp_path / name))
+        extra = ["--ckpt_path", str(tmp_path / name / "last.ckpt")] if resume else []
+        logged = len(lightning_log())
+        cli(*common, "--config", cfg, "--trainer.max_steps", steps, *extra)
+        assert "Flow-map error at step" in lightning_log()[logged:]
+        runs[name] = torch.load(tmp_path / name / "last.ckpt", weights_only=True, map_location="cpu")
+    a, b = runs["straight"], runs["killed"]
+    assert a["global_step"] == b["global_step"] == 8  # 4 batches, 2 optimizer steps each
+    assert any(k.startswith("discriminator.") for k in a["state_dict"])
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for key, value in a["callbacks"]["EMA"]["shadow"].items():
+        assert torch.equal(value, b["callbacks"]["EMA"]["shadow"][key]), key
+    assert len(a["optimizer_states"]) == 2
+    assert math.isfinite(float(a["optimizer_states"][1]["state"][0]["exp_avg"].norm()))
+
+
+def test_plain_ddp_is_refused_with_the_strategy_to_use():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    ft, _ = _modules()
+    ft._trainer = SimpleNamespace(strategy=DDPStrategy(), datamodule=None)
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
+        ft.setup("fit")
+    ft._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True), datamodule=None)
+    ft.setup("fit")
