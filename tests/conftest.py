@@ -3,6 +3,7 @@
 The expensive artifacts are made once per session and only read by the tests that use them (a test
 that writes, writes under its own ``tmp_path``):
 
+- ``digits_classifier``: the digits data and its FID classifier;
 - ``quickstart``: a tiny quickstart distillation, fitted by ``python -m flowmap_lit fit`` in a fresh
   process (the console a user sees is checked on it), with the digits data and the FID classifier;
 - ``digits_teacher_guide``: briefly trained digits teacher and guide checkpoints (configs/digits/);
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -68,12 +70,32 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def quickstart(tmp_path_factory) -> SimpleNamespace:
+def digits_classifier(tmp_path_factory) -> dict:
+    """A fresh digits dataset and the digits FID classifier trained on it for 10 epochs: ``root``, ``path``
+    (classifier.pt), ``result`` (of train_digits_classifier), ``train``, ``val``, ``val_labels`` (tensors)."""
+    from flowmap_lit.data import prepare_digits, read_split
+    from flowmap_lit.metrics import train_digits_classifier
+
+    root = tmp_path_factory.mktemp("digits_classifier") / "digits"
+    prepare_digits(str(root))
+    path = root / "classifier.pt"
+    result = train_digits_classifier(root, path, epochs=10, seed=0)
+    train = torch.from_numpy(read_split(str(root), "train", normalize=False)[0])
+    val, val_labels = (torch.from_numpy(a) for a in read_split(str(root), "val", normalize=False))
+    return dict(root=root, path=path, result=result, train=train, val=val, val_labels=val_labels)
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory, digits_classifier) -> SimpleNamespace:
     """A 3-step quickstart distillation (validation every 2 steps, so the end of the fit evaluates again)
     by ``python -m flowmap_lit fit`` in a fresh process: ``dir``, ``ckpt`` (last.ckpt), ``log`` (its
     console), ``digits`` (the data, the FID classifier and cached reference statistics) and
-    ``digits_after_fit`` (what the fit left in ``digits``)."""
+    ``digits_after_fit`` (what the fit left in ``digits``). The FID classifier is ``digits_classifier``'s,
+    put where the config looks for it (training one on first use, 40 epochs, would double the fit's time;
+    tests/callbacks/test_fid.py checks that training)."""
     work = tmp_path_factory.mktemp("quickstart")
+    (work / "digits").mkdir()
+    shutil.copy(digits_classifier["path"], work / "digits/classifier.pt")
     ckpt = make_quickstart_checkpoint(work, steps=3)
     SHARED["quickstart"] = work  # for tests/test_cli.py's make_quickstart_checkpoint
     yield SimpleNamespace(dir=work, ckpt=ckpt, log=(work / "fit.log").read_text(), digits=work / "digits",

@@ -8,7 +8,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from flowmap_lit.data import prepare_digits, read_split
 from flowmap_lit.metrics import (
     FID,
     DigitsFeatures,
@@ -19,22 +18,15 @@ from flowmap_lit.metrics import (
     load_digits_classifier,
     load_or_compute_reference_stats,
     reference_stats,
-    train_digits_classifier,
 )
 from flowmap_lit.metrics.digits_classifier import accuracy
 from flowmap_lit.metrics.features import FeatureExtractor
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """A fresh digits dataset and a classifier trained on it for 10 epochs (~2 s)."""
-    root = tmp_path_factory.mktemp("metrics") / "digits"
-    prepare_digits(str(root))
-    path = root / "classifier.pt"
-    result = train_digits_classifier(root, path, epochs=10, seed=0)
-    train = torch.from_numpy(read_split(str(root), "train", normalize=False)[0])
-    val, val_labels = (torch.from_numpy(a) for a in read_split(str(root), "val", normalize=False))
-    return dict(root=root, path=path, result=result, train=train, val=val, val_labels=val_labels)
+def digits(digits_classifier):
+    """A fresh digits dataset and a classifier trained on it for 10 epochs (tests/conftest.py)."""
+    return digits_classifier
 
 
 @pytest.fixture(scope="module")
