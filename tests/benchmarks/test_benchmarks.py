@@ -170,6 +170,27 @@ def test_quality_saved_teachers_load_back_as_the_same_teacher(tmp_path):
         assert torch.equal(loaded.velocity(x, t, labels), expected)
 
 
+def test_the_quality_benchmark_seeds_a_teacher_before_building_its_network(tmp_path, monkeypatch):
+    """Whatever the process drew before, ``train_flow_matching`` starts from the same weights."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    quality = load_benchmark("quality.py")
+    built = []
+
+    def make_net():
+        built.append(quality.build_network("unet", "tiny", model_channels=8))
+        return built[-1]
+
+    initial = []
+    monkeypatch.setattr(quality, "trainer", lambda *a, **k: type("T", (), {"fit": lambda self, m, dm: None})())
+    for draws in (0, 1000):
+        torch.rand(draws)  # another amount of the global RNG used before
+        quality.train_flow_matching(make_net, 1, None, tmp_path, seed=0)
+        initial.append({k: v.clone() for k, v in built[-1].state_dict().items()})
+    assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
+
+
 def test_gpu_step_runs_on_cpu_at_tiny_size(run_script):
     out = run_script("gpu_step.py", "--preset", "tiny", "--guide-preset", "tiny", "--batch", "2", "--jvp-batch", "2",
                      "--repeats", "1", "--warmup", "0", "--device", "cpu")

@@ -2,14 +2,17 @@
 with the project's own message. The quickstart run of the ``quickstart`` fixture is the end-to-end one,
 in a fresh process; the others run in this process."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import ROOT
-from tests.helpers.cli import SMALL_CALLBACKS, cli
+from tests.helpers.cli import SMALL_CALLBACKS, cli, cli_in_child
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 
@@ -80,6 +83,36 @@ def test_end_of_fit_evaluation_reaches_tensorboard_at_the_final_step(quickstart)
         assert len(steps) == 2 and steps[-1] == 3, (tag, steps)  # the validation at step 2, then the end of fit
 
 
+def test_two_processes_with_one_seed_fit_identical_teachers(tmp_path, monkeypatch):
+    """A seed fixes a run: two processes fitting the digits teacher side by side, as two seeds of a sweep would,
+    end with identical weights and EMA, past an epoch's end (11 batches of 128). One is a fresh interpreter, the
+    other a fork of this one, with whatever it imported and drew before (one intra-op thread each)."""
+    from flowmap_lit.data import prepare_digits
+
+    prepare_digits(str(tmp_path / "digits"))  # once, so both runs read the same files
+    callbacks = ('[{"class_path": "flowmap_lit.callbacks.EMA"}, {"class_path": "flowmap_lit.callbacks.RunCheckpoint", '
+                 '"init_args": {"dirpath": "ckpt", "versioned": false}}]')
+    args = ["fit", "--config", str(ROOT / "configs/digits/teacher.yaml"), "--trainer.max_steps", "14",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.val_check_interval", "1000", "--trainer.callbacks", callbacks,
+            "--model.init_args.net.init_args.model_channels", "8", "--model.init_args.net.init_args.attn_resolutions",
+            "[]", "--data.init_args.root", str(tmp_path / "digits")]
+    for run in "ab":
+        (tmp_path / run).mkdir()
+    fresh = subprocess.Popen([sys.executable, "-m", "flowmap_lit", *args], cwd=tmp_path / "a",
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    monkeypatch.chdir(tmp_path / "b")
+    assert cli_in_child(*args) == 0
+    _, err = fresh.communicate(timeout=600)
+    assert fresh.returncode == 0, err[-3000:]
+    a, b = (torch.load(tmp_path / run / "ckpt/last.ckpt", weights_only=True, map_location="cpu") for run in "ab")
+    assert a["global_step"] == b["global_step"] == 14
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert all(torch.equal(v, b["callbacks"]["EMA"]["shadow"][k]) for k, v in a["callbacks"]["EMA"]["shadow"].items())
+
+
 @pytest.mark.parametrize("objective", ["ayf_emd", "ayf_lmd", "scd"])
 def test_digits_distillation_configs_run_from_teacher_and_guide_checkpoints(objective, digits_teacher_guide,
                                                                            tmp_path, monkeypatch, lightning_log):
@@ -88,7 +121,8 @@ def test_digits_distillation_configs_run_from_teacher_and_guide_checkpoints(obje
     small.write_text(SMALL_CALLBACKS % (tmp_path / "ckpt"))
     cli("fit", "--config", ROOT / f"configs/digits/distill_{objective}.yaml", "--config", small,
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "16",
+        "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
+        "--data.init_args.batch_size", "16",
         "--model.init_args.teacher.init_args.checkpoint", digits_teacher_guide.teacher,
         "--model.init_args.guide.init_args.checkpoint", digits_teacher_guide.guide,
         "--data.init_args.root", digits_teacher_guide.digits)

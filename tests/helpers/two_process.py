@@ -93,6 +93,7 @@ trainer:
   max_steps: 3
   val_check_interval: 3
   limit_val_batches: 1
+  num_sanity_val_steps: 0
   logger: false
   callbacks:
     - class_path: flowmap_lit.callbacks.EMA
