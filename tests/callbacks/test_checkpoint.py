@@ -13,9 +13,9 @@ import torch
 
 from flowmap_lit.callbacks.checkpoint import claim_version
 from flowmap_lit.cli import main
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class SignalAt(pl.Callback):

@@ -1,6 +1,5 @@
 """A run that diverges or meets bad inputs says so: the output-RMS guard and the non-finite-loss stop."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +9,10 @@ from flowmap_lit.cli import main
 from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.objectives import AYFEMD
 from flowmap_lit.teachers import GaussianData, GaussianTeacher
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning",
                                         "ignore:.*self.log.*:UserWarning")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Scaled(nn.Module):

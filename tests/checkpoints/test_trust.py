@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from flowmap_lit.checkpoints.trust import UntrustedCodeError, check_trusted, is_trusted, named_paths
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests/fixtures/v0"
 
 
