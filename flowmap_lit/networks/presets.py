@@ -1,6 +1,6 @@
 """Named network sizes: `build_network("unet", "s")`, `build_network("dit", "tiny", num_classes=0)`.
 
-Parameter counts (measured on the meta device; tests/test_networks.py checks them) are within
+Parameter counts (measured on the meta device; tests/networks/test_networks.py checks them) are within
 a few percent of the published models: EDM2-XS 125M, EDM2-S 280M, EDM2-M 498M (Karras et al.
 2024, table 2); DiT-S/2 33M, DiT-B/2 130M, DiT-L/2 458M, DiT-XL/2 675M (Peebles & Xie 2023,
 table 1). The small extra comes from the zero-initialized t - s and guidance branches.

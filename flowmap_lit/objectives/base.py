@@ -91,7 +91,7 @@ class TangentObjective(Objective):
     ``attention_jvp`` says how the package's attention op is differentiated in the tangent pass
     (docs/design.md section 4): ``"math"`` (SDPA math kernel; quadratic memory in the tokens),
     ``"chunked"`` (fused kernel plus a closed-form tangent in query blocks), or ``"auto"``:
-    chunked on CUDA, math elsewhere. Both give the same tangent (tests/test_networks.py).
+    chunked on CUDA, math elsewhere. Both give the same tangent (tests/networks/test_attention.py).
 
     Why ``auto`` decides so (``benchmarks/step_cost.py``, docs/design.md section 4): on CPU the one
     pass is as fast or faster (tiny U-Net and DiT at batch 64), but it keeps the tangent's graph
