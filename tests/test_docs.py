@@ -249,5 +249,5 @@ def test_checks_catch_fabricated_problems():
 def test_ci_runs_the_readme_test_command_verbatim():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"# 2\. Set up and run the tests[^\n]*\n(.+)\n", readme).group(1).strip()
-    assert command.endswith("python -m pytest")
+    assert "ruff check ." in command and command.endswith("python -m pytest")
     assert (ROOT / ".ci/run").read_text().strip().splitlines()[-1] == command
