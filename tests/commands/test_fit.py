@@ -84,15 +84,16 @@ def test_end_of_fit_evaluation_reaches_tensorboard_at_the_final_step(quickstart)
 
 
 def test_two_processes_with_one_seed_fit_identical_teachers(tmp_path, monkeypatch):
-    """A seed fixes a run: two processes fitting the digits teacher side by side, as two seeds of a sweep would,
-    end with identical weights and EMA, past an epoch's end (11 batches of 128). One is a fresh interpreter, the
-    other a fork of this one, with whatever it imported and drew before (one intra-op thread each)."""
+    """A seed fixes a run: two processes fitting the digits teacher for 50 steps side by side, as two seeds of a
+    sweep would, end with identical weights and EMA (past epoch ends: 11 batches of 128 each). One is a fresh
+    interpreter, the other a fork of this one, with whatever it imported and drew before (one intra-op thread
+    each)."""
     from flowmap_lit.data import prepare_digits
 
     prepare_digits(str(tmp_path / "digits"))  # once, so both runs read the same files
     callbacks = ('[{"class_path": "flowmap_lit.callbacks.EMA"}, {"class_path": "flowmap_lit.callbacks.RunCheckpoint", '
                  '"init_args": {"dirpath": "ckpt", "versioned": false}}]')
-    args = ["fit", "--config", str(ROOT / "configs/digits/teacher.yaml"), "--trainer.max_steps", "14",
+    args = ["fit", "--config", str(ROOT / "configs/digits/teacher.yaml"), "--trainer.max_steps", "50",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.val_check_interval", "1000", "--trainer.callbacks", callbacks,
             "--model.init_args.net.init_args.model_channels", "8", "--model.init_args.net.init_args.attn_resolutions",
@@ -107,7 +108,7 @@ def test_two_processes_with_one_seed_fit_identical_teachers(tmp_path, monkeypatc
     _, err = fresh.communicate(timeout=600)
     assert fresh.returncode == 0, err[-3000:]
     a, b = (torch.load(tmp_path / run / "ckpt/last.ckpt", weights_only=True, map_location="cpu") for run in "ab")
-    assert a["global_step"] == b["global_step"] == 14
+    assert a["global_step"] == b["global_step"] == 50
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert all(torch.equal(v, b["callbacks"]["EMA"]["shadow"][k]) for k, v in a["callbacks"]["EMA"]["shadow"].items())
