@@ -1,8 +1,9 @@
 """What the tests share: small networks and data with known answers, tiny stand-ins for downloaded models.
 
-The scripts next to this file run in processes of their own (``distributed_step.py``, ``fid_two_process.py``,
-``fsdp2_fit.py``) or are named by class path in configs and pickles (``resume_probe.py``, ``edm2_fake.py``);
-``cli.py`` runs the command line in this process or in a fresh one.
+Next to this file: ``cli.py`` runs the command line in this process, a forked copy or a fresh one;
+``two_process.py`` (with ``distributed_step.py``) and ``fid_two_process.py`` run work in 2 forked gloo
+processes; ``resume_probe.py`` and ``edm2_fake.py`` are named by class path in configs and pickles;
+``data.py``, ``latents.py`` and ``text.py`` write small datasets.
 """
 
 from pathlib import Path
