@@ -67,6 +67,12 @@ def pytest_configure(config):
     # into ranks of a process group that does not exist.
     for name in PROCESS_VARIABLES:
         os.environ.pop(name, None)
+    # One intra-op thread, here and in the processes the tests start, unless OMP_NUM_THREADS says otherwise.
+    # The tests' tensors are small, and on a shared 2-core machine two threads per process stall each other:
+    # an OpenMP region waits for its descheduled thread (with another process busy, tests ran 10-40 times
+    # slower with two threads; on a quiet machine two threads save about 10%).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
