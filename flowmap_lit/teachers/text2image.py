@@ -12,7 +12,9 @@
   LoRA's up-projection and the embeddings' last layers start at zero, so ``F(x, t, s) = v(x, t)``
   exactly at step 0 (docs/design.md section 2). The teacher runs the same module with the adapters
   disabled and no gap embedding: one copy of the base weights in memory, frozen; only the LoRA
-  and embedding parameters train, and only they go into checkpoints.
+  and embedding parameters train, and only they go into checkpoints. The same student serves any
+  ``TransformerTeacher`` (SD3 here, FLUX in ``flowmap_lit.teachers.flux``): the teacher says how to
+  call its transformer (``transformer_call``) and which projections get adapters by default.
 
 Conditioning comes from the data (``batch["cond"]``: ``encoder_hidden_states`` (B, L, D) and
 ``pooled_projections`` (B, D'), precomputed text embeddings, see ``flowmap_lit/data/format.py``).
@@ -28,9 +30,12 @@ peft and diffusers are optional (``pip install -e .[lora]``) and imported on fir
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import json
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,13 +65,17 @@ def require_peft():
     return peft
 
 
-def _sd3_class():
+def _diffusers_class(name: str, teacher: str):
     try:
-        from diffusers import SD3Transformer2DModel
+        import diffusers
     except ImportError as err:
-        raise ImportError("the SD3 teacher needs diffusers: pip install 'diffusers>=0.27' "
+        raise ImportError(f"the {teacher} teacher needs diffusers: pip install 'diffusers>=0.27' "
                           "(or pip install -e .[lora])") from err
-    return SD3Transformer2DModel
+    return getattr(diffusers, name)
+
+
+def _sd3_class():
+    return _diffusers_class("SD3Transformer2DModel", "SD3")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -84,22 +93,30 @@ def scheduler_timesteps(root: Path) -> int | None:
     return None
 
 
-def load_sd3_transformer(path: str, subfolder: str | None = None, dtype: str = "float32") -> tuple[nn.Module, int]:
-    """``(SD3Transformer2DModel, num_train_timesteps)`` from a LOCAL directory, never the network.
+def load_transformer(cls, path: str, subfolder: str | None = None, dtype: str = "float32",
+                     hint: str = DOWNLOAD_HINT) -> tuple[nn.Module, Path]:
+    """``(transformer, its directory)``: a diffusers transformer class ``cls`` from a LOCAL directory,
+    never the network.
 
     ``path`` is a pipeline directory (with ``transformer/`` and ``scheduler/``) or the transformer's
-    own directory (``config.json`` + weights); ``subfolder`` overrides the guess.
+    own directory (``config.json`` + weights); ``subfolder`` overrides the guess. A missing
+    directory is an error that says how to download it once (``hint``).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"teacher directory {root} does not exist. {DOWNLOAD_HINT}")
+        raise FileNotFoundError(f"teacher directory {root} does not exist. {hint}")
     if subfolder is None:
         subfolder = "transformer" if (root / "transformer/config.json").is_file() else None
     where = root / subfolder if subfolder else root
     if not (where / "config.json").is_file():
-        raise FileNotFoundError(f"{where} has no config.json: not a diffusers transformer directory. {DOWNLOAD_HINT}")
-    model = _sd3_class().from_pretrained(str(root), subfolder=subfolder, local_files_only=True,
-                                         torch_dtype=_dtype(dtype))
+        raise FileNotFoundError(f"{where} has no config.json: not a diffusers transformer directory. {hint}")
+    model = cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True, torch_dtype=_dtype(dtype))
+    return model, where
+
+
+def load_sd3_transformer(path: str, subfolder: str | None = None, dtype: str = "float32") -> tuple[nn.Module, int]:
+    """``(SD3Transformer2DModel, num_train_timesteps)`` from a LOCAL directory (see ``load_transformer``)."""
+    model, where = load_transformer(_sd3_class(), path, subfolder, dtype)
     return model, scheduler_timesteps(where) or 1000
 
 
@@ -125,30 +142,112 @@ def adapters_disabled(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def sd3_forward(transformer: nn.Module, x: Tensor, t: Tensor, timestep_scale: float,
-                encoder_hidden_states: Tensor | None, pooled_projections: Tensor | None) -> Tensor:
-    """The transformer's output ``noise - x0`` at our ``(x, t)``: ``timestep = t * timestep_scale``.
-
-    Inputs are cast to the transformer's dtype, the output back to ``x``'s dtype. With low-precision
-    (bf16/fp16) base weights and no autocast active (the JVP's tangent pass switches it off), the
-    call runs under autocast to that dtype, so fp32 pieces (LoRA adapters, fp32 embeddings) meet the
-    base weights in one dtype: the tangent pass is then as precise as the base weights, not fp32.
-    """
+def require_text(encoder_hidden_states: Tensor | None, pooled_projections: Tensor | None, model: str) -> None:
     if encoder_hidden_states is None or pooled_projections is None:
-        raise ValueError("an SD3 transformer needs text conditioning: encoder_hidden_states (B, L, D) and "
+        raise ValueError(f"an {model} transformer needs text conditioning: encoder_hidden_states (B, L, D) and "
                          "pooled_projections (B, D') (batch['cond'] from a text-latent dataset, see "
                          "flowmap_lit/data/format.py)")
+
+
+def run_in_weight_dtype(transformer: nn.Module, x: Tensor, call: Callable[[torch.dtype], Tensor]) -> Tensor:
+    """``call(dtype)`` (which casts its inputs to ``dtype``, the transformer's), its output cast back to
+    ``x``'s dtype.
+
+    With low-precision (bf16/fp16) base weights and no autocast active (the JVP's tangent pass
+    switches it off), the call runs under autocast to that dtype, so fp32 pieces (LoRA adapters,
+    fp32 embeddings) meet the base weights in one dtype: the tangent pass is then as precise as the
+    base weights, not fp32.
+    """
     dtype = next(transformer.parameters()).dtype
-    t = batch_vector(t, x).to(x.dtype)
     low = dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type)
     with torch.autocast(x.device.type, dtype=dtype, enabled=low):
-        out = transformer(hidden_states=x.to(dtype), encoder_hidden_states=encoder_hidden_states.to(dtype),
-                          pooled_projections=pooled_projections.to(dtype), timestep=t * timestep_scale,
-                          return_dict=False)[0]
+        out = call(dtype)
     return out.to(x.dtype)
 
 
-class SD3Teacher(Teacher):
+def sd3_forward(transformer: nn.Module, x: Tensor, t: Tensor, timestep_scale: float,
+                encoder_hidden_states: Tensor | None = None, pooled_projections: Tensor | None = None) -> Tensor:
+    """The SD3 transformer's output ``noise - x0`` at our ``(x, t)``: ``timestep = t * timestep_scale``
+    (inputs in the transformer's dtype, autocast as ``run_in_weight_dtype`` says)."""
+    require_text(encoder_hidden_states, pooled_projections, "SD3")
+    t = batch_vector(t, x).to(x.dtype)
+
+    def call(dtype):
+        return transformer(hidden_states=x.to(dtype), encoder_hidden_states=encoder_hidden_states.to(dtype),
+                           pooled_projections=pooled_projections.to(dtype), timestep=t * timestep_scale,
+                           return_dict=False)[0]
+
+    return run_in_weight_dtype(transformer, x, call)
+
+
+class TransformerTeacher(Teacher):
+    """A frozen text-conditioned diffusers transformer: what SD3 and FLUX teachers share.
+
+    A subclass names its diffusers class (``diffusers_class``), its download hint, its default LoRA
+    targets (``lora_targets``) and how our ``(x, t, cond)`` becomes a call of the transformer
+    (``transformer_call``: a picklable ``fn(transformer, x, t, **cond) -> v``, which a
+    ``LoRAFlowMap`` student calls on the same module with its adapters on). ``velocity`` always runs
+    the base model, adapters off.
+    """
+
+    diffusers_class = ""
+    model_name = ""
+    download_hint = DOWNLOAD_HINT
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def _build(self, path: str | None, config: dict | None, subfolder: str | None, dtype: str,
+               seed: int) -> Path | None:
+        """Sets ``self.transformer`` from ``path`` or ``config``; returns the transformer's directory."""
+        name = type(self).__name__
+        if (path is None) == (config is None):
+            raise ValueError(f"{name} needs exactly one of path (a local diffusers directory) and config")
+        cls = _diffusers_class(self.diffusers_class, self.model_name)
+        where = None
+        if path is not None:
+            transformer, where = load_transformer(cls, path, subfolder, dtype, self.download_hint)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                transformer = cls.from_config(config)
+            if _dtype(dtype) != torch.float32:
+                transformer = transformer.to(_dtype(dtype))
+        self.transformer = transformer
+        self.num_classes = 0
+        self.init_args = dict(path=path, config=config, subfolder=subfolder, dtype=dtype, seed=seed)
+        return where
+
+    def freeze(self) -> TransformerTeacher:
+        """Eval mode and no grads for the base weights (adapters a student adds stay trainable)."""
+        self.eval()
+        for name, p in self.named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(False)
+        return self
+
+    @property
+    def network(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def transformer_call(self) -> Callable[..., Tensor]:
+        raise NotImplementedError
+
+    def export_config(self) -> dict:
+        """``{"class_path", "init_args"}`` that builds this teacher again (the base model of an exported
+        LoRA flow map is referenced this way, by its path, never copied)."""
+        args = dict(self.init_args)
+        if args.get("path") is not None:
+            resolved = Path(args["path"]).expanduser()
+            args["path"] = str(resolved.resolve()) if resolved.is_dir() else args["path"]
+        return {"class_path": f"flowmap_lit.teachers.{type(self).__name__}", "init_args": args}
+
+    def velocity(self, x, t, class_labels=None, encoder_hidden_states=None, pooled_projections=None):
+        with adapters_disabled(self.transformer):
+            return self.transformer_call(self.transformer, x, t, encoder_hidden_states=encoder_hidden_states,
+                                         pooled_projections=pooled_projections)
+
+
+class SD3Teacher(TransformerTeacher):
     """A diffusers ``SD3Transformer2DModel`` as a frozen text-conditioned velocity teacher.
 
     Give ``path`` (a local directory written by ``save_pretrained`` or downloaded from the Hub; see
@@ -169,6 +268,8 @@ class SD3Teacher(Teacher):
         seed: Initialization seed of a transformer built from config.
     """
 
+    diffusers_class, model_name = "SD3Transformer2DModel", "SD3"
+
     def __init__(
         self,
         path: str | None = None,
@@ -179,37 +280,33 @@ class SD3Teacher(Teacher):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if (path is None) == (config is None):
-            raise ValueError("SD3Teacher needs exactly one of path (a local diffusers directory) and config")
-        if path is not None:
-            transformer, steps = load_sd3_transformer(path, subfolder, dtype)
-        else:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                transformer = _sd3_class().from_config(config)
-            if _dtype(dtype) != torch.float32:
-                transformer = transformer.to(_dtype(dtype))
-            steps = 1000
-        self.transformer = transformer
+        where = self._build(path, config, subfolder, dtype, seed)
+        steps = (scheduler_timesteps(where) if where is not None else None) or 1000
         self.timestep_scale = float(num_train_timesteps or steps)
-        self.num_classes = 0
+        self.init_args["num_train_timesteps"] = num_train_timesteps
         self.freeze()
 
-    def freeze(self) -> SD3Teacher:
-        """Eval mode and no grads for the base weights (adapters a student adds stay trainable)."""
-        self.eval()
-        for name, p in self.named_parameters():
-            if "lora_" not in name:
-                p.requires_grad_(False)
-        return self
-
     @property
-    def network(self) -> nn.Module:
-        return self.transformer
+    def transformer_call(self) -> Callable[..., Tensor]:
+        return functools.partial(sd3_forward, timestep_scale=self.timestep_scale)
 
-    def velocity(self, x, t, class_labels=None, encoder_hidden_states=None, pooled_projections=None):
-        with adapters_disabled(self.transformer):
-            return sd3_forward(self.transformer, x, t, self.timestep_scale, encoder_hidden_states, pooled_projections)
+
+def resolve_targets(net: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full names of the ``nn.Linear`` modules of ``net`` that ``targets`` name: a target is a name
+    suffix (``to_q`` matches ``transformer_blocks.0.attn.to_q``) or, with ``*``/``?``/``[``, a glob
+    over the full name (``single_transformer_blocks.*.proj_out``)."""
+
+    def hit(name: str, target: str) -> bool:
+        if any(c in target for c in "*?["):
+            return fnmatch.fnmatchcase(name, target)
+        return name == target or name.endswith("." + target)
+
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and any(hit(n, t) for t in targets)]
+    unused = [t for t in targets if not any(hit(n, t) for n in names)]
+    if not names or unused:
+        raise ValueError(f"LoRA target modules {unused or list(targets)} match no nn.Linear of "
+                         f"{type(net).__name__}")
+    return names
 
 
 class GapEmbedding(nn.Module):
@@ -234,14 +331,17 @@ class LoRAFlowMap(nn.Module):
 
     Built empty from the config; ``FlowMapDistillModule`` calls ``attach(teacher)`` (because
     ``shares_teacher_weights``), which injects the LoRA adapters into ``teacher.network`` in place,
-    freezes its base weights and adds the gap (and guidance) embeddings.
+    freezes its base weights and adds the gap (and guidance) embeddings. Any ``TransformerTeacher``
+    (``SD3Teacher``, ``FluxTeacher``) works: the student calls the transformer as the teacher does.
 
     Args:
         rank: LoRA rank r of the adapters.
         alpha: LoRA alpha: the adapters' update is scaled by alpha / rank; None: alpha = rank.
-        target_modules: Names (suffixes) of the transformer's modules that get adapters; default: the
-            attention projections (to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj,
-            to_add_out).
+        target_modules: Modules of the transformer that get adapters: name suffixes (to_q matches
+            every attention's to_q) or globs over the full name (single_transformer_blocks.*.proj_out);
+            nn.Linear only. None: the teacher's default, for SD3 the joint-attention projections (to_q,
+            to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out), for FLUX those and
+            the single blocks' proj_mlp and proj_out.
         lora_dropout: Dropout on the adapters' input; 0 keeps the JVP pass and the grad pass
             identical.
         gap_channels: Fourier features of the gap t - s (and of lam - 1 for the guidance embedding).
@@ -257,7 +357,7 @@ class LoRAFlowMap(nn.Module):
         self,
         rank: int = 16,
         alpha: float | None = None,
-        target_modules: Sequence[str] = DEFAULT_TARGETS,
+        target_modules: Sequence[str] | None = None,
         lora_dropout: float = 0.0,
         gap_channels: int = 64,
         gap_hidden: int = 256,
@@ -266,33 +366,45 @@ class LoRAFlowMap(nn.Module):
     ) -> None:
         super().__init__()
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
-        self.target_modules, self.lora_dropout = list(target_modules), lora_dropout
+        self.target_modules = None if target_modules is None else list(target_modules)
+        self.lora_dropout = lora_dropout
         self.gap_args = dict(channels=gap_channels, hidden=gap_hidden, max_freq=gap_max_freq)
         self.use_guidance_embedding = guidance_embedding
+        self.init_args = dict(rank=rank, alpha=alpha, target_modules=self.target_modules, lora_dropout=lora_dropout,
+                              gap_channels=gap_channels, gap_hidden=gap_hidden, gap_max_freq=gap_max_freq,
+                              guidance_embedding=guidance_embedding)
         self.transformer: nn.Module | None = None
         self.gap_embed: GapEmbedding | None = None
         self.guidance_embed: GapEmbedding | None = None
-        self.timestep_scale = 1000.0
+        self.transformer_call: Callable[..., Tensor] | None = None  # the teacher's, set by attach
         self._temb_extra: Tensor | None = None
 
+    def export_config(self) -> dict:
+        """``{"class_path", "init_args"}`` of this student (built empty; ``attach`` it to its teacher)."""
+        return {"class_path": "flowmap_lit.teachers.LoRAFlowMap", "init_args": dict(self.init_args)}
+
     def attach(self, teacher: Teacher) -> None:
-        """Wrap ``teacher.network`` (an SD3 transformer) in place: LoRA on it, base weights frozen."""
+        """Wrap ``teacher.network`` (an SD3 or FLUX transformer) in place: LoRA on it, base weights frozen."""
         peft = require_peft()
         net = teacher.network
-        if net is None or not hasattr(net, "time_text_embed"):
-            raise TypeError(f"LoRAFlowMap needs a teacher with an SD3-style transformer (time_text_embed); "
-                            f"{type(teacher).__name__} has {type(net).__name__}")
+        call = getattr(teacher, "transformer_call", None)
+        if net is None or not hasattr(net, "time_text_embed") or call is None:
+            raise TypeError(f"LoRAFlowMap needs a TransformerTeacher (SD3Teacher, FluxTeacher) whose transformer has "
+                            f"a time_text_embed; {type(teacher).__name__} has {type(net).__name__}")
         if self.transformer is not None:
             raise RuntimeError("this LoRAFlowMap is already attached to a teacher")
-        config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules,
-                                 lora_dropout=self.lora_dropout, init_lora_weights=True)
+        targets = self.target_modules or list(getattr(teacher, "lora_targets", DEFAULT_TARGETS))
+        names = resolve_targets(net, targets)
+        # A regular expression of the full names: peft matches exactly these modules, no others.
+        config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.lora_dropout,
+                                 target_modules="|".join(re.escape(n) for n in names), init_lora_weights=True)
         peft.inject_adapter_in_model(config, net)
         for name, p in net.named_parameters():
             p.requires_grad_("lora_" in name)
             if "lora_" in name and p.dtype != torch.float32:  # train adapters in fp32 over bf16 base weights
                 p.data = p.data.float()
         self.transformer = net
-        self.timestep_scale = float(getattr(teacher, "timestep_scale", 1000.0))
+        self.transformer_call = call
         dim = net.time_text_embed.timestep_embedder.linear_2.out_features
         device = next(net.parameters()).device
         self.gap_embed = GapEmbedding(dim, **self.gap_args).to(device)
@@ -319,6 +431,11 @@ class LoRAFlowMap(nn.Module):
         """State-dict keys of the teacher's base weights (not stored in distillation checkpoints)."""
         return [f"transformer.{k}" for k in self.transformer.state_dict() if "lora_" not in k]
 
+    def own_state_dict(self) -> dict[str, Tensor]:
+        """The student's own weights: the adapters and the gap/guidance embeddings, not the base model."""
+        shared = set(self.shared_state_keys())
+        return {k: v for k, v in self.state_dict().items() if k not in shared}
+
     def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, class_labels=None, guidance=None,
                 encoder_hidden_states: Tensor | None = None, pooled_projections: Tensor | None = None) -> Tensor:
         if self.transformer is None:
@@ -331,11 +448,11 @@ class LoRAFlowMap(nn.Module):
                 raise ValueError("guidance given but the student has no guidance embedding (guidance_embedding: true)")
             extra = extra + self.guidance_embed(batch_vector(guidance, x) - 1)
         self._temb_extra = extra
+        cond = dict(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections)
         try:
             if math_only_active():  # inside a JVP: diffusers calls SDPA, whose fused kernels have no forward AD
                 with sdpa_kernel(SDPBackend.MATH):
-                    return sd3_forward(self.transformer, x, t, self.timestep_scale, encoder_hidden_states,
-                                       pooled_projections)
-            return sd3_forward(self.transformer, x, t, self.timestep_scale, encoder_hidden_states, pooled_projections)
+                    return self.transformer_call(self.transformer, x, t, **cond)
+            return self.transformer_call(self.transformer, x, t, **cond)
         finally:
             self._temb_extra = None
