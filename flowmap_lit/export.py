@@ -13,7 +13,13 @@ the training config::
     x = fm.sample(torch.randn(16, *fm.shape), labels, steps=4)    # normalized data space
     images = fm.denormalize(x)
 
-gives the checkpoint's own samples bit for bit for the same noise and grid. For latent data a
+gives the checkpoint's own samples bit for bit for the same noise and grid. A LoRA student that
+shares a text-to-image teacher's weights (``LoRAFlowMap`` on an ``SD3Teacher`` or ``FluxTeacher``)
+exports only its own weights (the adapters and the gap/guidance embeddings) and references the
+base model by its path (``"base"`` in ``flowmap.json``; never copied): ``load_flowmap`` builds the
+teacher from that path, attaches the student and loads the adapters, and ``fm.sample(noise,
+steps=k, cond={"encoder_hidden_states": ..., "pooled_projections": ...})`` gives the checkpoint's
+samples bit for bit. For latent data a
 diffusers pipeline (``flowmap_lit.diffusers_pipeline.FlowMapPipeline``) wraps the flow map, a VAE and the
 grids (``--vae DIR`` writes it too, to ``OUT/pipeline``). docs/design.md section 11.
 """
@@ -43,10 +49,10 @@ def _safetensors():
 
 def student_config(module) -> dict:
     """``{"class_path", "init_args"}`` of a distilled module's student, from its hyperparameters or
-    (for a student copied from the teacher) from the teacher's checkpoint."""
+    (for a student copied from the teacher) from the teacher's checkpoint; a student sharing the
+    teacher's weights (LoRA) describes itself (``export_config``)."""
     if getattr(module, "shared_student", False):
-        raise ValueError("this student is a set of adapters on the teacher's network (e.g. text LoRA); export "
-                         "covers standalone students only: merge the adapters into the network first")
+        return _exportable(module.student, "student").export_config()
     hparams = getattr(module, "checkpoint_hparams", None) or module.hparams
     cfg = hparams.get("student")
     if isinstance(cfg, dict) and "class_path" in cfg:
@@ -58,9 +64,26 @@ def student_config(module) -> dict:
                      "config); export needs one: train with `python -m flowmap_lit fit --config ...`")
 
 
+def _exportable(obj, role: str):
+    if not callable(getattr(obj, "export_config", None)):
+        raise ValueError(f"the {role} ({type(obj).__name__}) of this adapter student cannot describe itself "
+                         "(export_config); only LoRAFlowMap on an SD3Teacher or FluxTeacher is exported")
+    return obj
+
+
+def base_config(module) -> dict | None:
+    """The teacher whose network a shared-weight (adapter) student wraps, ``{"class_path", "init_args"}``
+    with the base model's local path; None for a standalone student."""
+    if not getattr(module, "shared_student", False):
+        return None
+    return _exportable(module.teacher, "teacher").export_config()
+
+
 def flowmap_config(module, schedules: dict[int, tuple[Tensor, float]] | None = None) -> dict:
     scheds = module.schedules if schedules is None else schedules
+    base = base_config(module)
     return {
+        **({"base": base} if base is not None else {}),
         "format": FORMAT,
         "network": student_config(module),
         "num_classes": int(module.num_classes),
@@ -78,16 +101,24 @@ def export_flowmap(module, out: str | Path, schedules: str | Path | None = None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = flowmap_config(module, load_schedules(schedules) if schedules is not None else None)
-    save_model(module.ema_network(), str(out / WEIGHTS))
+    net = module.ema_network()
+    if "base" in config:  # the adapters and embeddings only; the base model stays where its path says
+        _safetensors().save_file({k: v.detach().contiguous() for k, v in net.own_state_dict().items()},
+                                 str(out / WEIGHTS))
+    else:
+        save_model(net, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     return out
 
 
-def load_flowmap(path: str | Path, device: str | torch.device = "cpu", trust_code: bool = False) -> FlowMap:
+def load_flowmap(path: str | Path, device: str | torch.device = "cpu", trust_code: bool = False,
+                 base_path: str | Path | None = None) -> FlowMap:
     """The :class:`FlowMap` written by :func:`export_flowmap` (or ``python -m flowmap_lit export``).
 
     Loading runs no code from the directory: the weights are safetensors, and the network is built
-    only when ``flowmap.json`` names a class of this package (another class needs ``trust_code=True``)."""
+    only when ``flowmap.json`` names a class of this package (another class needs ``trust_code=True``).
+    An adapter (LoRA) export reads its base model from the path it records; ``base_path`` points it
+    elsewhere (the same model moved or on another machine)."""
     load_model = _safetensors().load_model
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
@@ -97,9 +128,17 @@ def load_flowmap(path: str | Path, device: str | torch.device = "cpu", trust_cod
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
 
+    if base_path is not None:
+        if "base" not in config:
+            raise ValueError(f"{path} is a standalone flow map: it has no base model to point base_path to")
+        config["base"]["init_args"]["path"] = str(base_path)
+
     def load_weights(net):
         try:
-            load_model(net, str(path / WEIGHTS), device=str(device))
+            if "base" in config:
+                load_adapters(net, _safetensors().load_file(str(path / WEIGHTS), device=str(device)), path / WEIGHTS)
+            else:
+                load_model(net, str(path / WEIGHTS), device=str(device))
         except Exception as err:  # safetensors raises its own error types for a damaged header or size
             if type(err).__name__ != "SafetensorError" and not isinstance(err, (OSError, ValueError, RuntimeError)):
                 raise
@@ -110,9 +149,22 @@ def load_flowmap(path: str | Path, device: str | torch.device = "cpu", trust_cod
     return flowmap_from_config(config, load_weights, device, source=str(path / CONFIG), trust_code=trust_code)
 
 
+def load_adapters(net, state: dict[str, Tensor], source) -> None:
+    """Load a shared-weight student's own weights; every one of them, and nothing else, must be there."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    shared = set(net.shared_state_keys())
+    missing = [k for k in missing if k not in shared]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not hold this adapter student's weights (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): a LoRA of another rank, targets or base model?")
+
+
 def flowmap_from_config(config: dict, load_weights, device="cpu", source: str = "the flow map config",
                         trust_code: bool = False) -> FlowMap:
+    teacher = instantiate(config["base"], source, trust_code) if config.get("base") else None
     net = instantiate(config["network"], source, trust_code)
+    if teacher is not None:  # a shared-weight student: adapters on the base model, which loads from its path
+        net.attach(teacher)
     load_weights(net)
     grids = config.get("schedules") or {}
     schedules = load_schedules(grids) if grids.get("grids") else {}

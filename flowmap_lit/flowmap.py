@@ -50,7 +50,9 @@ class FlowMap(nn.Module):
     """A flow map ``F(x, t, s)`` with its sampler: what a distilled student needs outside training.
 
     ``guidance`` is the scale the student is fed when it was trained conditioned on it (None: the
-    student takes none); ``schedules`` maps a step count to its tuned ``(grid, gamma)``.
+    student takes none); ``schedules`` maps a step count to its tuned ``(grid, gamma)``. A
+    text-conditioned flow map (an exported LoRA student) takes its keyword conditioning, e.g.
+    ``{"encoder_hidden_states", "pooled_projections"}``, as ``cond``.
     """
 
     def __init__(self, net: nn.Module, num_classes: int = 0, condition_on_guidance: bool = False,
@@ -74,8 +76,8 @@ class FlowMap(nn.Module):
         return next(self.net.parameters()).device
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor, class_labels: Tensor | None = None,
-                guidance: Tensor | None = None) -> Tensor:
-        return self.net(x, t, s, class_labels=class_labels, guidance=guidance)
+                guidance: Tensor | None = None, **cond: Tensor) -> Tensor:
+        return self.net(x, t, s, class_labels=class_labels, guidance=guidance, **cond)
 
     def grid(self, steps: int) -> tuple[Tensor, float]:
         """The ``steps``-step grid (tuned where the export has one, else uniform) and its gamma."""
@@ -84,8 +86,9 @@ class FlowMap(nn.Module):
     @torch.no_grad()
     def sample(self, noise: Tensor, labels: Tensor | None = None, steps: int = 1, guidance: float | None = None,
                gamma: float | None = None, schedule: Tensor | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        """k-step samples from ``noise`` (normalized data space; :meth:`denormalize` maps to data)."""
+               generator: torch.Generator | None = None, cond: dict[str, Tensor] | None = None) -> Tensor:
+        """k-step samples from ``noise`` (normalized data space; :meth:`denormalize` maps to data);
+        ``cond``: keyword conditioning, one row per sample (text embeddings)."""
         grid, tuned_gamma = self.grid(steps) if schedule is None else (check_grid(schedule), self.sample_gamma)
         gamma = tuned_gamma if gamma is None else gamma
         lam = None
@@ -96,7 +99,8 @@ class FlowMap(nn.Module):
             labels = None
         elif labels is None:
             raise ValueError(f"this flow map is class-conditional ({self.num_classes} classes): pass labels")
-        return gamma_sample(lambda x, t, s: self(x, t, s, labels, lam), noise, grid, gamma, generator)
+        cond = cond or {}
+        return gamma_sample(lambda x, t, s: self(x, t, s, labels, lam, **cond), noise, grid, gamma, generator)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Undo the per-channel normalization of the training data (identity without one)."""

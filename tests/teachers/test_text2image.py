@@ -289,3 +289,38 @@ def test_sample_command_writes_text_conditioned_samples(lora_run, tmp_path):
     with pytest.raises(ValueError, match="expected prompt_embeds"):
         np.savez(tmp_path / "bad.npz", other=np.zeros(3))
         cli("sample", "--ckpt", ckpt, "--num", "1", "--prompts", tmp_path / "bad.npz", "--out", tmp_path / "b")
+
+
+def test_exported_lora_flowmap_references_the_base_model_and_reproduces_the_checkpoint(lora_run, teacher_dir,
+                                                                                       tmp_path):
+    """``python -m flowmap_lit export`` of the SD3 LoRA student: the adapters and embeddings only, the base
+    model referenced by its path; the loaded flow map samples like the checkpoint's module, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from flowmap_lit.checkpoints import load_module
+    from flowmap_lit.export import CONFIG, WEIGHTS, load_flowmap
+
+    ckpt = str(lora_run.dir / "ckpt/last.ckpt")
+    out = tmp_path / "exported"
+    cli("export", "--ckpt", ckpt, "--out", out)
+    config = json.loads((out / CONFIG).read_text())
+    assert config["base"] == {"class_path": "flowmap_lit.teachers.SD3Teacher",
+                              "init_args": {"path": str(teacher_dir.resolve()), "config": None, "subfolder": None,
+                                            "dtype": "float32", "seed": 0, "num_train_timesteps": None}}
+    weights = load_file(str(out / WEIGHTS))
+    assert weights and all("lora_" in k or k.startswith(("gap_embed.", "guidance_embed.")) for k in weights)
+
+    module, fm = load_module(ckpt), load_flowmap(out)
+    assert fm.guidance == module.eval_guidance and fm.condition_on_guidance
+    noise, c = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2)), cond_batch(3, seed=6)
+    for steps in (1, 3):
+        assert torch.equal(fm.sample(noise, steps=steps, cond=c), module.sample(noise, None, num_steps=steps, cond=c))
+
+    # Weights of another student are refused, naming what is missing.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / CONFIG).write_text((out / CONFIG).read_text())
+    save_file({k: v for k, v in weights.items() if not k.startswith("gap_embed.")}, str(tmp_path / "bad" / WEIGHTS))
+    with pytest.raises(ValueError, match="missing.*gap_embed"):
+        load_flowmap(tmp_path / "bad")
