@@ -3,7 +3,8 @@
     python -m flowmap_lit prepare SOURCE ... --out DIR
 
 Sources (``flowmap_lit.data.prepare.SUBCOMMANDS``): digits, shapes, images, array, text-array,
-imagenet; ``python -m flowmap_lit prepare SOURCE --help`` lists each one's arguments.
+text-prompts (prompts only, no latents), imagenet; ``python -m flowmap_lit prepare SOURCE --help``
+lists each one's arguments.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     splits = ", ".join(f"{k}: {v['num_samples']} samples in {v['num_shards']} shards"
                        for k, v in stats["splits"].items())
-    print(f"wrote {args.out}: {stats['kind']} {stats['shape']}, {stats['num_classes']} classes; {splits}")
+    what = (f"prompts only, text {stats['text']['emb_shape']}" if stats["shape"] is None
+            else f"{stats['kind']} {stats['shape']}, {stats['num_classes']} classes")
+    print(f"wrote {args.out}: {what}; {splits}")
     return stats
 
 

@@ -1,9 +1,10 @@
 """Latent datasets: WebDataset shards + ``stats.json``, a Lightning DataModule, and preparation tools.
 
 Layout and schema: see ``flowmap_lit/data/format.py``. Create a dataset with
-``python -m flowmap_lit prepare {digits,shapes,images,array,text-array,imagenet} ...`` (``prepare.py``) and read it
-with ``LatentDataModule(root=...)``; ``DigitsDataModule`` and ``ShapesDataModule`` prepare the built-in
-datasets by themselves.
+``python -m flowmap_lit prepare {digits,shapes,images,array,text-array,text-prompts,imagenet} ...``
+(``prepare.py``) and read it with ``LatentDataModule(root=...)`` (prompts-only datasets:
+``PromptDataModule(root=..., shape=...)``); ``DigitsDataModule`` and ``ShapesDataModule`` prepare
+the built-in datasets by themselves.
 
 Names are imported lazily, so the preparation CLI does not pay for importing Lightning.
 """
@@ -18,13 +19,22 @@ _EXPORTS = {
     "read_stats": "shards", "channel_stats": "shards", "ShardSink": "shards",
     "prepare_digits": "prepare", "prepare_shapes": "prepare", "prepare_images": "prepare", "prepare_array": "prepare",
     "prepare_text_array": "prepare", "read_null_text": "shards", "write_null_text": "shards",
+    "prepare_text_prompts": "prepare", "write_prompt_dataset": "shards", "encode_prompts": "text_encoders",
+    "PromptDataModule": "datamodule",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from .datamodule import LatentDataModule
+    from .datamodule import LatentDataModule, PromptDataModule
     from .digits import DigitsDataModule, ShapesDataModule
-    from .prepare import prepare_array, prepare_digits, prepare_images, prepare_shapes, prepare_text_array
+    from .prepare import (
+        prepare_array,
+        prepare_digits,
+        prepare_images,
+        prepare_shapes,
+        prepare_text_array,
+        prepare_text_prompts,
+    )
     from .shards import (
         ShardSink,
         channel_stats,
@@ -33,10 +43,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         read_stats,
         write_dataset,
         write_null_text,
+        write_prompt_dataset,
         write_shards,
         write_stats,
     )
     from .stream import DataWarning, ShardError
+    from .text_encoders import encode_prompts
 
 
 def __getattr__(name: str):

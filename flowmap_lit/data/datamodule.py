@@ -17,6 +17,10 @@ dropped, so resuming costs at most one epoch of reading).
 Validation reads each sample at most once across ranks x workers, the same number on every
 rank (``EvenSplit``: the last ``num_samples % world_size`` are dropped, so ranks run equal
 batch counts and DDP/FSDP collectives never wait), with deterministic posterior draws.
+
+Datasets that store the prompts' text add ``"prompt"`` (a list of str) to every batch.
+``PromptDataModule`` reads prompts-only datasets (``prepare text-prompts``): the same streams, with
+batches ``{"label", "cond", "prompt"}`` and no ``"x"``; the latent shape comes from its config.
 """
 
 import os
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from .format import COND_KEYS, shard_paths
+from .format import COND_KEYS, PROMPTS_KIND, shard_paths
 from .shards import read_null_text, read_stats
 from .stream import Collate, Decode, ErrorPolicy, EvenSplit, ShardList, Shuffle, TarSamples
 
@@ -112,6 +116,10 @@ class LatentDataModule(L.LightningDataModule):
 
     def _checked(self, stats: dict) -> dict:
         """Check ``stats`` against ``expected_shape`` and cache it."""
+        if stats["kind"] == PROMPTS_KIND:
+            raise ValueError(f"{self.root} is a prompts-only dataset (text embeddings and prompts, no latents): "
+                             "read it with flowmap_lit.data.PromptDataModule(root=..., shape=[C, H, W]) "
+                             "(data.class_path: flowmap_lit.data.PromptDataModule)")
         shape = tuple(stats["shape"])
         if self.expected_shape is not None and shape != self.expected_shape:
             raise ValueError(
@@ -200,8 +208,9 @@ class LatentDataModule(L.LightningDataModule):
     def _decoder(self, policy: ErrorPolicy, noise: str, rank: int) -> Decode:
         stats = self.stats
         mean, std = (stats["mean"], stats["std"]) if self.normalize else (None, None)
-        return Decode(stats["kind"], tuple(stats["shape"]), policy, mean=mean, std=std, noise=noise,
-                      seed=self.seed, rank=rank, epoch=self._start_epoch(), text=stats.get("text"))
+        shape = None if stats["shape"] is None else tuple(stats["shape"])
+        return Decode(stats["kind"], shape, policy, mean=mean, std=std, noise=noise, seed=self.seed, rank=rank,
+                      epoch=self._start_epoch(), text=stats.get("text"))
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
@@ -275,6 +284,73 @@ class LatentDataModule(L.LightningDataModule):
             wds.batched(self.val_batch_size, collation_fn=Collate(self.return_keys), partial=True),
         )
         return self._loader(pipeline)
+
+
+class PromptDataModule(LatentDataModule):
+    """Prompts-only shards in ``root`` (``prepare text-prompts``): batches ``{"label": (B,) zeros,
+    "cond": {"encoder_hidden_states": (B, L, D), "pooled_projections": (B, D')}, "prompt": [str] * B}``
+    and no ``"x"``, for data-free distillation. The streams (seeded, resumable, equal batch counts
+    per rank) are ``LatentDataModule``'s. ``shape`` is the latent shape the student and the teacher
+    work in (the data has none); there are no latent statistics, so ``normalize`` is False and
+    ``denormalize`` the identity. ``null_cond`` is the stored empty-prompt embedding.
+
+    Args:
+        root: Directory of a prompts-only dataset (made by python -m flowmap_lit prepare text-prompts); a
+            relative path is relative to the current working directory.
+        shape: Latent shape [C, H, W] of the samples the models generate (e.g. [16, 128, 128] for SD3 at
+            1024 px).
+        batch_size: Training batch size per rank.
+        val_batch_size: Validation batch size per rank; None: batch_size.
+        num_workers: DataLoader worker processes per rank; 0: the main process reads.
+        train_samples_per_epoch: Prompts of one training epoch over all ranks; None: the train split's size.
+        shuffle_buffer: Size of the shuffle buffer in samples, per worker.
+        seed: Base seed of the shard order and the shuffle; the streams derive from (seed, rank, worker, epoch).
+        on_error: What a bad shard or sample does: "raise" a clear error, or "warn" and skip it.
+        pin_memory: Pin batches in page-locked memory; None: if CUDA is available.
+        return_keys: Also put the sample keys (a list of str) in batch["key"].
+        train_split: Name of the split used for training.
+        val_split: Name of the split used for validation.
+        cache_mb: Keep a split's raw shards in memory (per worker) when together they fit in this
+            many MiB; 0: no cache.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        shape: list[int],
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        train_samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        on_error: Literal["raise", "warn"] = "raise",
+        pin_memory: bool | None = None,
+        return_keys: bool = False,
+        train_split: str = "train",
+        val_split: str = "val",
+        cache_mb: float = 64.0,
+    ):
+        shape = [int(s) for s in shape]
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"PromptDataModule: shape must be the latent shape [C, H, W], got {shape}")
+        super().__init__(root, batch_size, val_batch_size, num_workers, train_samples_per_epoch, shuffle_buffer,
+                         seed, normalize=False, expected_shape=shape, on_error=on_error, pin_memory=pin_memory,
+                         return_keys=return_keys, train_split=train_split, val_split=val_split, cache_mb=cache_mb)
+
+    def _checked(self, stats: dict) -> dict:
+        """Check that ``stats`` describes a prompts-only dataset; fill in the configured shape."""
+        if stats["kind"] != PROMPTS_KIND:
+            raise ValueError(f"{self.root} holds latents ({stats['kind']}), not prompts only: read it with "
+                             "flowmap_lit.data.LatentDataModule")
+        c = self.expected_shape[0]
+        self._stats = {**stats, "shape": list(self.expected_shape), "mean": [0.0] * c, "std": [1.0] * c,
+                       "kind": PROMPTS_KIND}
+        return self._stats
+
+    def _decoder(self, policy: ErrorPolicy, noise: str, rank: int) -> Decode:
+        return Decode(PROMPTS_KIND, None, policy, seed=self.seed, rank=rank, epoch=self._start_epoch(),
+                      text=self.stats["text"])
 
 
 class ResumingLoader:

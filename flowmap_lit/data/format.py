@@ -27,6 +27,7 @@ the precomputed output of any text encoder (CLIP, T5, ...; the reader never runs
     train_00000000.text_emb.npy     per-token embeddings, L x D (float16 or float32); for SD3 the
                                     joint CLIP-L/G + T5 sequence the pipeline's encode_prompt returns
     train_00000000.text_pooled.npy  pooled embedding, D' (optional: only if "pooled_shape" is set)
+    train_00000000.prompt.txt       the prompt itself, UTF-8 (optional: only if "prompts" is true)
 
 and the dataset directory holds the embedding of the EMPTY prompt once, the null condition of
 classifier-free guidance::
@@ -37,15 +38,22 @@ Every sample has the same ``L`` (pad or truncate to a fixed length when encoding
 pipelines do). ``LatentDataModule`` puts them in the batch as
 ``batch["cond"] = {"encoder_hidden_states": (B, L, D), "pooled_projections": (B, D')}`` (float32),
 the keyword arguments of diffusers transformers; datasets without ``"text"`` have no ``"cond"``.
-Class labels are still stored (``cls``, 0 for text data with ``num_classes: 0``).
+Class labels are still stored (``cls``, 0 for text data with ``num_classes: 0``). Where the
+prompts are known their text is stored too, and batches carry it as ``batch["prompt"]`` (a list of
+str; CLIP scores of samples need it).
+
+Prompts-only datasets (``"kind": "prompts"``, made by ``prepare text-prompts``) hold no latents:
+each sample is ``text_emb.npy`` [+ ``text_pooled.npy``] + ``prompt.txt`` + ``cls`` (0), with
+``"shape": null`` and empty ``mean``/``std`` in ``stats.json``; they feed data-free distillation,
+whose data module (``PromptDataModule``) takes the latent shape from its own config.
 
 ``stats.json`` (``FORMAT_VERSION == 1``)::
 
     {
       "format": 1,
-      "shape": [C, H, W],                 latent shape of every sample
+      "shape": [C, H, W],                 latent shape of every sample (null for prompts-only data)
       "num_classes": 10,                  labels are 0 .. num_classes - 1
-      "kind": "latent" | "posterior",
+      "kind": "latent" | "posterior" | "prompts",
       "mean": [m_0, ..., m_{C-1}],        per-channel mean of the train latents
       "std":  [s_0, ..., s_{C-1}],        per-channel std of the train latents
       "splits": {"train": {"num_samples": n, "num_shards": k}, "val": {...}},
@@ -54,7 +62,8 @@ Class labels are still stored (``cls``, 0 for text data with ``num_classes: 0``)
         "emb_shape": [L, D],              shape of every text_emb.npy
         "pooled_shape": [D'] | null,      shape of every text_pooled.npy (null: none stored)
         "null_file": "null_text.npz" | null,  empty-prompt embedding (null: CFG uses zeros)
-        "encoder": "sd3: clip-l + clip-g + t5-xxl, 154 tokens"   free text, how it was made
+        "encoder": "sd3: clip-l + clip-g + t5-xxl, 154 tokens",  free text, how it was made
+        "prompts": true                   optional: every sample has prompt.txt (absent: no prompt text)
       }
     }
 
@@ -71,9 +80,11 @@ import os
 
 FORMAT_VERSION = 1                       # version of stats.json and the shard layout
 STATS_FILE = "stats.json"                # name of the statistics file next to the shards
-KINDS = ("latent", "posterior")          # sample kinds: stored latent, or VAE posterior pair
+KINDS = ("latent", "posterior", "prompts")  # sample kinds: stored latent, VAE posterior pair, or no latent
+PROMPTS_KIND = "prompts"                 # kind of prompts-only datasets (text embeddings + prompt text)
 PREPARE_CMD = "python -m flowmap_lit prepare"  # the CLI that creates datasets
 TEXT_EMB, TEXT_POOLED = "text_emb", "text_pooled"   # member names (``<key>.text_emb.npy``) of text embeddings
+PROMPT = "prompt"                        # member name (``<key>.prompt.txt``) of the prompt text, UTF-8
 NULL_TEXT_FILE = "null_text.npz"         # empty-prompt embeddings (arrays named like the members)
 COND_KEYS = {TEXT_EMB: "encoder_hidden_states", TEXT_POOLED: "pooled_projections"}  # batch["cond"] keys
 

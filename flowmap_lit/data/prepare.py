@@ -8,7 +8,11 @@ Subcommands::
     images --src DIR --out OUT --resolution R         DIR/<class>/<image>: center crop, resize, 3 x R x R in [-1, 1]
     array  --src FILE.npz --out OUT                   x (N,C,H,W) + y (N,), or mean + std + y (VAE posterior)
     text-array --src FILE.npz --out OUT              x (N,C,H,W) + text_emb (N,L,D) [+ text_pooled (N,D')]
-                                                      + null_text_emb [+ null_text_pooled]: text-to-image latents
+                                                      + null_text_emb [+ null_text_pooled] [+ prompt (N,) str]:
+                                                      text-to-image latents
+    text-prompts --prompts FILE.txt --out OUT        prompts only (no latents), one per line, embedded by
+      (--encoder DIR | --embeddings FILE.npz)         local text encoders or taken from an .npz: data-free
+                                                      distillation
     imagenet --src DIR|TAR --vae VAE_DIR --out OUT    center crop 512, SD-VAE posterior (float16); see imagenet.py
 
 A new source is one ``add_<name>(subparsers)`` function appended to ``SUBCOMMANDS``,
@@ -23,7 +27,16 @@ import numpy as np
 
 from .format import FORMAT_VERSION, PREPARE_CMD, STATS_FILE
 from .images import list_images, load_image, split_indices
-from .shards import ChannelStats, ShardSink, channel_stats, read_stats, remove_stale_shards, write_dataset, write_stats
+from .shards import (
+    ChannelStats,
+    ShardSink,
+    channel_stats,
+    read_stats,
+    remove_stale_shards,
+    write_dataset,
+    write_prompt_dataset,
+    write_stats,
+)
 
 DIGITS_TRAIN, DIGITS_VAL = 1497, 300                      # fixed digits split (1797 images)
 
@@ -212,7 +225,9 @@ def prepare_text_array(
     Arrays: ``x`` (N, C, H, W) latents (or ``mean`` + ``std`` posteriors), ``text_emb`` (N, L, D)
     per-token embeddings, optional ``text_pooled`` (N, D'), optional ``null_text_emb`` (L, D) and
     ``null_text_pooled`` (D',): the empty prompt's embeddings, used as the CFG null condition
-    (zeros when absent). ``*_val`` versions give an explicit validation split. Labels are all 0.
+    (zeros when absent), optional ``prompt`` (N,) str: the prompts' text (stored with the
+    embeddings; batches then carry ``batch["prompt"]``). ``*_val`` versions give an explicit
+    validation split. Labels are all 0.
     """
     with np.load(src, allow_pickle=False) as f:
         data = {k: f[k] for k in f.files}
@@ -224,15 +239,21 @@ def prepare_text_array(
         x = (data["mean" + suffix][idx], data["std" + suffix][idx]) if posterior else data["x" + suffix][idx]
         pooled = data.get("text_pooled" + suffix)
         text = (data["text_emb" + suffix][idx], None if pooled is None else pooled[idx])
-        return x, text
+        prompt = data.get("prompt" + suffix)
+        return x, text, None if prompt is None else [str(p) for p in prompt[idx]]
 
     if "text_emb_val" in data:
         parts = {"train": part(""), "val": part("_val")}
     else:
         train, val = split_indices(len(data["text_emb"]), val_fraction, seed)
         parts = {"train": part("", train), "val": part("", val)}
-    splits = {k: (x, np.zeros(len(t[0]), np.int64)) for k, (x, t) in parts.items()}
-    text = {k: t for k, (_, t) in parts.items()}
+    splits = {k: (x, np.zeros(len(t[0]), np.int64)) for k, (x, t, _) in parts.items()}
+    text = {k: t for k, (_, t, _) in parts.items()}
+    prompts = {k: p for k, (_, _, p) in parts.items()}
+    if any(p is None for p in prompts.values()):
+        if any(p is not None for p in prompts.values()):
+            raise ValueError(f"{src}: prompt text for some splits only; give prompt (and prompt_val with *_val)")
+        prompts = None
     null = None
     if "null_text_emb" in data:
         null = (data["null_text_emb"], data.get("null_text_pooled"))
@@ -241,7 +262,84 @@ def prepare_text_array(
         dtype = None if first.dtype in (np.float16, np.float32) else "float32"
     source = f"{PREPARE_CMD} text-array --src {src} --out {out_dir}"
     return write_dataset(out_dir, splits, 0, source, samples_per_shard, dtype, text=text, null_text=null,
-                         text_encoder=text_encoder, text_dtype=text_dtype)
+                         text_encoder=text_encoder, text_dtype=text_dtype, prompts=prompts)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of a UTF-8 text file, one per line (surrounding whitespace stripped, blank lines skipped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such prompt file (a UTF-8 text file, one prompt per line)")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+#: Names of the precomputed embeddings in an .npz: ours, or the names of diffusers' encode_prompt.
+EMBEDDING_NAMES = {"text_emb": ("text_emb", "prompt_embeds"), "text_pooled": ("text_pooled", "pooled_prompt_embeds"),
+                   "null_text_emb": ("null_text_emb", "negative_prompt_embeds"),
+                   "null_text_pooled": ("null_text_pooled", "negative_pooled_prompt_embeds")}
+
+
+def prepare_text_prompts(
+    prompts_file: str,                   # UTF-8 text file, one prompt per line
+    out_dir: str,                        # dataset directory to (over)write
+    encoder: str | None = None,          # local text encoder(s) (flowmap_lit.data.text_encoders); or embeddings
+    embeddings: str | None = None,       # .npz of precomputed text_emb (N,L,D) [+ text_pooled, null_text_*]
+    style: str = "sd3",                  # how the encoders' outputs combine: "sd3" or "flux"
+    samples_per_shard: int = 1000,       # samples per tar file
+    val_fraction: float = 0.1,           # held-out fraction (the evaluation's prompts)
+    seed: int = 0,                       # seed of the train/val permutation
+    text_dtype: str = "float16",         # stored dtype of the embeddings
+    clip_max_length: int = 77,           # CLIP tokens
+    t5_max_length: int | None = None,    # T5 tokens; None: 256 (sd3) or 512 (flux)
+    batch_size: int = 64,                # prompts per encoder call
+    device: str = "cpu",                 # where the encoders run
+    dtype: str = "float32",              # encoder precision
+) -> dict:
+    """Write a prompts-only dataset (text embeddings and prompt text, no latents; ``format.py``) and the
+    empty prompt's embedding; returns the stats.
+
+    The embeddings come from local text encoders (``encoder``, ``encode_prompts``; the empty prompt is
+    encoded the same way) or from an ``.npz`` (``embeddings``: ``text_emb`` (N, L, D), optional
+    ``text_pooled`` (N, D'), ``null_text_emb`` (L, D) and ``null_text_pooled`` (D',), or diffusers'
+    names ``prompt_embeds`` / ``pooled_prompt_embeds`` / ``negative_*``), one row per line of the
+    prompt file, in order. Without a stored null the CFG null is zeros.
+    """
+    if (encoder is None) == (embeddings is None):
+        raise ValueError("give the text encoder directory (encoder=, --encoder) or precomputed embeddings "
+                         "(embeddings=, --embeddings), not both")
+    prompts = read_prompt_file(prompts_file)
+    if encoder is not None:
+        from .text_encoders import encode_prompts, encoder_description
+
+        tokens, pooled = encode_prompts(prompts + [""], encoder, style, clip_max_length, t5_max_length,
+                                        batch_size, device, dtype)
+        null = (tokens[-1], None if pooled is None else pooled[-1])
+        tokens, pooled = tokens[:-1], None if pooled is None else pooled[:-1]
+        description = encoder_description(encoder, style, clip_max_length, t5_max_length)
+        how = f"--encoder {encoder} --style {style}"
+    else:
+        with np.load(embeddings, allow_pickle=False) as f:
+            found = {name: f[next(n for n in names if n in f.files)] for name, names in EMBEDDING_NAMES.items()
+                     if any(n in f.files for n in names)}
+        if "text_emb" not in found:
+            raise ValueError(f"{embeddings} must hold text_emb (N, L, D) (or prompt_embeds); it has "
+                             f"{sorted(np.load(embeddings).files)}")
+        tokens, pooled = found["text_emb"], found.get("text_pooled")
+        if len(tokens) != len(prompts) or (pooled is not None and len(pooled) != len(prompts)):
+            raise ValueError(f"{embeddings} holds {len(tokens)} embeddings but {prompts_file} {len(prompts)} prompts; "
+                             "give one row per prompt (line), in order")
+        null = (found["null_text_emb"], found.get("null_text_pooled")) if "null_text_emb" in found else None
+        description = f"precomputed: {embeddings}"
+        how = f"--embeddings {embeddings}"
+    train, val = split_indices(len(prompts), val_fraction, seed)
+    splits = {name: (tokens[idx], None if pooled is None else pooled[idx], [prompts[i] for i in idx])
+              for name, idx in (("train", train), ("val", val))}
+    source = f"{PREPARE_CMD} text-prompts --prompts {prompts_file} {how} --out {out_dir}"
+    return write_prompt_dataset(out_dir, splits, null, source, samples_per_shard, description, text_dtype)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -301,6 +399,34 @@ def add_text_array(sub: argparse._SubParsersAction) -> None:
                                                      text_encoder=a.text_encoder))
 
 
+def add_text_prompts(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("text-prompts", help="prompts only (no latents): embeddings + prompt text, for data-free "
+                                            "distillation")
+    p.add_argument("--prompts", required=True, help="UTF-8 text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--encoder", default=None, help="local text encoder directory: one CLIP or T5 encoder with its "
+                                                     "tokenizer, or a diffusers pipeline folder with text_encoder*/ "
+                                                     "and tokenizer*/")
+    src.add_argument("--embeddings", default=None, help=".npz of precomputed text_emb (N,L,D) [+ text_pooled (N,D'), "
+                                                        "null_text_emb, null_text_pooled], one row per prompt")
+    p.add_argument("--style", default="sd3", choices=["sd3", "flux"],
+                   help="how the encoders' outputs combine (as the SD3 or the FLUX pipeline's encode_prompt)")
+    p.add_argument("--clip-max-length", type=int, default=77, help="CLIP tokens per prompt")
+    p.add_argument("--t5-max-length", type=int, default=None, help="T5 tokens per prompt (default: 256 sd3, 512 flux)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
+    p.add_argument("--device", default="cpu", help="where the encoders run, e.g. cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="encoder precision")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the prompts held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.set_defaults(func=lambda a: prepare_text_prompts(
+        a.prompts, a.out, a.encoder, a.embeddings, a.style, a.samples_per_shard, a.val_fraction, a.seed,
+        clip_max_length=a.clip_max_length, t5_max_length=a.t5_max_length, batch_size=a.batch_size,
+        device=a.device, dtype=a.dtype))
+
+
 def add_imagenet(sub: argparse._SubParsersAction) -> None:
     from .imagenet import add_imagenet as add  # imports torch; only this subcommand needs it
 
@@ -308,7 +434,7 @@ def add_imagenet(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_digits, add_shapes, add_images, add_array,
-                                                                    add_text_array, add_imagenet]
+                                                                    add_text_array, add_text_prompts, add_imagenet]
 
 
 if __name__ == "__main__":  # the former command form; the command lives in flowmap_lit.commands

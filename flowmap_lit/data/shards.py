@@ -11,7 +11,13 @@ Text-conditioned data (your own encoder's outputs; see ``format.py``)::
 
     write_dataset("data/t2i", {"train": (x, np.zeros(len(x), int))}, num_classes=0,
                   text={"train": (tokens_N_L_D, pooled_N_D)}, null_text=(null_L_D, null_D),
-                  text_encoder="sd3: clip-l + clip-g + t5-xxl, 154 tokens")
+                  text_encoder="sd3: clip-l + clip-g + t5-xxl, 154 tokens",
+                  prompts={"train": ["a red cube", ...]})           # optional: the prompts' text
+
+A prompts-only dataset (no latents; data-free distillation reads it with ``PromptDataModule``)::
+
+    write_prompt_dataset("data/prompts", {"train": (tokens_N_L_D, pooled_N_D, prompts)},
+                         null_text=(null_L_D, null_D), text_encoder="...")
 """
 
 import glob
@@ -29,6 +35,8 @@ from .format import (
     KINDS,
     NULL_TEXT_FILE,
     PREPARE_CMD,
+    PROMPT,
+    PROMPTS_KIND,
     STATS_FILE,
     TEXT_EMB,
     TEXT_POOLED,
@@ -88,8 +96,11 @@ class ShardSink:
         info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reproducible bytes
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, arrays: dict[str, np.ndarray], label: int, key: str | None = None) -> None:
-        """Add one sample: ``arrays`` maps ``"latent"`` (or ``"mean"``, ``"std"``) to C x H x W."""
+    def write(self, arrays: dict[str, np.ndarray], label: int, key: str | None = None,
+              texts: dict[str, str] | None = None) -> None:
+        """Add one sample: ``arrays`` maps ``"latent"`` (or ``"mean"``, ``"std"``) to C x H x W (and text
+        embeddings by member name); ``texts`` maps member names to strings (``{"prompt": "..."}``,
+        stored UTF-8 as ``<key>.prompt.txt``)."""
         if self._tar is None:
             self._open_shard()
         key = sample_key(self.split, self.num_samples) if key is None else key
@@ -97,6 +108,8 @@ class ShardSink:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         for name, array in arrays.items():
             self._add(f"{key}.{name}.npy", _npy_bytes(array))
+        for name, text in (texts or {}).items():
+            self._add(f"{key}.{name}.txt", text.encode("utf-8"))
         self._add(f"{key}.cls", str(int(label)).encode("ascii"))
         self.num_samples += 1
         self._in_shard += 1
@@ -151,11 +164,27 @@ def text_arrays(text: TextEmbeddings, n: int, dtype: str | None = None) -> dict[
     return out
 
 
-def text_info(text: TextEmbeddings, null_file: str | None = None, encoder: str = "") -> dict:
-    """The ``stats.json`` ``"text"`` entry of a split's text embeddings (see ``format.py``)."""
-    return {"emb_shape": [int(d) for d in np.shape(text[0])[1:]],
+def text_info(text: TextEmbeddings, null_file: str | None = None, encoder: str = "", prompts: bool = False) -> dict:
+    """The ``stats.json`` ``"text"`` entry of a split's text embeddings (see ``format.py``); ``prompts``:
+    every sample stores its prompt text."""
+    info = {"emb_shape": [int(d) for d in np.shape(text[0])[1:]],
             "pooled_shape": None if text[1] is None else [int(d) for d in np.shape(text[1])[1:]],
             "null_file": null_file, "encoder": encoder}
+    if prompts:
+        info["prompts"] = True
+    return info
+
+
+def prompt_list(prompts, n: int, split: str = "train") -> list[str]:
+    """Check ``n`` prompt strings (a list, or a numpy array of str) and return them as a list."""
+    items = [p.item() if isinstance(p, np.generic) else p for p in (prompts.tolist() if isinstance(prompts, np.ndarray)
+                                                                      else list(prompts))]
+    if len(items) != n:
+        raise ValueError(f"split {split!r}: {len(items)} prompts for {n} samples; give one prompt per sample")
+    bad = next((i for i, p in enumerate(items) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(f"split {split!r}: prompt {bad} is {type(items[bad]).__name__}, not str")
+    return items
 
 
 def check_text_info(text: dict, where: str = "stats.json") -> dict:
@@ -165,6 +194,8 @@ def check_text_info(text: dict, where: str = "stats.json") -> dict:
         raise ValueError(f"{where}: text.emb_shape must be [L, D] (tokens x channels), got {emb!r}")
     if pooled is not None and not (isinstance(pooled, list) and len(pooled) == 1 and pooled[0] > 0):
         raise ValueError(f"{where}: text.pooled_shape must be [D'] or null, got {pooled!r}")
+    if not isinstance(text.get("prompts", False), bool):
+        raise ValueError(f"{where}: text.prompts must be true or false, got {text['prompts']!r}")
     return text
 
 
@@ -231,6 +262,7 @@ def write_shards(
     dtype: str | None = None,            # store as "float16"/"float32"; None keeps the input dtype
     text: TextEmbeddings | None = None,  # (tokens (N, L, D), pooled (N, D') or None): text conditioning
     text_dtype: str | None = None,       # store the text embeddings as "float16"/"float32"; None: keep
+    prompts: Sequence[str] | None = None,  # (N,) prompt strings, stored as <key>.prompt.txt (needs text)
 ) -> dict[str, int]:
     """Write one split as tar shards; returns ``{"num_samples": N, "num_shards": k}``.
 
@@ -244,6 +276,10 @@ def write_shards(
     n = len(labels)
     if text is not None:
         arrays.update(text_arrays(text, n, text_dtype))
+    if prompts is not None:
+        if text is None:
+            raise ValueError("prompts are stored with their text embeddings: pass text= too")
+        prompts = prompt_list(prompts, n, split)
     for name, array in arrays.items():
         if name in (TEXT_EMB, TEXT_POOLED):
             continue  # checked by text_arrays
@@ -255,7 +291,8 @@ def write_shards(
         raise ValueError(f"means {arrays['mean'].shape} and stds {arrays['std'].shape} differ in shape")
     with ShardSink(out_dir, split, samples_per_shard) as sink:
         for i in range(n):
-            sink.write({k: v[i] for k, v in arrays.items()}, int(labels[i]))
+            sink.write({k: v[i] for k, v in arrays.items()}, int(labels[i]),
+                       texts=None if prompts is None else {PROMPT: prompts[i]})
     remove_stale_shards(out_dir, split, keep=sink.num_shards)
     return sink.info
 
@@ -315,7 +352,7 @@ def channel_stats(latents: Latents, chunk: int = 4096) -> tuple[list[float], lis
 def write_stats(
     out_dir: str,                        # dataset directory
     *,
-    shape: Sequence[int],                # (C, H, W) of every sample
+    shape: Sequence[int] | None,         # (C, H, W) of every sample; None for prompts-only data
     num_classes: int,                    # number of class labels
     kind: str,                           # "latent" or "posterior"
     mean: Sequence[float],               # per-channel mean (see channel_stats)
@@ -327,9 +364,14 @@ def write_stats(
     """Atomically write ``stats.json`` (see ``format.py``); returns its path."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    shape = [int(s) for s in shape]
-    if len(shape) != 3 or len(mean) != shape[0] or len(std) != shape[0]:
-        raise ValueError(f"shape must be [C, H, W] and mean/std have C entries: {shape}, {mean}, {std}")
+    if kind == PROMPTS_KIND:  # no latents: no shape, no statistics
+        if text is None or shape is not None or len(mean) or len(std):
+            raise ValueError("a prompts-only dataset has text embeddings and no latents: text=..., shape=None, "
+                             "mean=[], std=[]")
+    else:
+        shape = [int(s) for s in shape]
+        if len(shape) != 3 or len(mean) != shape[0] or len(std) != shape[0]:
+            raise ValueError(f"shape must be [C, H, W] and mean/std have C entries: {shape}, {mean}, {std}")
     stats = {
         "format": FORMAT_VERSION, "shape": shape, "num_classes": int(num_classes), "kind": kind,
         "mean": [float(m) for m in mean], "std": [float(s) for s in std],
@@ -366,6 +408,9 @@ def read_stats(root: str) -> dict:
         raise ValueError(f"{path}: kind must be one of {KINDS}, got {stats['kind']!r}")
     if stats.get("text") is not None:
         check_text_info(stats["text"], path)
+    elif stats["kind"] == PROMPTS_KIND:
+        raise ValueError(f"{path}: a prompts-only dataset needs a \"text\" entry; re-create it with "
+                         f"{PREPARE_CMD} text-prompts")
     if not np.isfinite(np.asarray(stats["mean"] + stats["std"], dtype=np.float64)).all():
         raise ValueError(f"{path} holds non-finite channel statistics (mean {stats['mean']}, std {stats['std']}): "
                          "its train split has NaN or infinite samples. Re-create the dataset from finite data "
@@ -384,15 +429,23 @@ def write_dataset(
     null_text: TextEmbeddings | None = None,  # empty-prompt (tokens (L, D), pooled (D',) or None), for CFG
     text_encoder: str = "",              # how the text embeddings were made (stats.json text.encoder)
     text_dtype: str | None = "float16",  # stored dtype of the text embeddings; None keeps the input dtype
+    prompts: dict[str, Sequence[str]] | None = None,  # per split, one prompt string per sample (needs text)
 ) -> dict:
     """Write all splits and then ``stats.json`` (channel stats of "train"); returns the stats.
 
     ``stats.json`` is deleted first and written last, so an interrupted run leaves a
     directory that readers reject (and ``DigitsDataModule.prepare_data`` re-creates).
-    With ``text``, every split needs its embeddings, all with the same shapes (``format.py``).
+    With ``text``, every split needs its embeddings, all with the same shapes (``format.py``);
+    with ``prompts`` also its prompt strings (batches then carry ``batch["prompt"]``).
     """
     for name, (x, _) in splits.items():  # before anything of an existing dataset is removed
         check_finite(name, x, None if text is None else text.get(name))
+    if prompts is not None:
+        if text is None:
+            raise ValueError("prompts are stored with their text embeddings: pass text= too")
+        if set(prompts) != set(splits):
+            raise ValueError(f"prompts are needed for every split {sorted(splits)}, got {sorted(prompts)}")
+        prompts = {name: prompt_list(prompts[name], len(splits[name][1]), name) for name in splits}
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, STATS_FILE)):
         os.remove(os.path.join(out_dir, STATS_FILE))
@@ -400,7 +453,8 @@ def write_dataset(
     if text is not None:
         if set(text) != set(splits):
             raise ValueError(f"text embeddings are needed for every split {sorted(splits)}, got {sorted(text)}")
-        info_text = text_info(text["train"], NULL_TEXT_FILE if null_text is not None else None, text_encoder)
+        info_text = text_info(text["train"], NULL_TEXT_FILE if null_text is not None else None, text_encoder,
+                              prompts is not None)
         for name, pair in text.items():
             other = text_info(pair)
             if (other["emb_shape"], other["pooled_shape"]) != (info_text["emb_shape"], info_text["pooled_shape"]):
@@ -411,7 +465,8 @@ def write_dataset(
     elif null_text is not None:
         raise ValueError("null_text needs text embeddings for the samples (text=)")
     infos = {name: write_shards(out_dir, name, x, y, samples_per_shard, dtype,
-                                text=None if text is None else text[name], text_dtype=text_dtype)
+                                text=None if text is None else text[name], text_dtype=text_dtype,
+                                prompts=None if prompts is None else prompts[name])
              for name, (x, y) in splits.items()}
     train = splits["train"][0]
     if dtype is not None:  # statistics of the stored values, as the reader sees them
@@ -421,6 +476,48 @@ def write_dataset(
     kind = "posterior" if isinstance(train, tuple) else "latent"
     write_stats(out_dir, shape=shape, num_classes=num_classes, kind=kind, mean=mean, std=std,
                 splits=infos, source=source, text=info_text)
+    return read_stats(out_dir)
+
+
+def write_prompt_dataset(
+    out_dir: str,                        # dataset directory
+    splits: dict[str, tuple[np.ndarray, np.ndarray | None, Sequence[str]]],  # per split (tokens, pooled, prompts)
+    null_text: TextEmbeddings | None = None,  # empty-prompt (tokens (L, D), pooled (D',) or None)
+    source: str = "",                    # how the data was made (the prepare command line)
+    samples_per_shard: int = 1000,       # samples per tar file
+    text_encoder: str = "",              # how the embeddings were made (stats.json text.encoder)
+    text_dtype: str | None = "float16",  # stored dtype of the text embeddings; None keeps the input dtype
+) -> dict:
+    """Write a prompts-only dataset (``"kind": "prompts"``: text embeddings and prompt text, no latents;
+    ``format.py``) and then ``stats.json``; returns the stats. Every split needs the same shapes."""
+    if "train" not in splits:
+        raise ValueError(f"a prompts-only dataset needs a 'train' split, got {sorted(splits)}")
+    checked = {}
+    for name, (tokens, pooled, prompts) in splits.items():
+        check_finite(name, np.zeros((len(tokens), 0, 0, 0), np.float32), (tokens, pooled))
+        checked[name] = (text_arrays((tokens, pooled), len(tokens), text_dtype),
+                         prompt_list(prompts, len(tokens), name))
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, STATS_FILE)):
+        os.remove(os.path.join(out_dir, STATS_FILE))
+    first = splits["train"]
+    info_text = text_info((first[0], first[1]), NULL_TEXT_FILE if null_text is not None else None, text_encoder, True)
+    for name, (tokens, pooled, _) in splits.items():
+        other = text_info((tokens, pooled))
+        if (other["emb_shape"], other["pooled_shape"]) != (info_text["emb_shape"], info_text["pooled_shape"]):
+            raise ValueError(f"split {name!r} has text shapes {other['emb_shape']}, {other['pooled_shape']}; "
+                             f"'train' has {info_text['emb_shape']}, {info_text['pooled_shape']}")
+    if null_text is not None:
+        write_null_text(out_dir, null_text[0], null_text[1], info_text)
+    infos = {}
+    for name, (arrays, prompts) in checked.items():
+        with ShardSink(out_dir, name, samples_per_shard) as sink:
+            for i, prompt in enumerate(prompts):
+                sink.write({k: v[i] for k, v in arrays.items()}, 0, texts={PROMPT: prompt})
+        remove_stale_shards(out_dir, name, keep=sink.num_shards)
+        infos[name] = sink.info
+    write_stats(out_dir, shape=None, num_classes=0, kind=PROMPTS_KIND, mean=[], std=[], splits=infos,
+                source=source, text=info_text)
     return read_stats(out_dir)
 
 

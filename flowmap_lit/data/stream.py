@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from flowmap_lit.seeding import derive_seed
 
-from .format import COND_KEYS, TEXT_EMB, TEXT_POOLED
+from .format import COND_KEYS, PROMPT, PROMPTS_KIND, TEXT_EMB, TEXT_POOLED
 
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_NOISE = 1, 2, 3  # keep the three RNG streams independent
 
@@ -315,10 +315,12 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 class Decode:
-    """Decode stage: raw tar sample -> ``(latent float32 C x H x W, label, key, cond)``.
+    """Decode stage: raw tar sample -> ``(latent float32 C x H x W, label, key, cond, prompt)``.
 
     ``cond`` is None, or for text data (``text`` = the stats.json entry) the float32 text
-    embeddings by their batch name (``{"encoder_hidden_states": (L, D), "pooled_projections": (D',)}``).
+    embeddings by their batch name (``{"encoder_hidden_states": (L, D), "pooled_projections": (D',)}``);
+    ``prompt`` is the prompt text where the dataset stores it (``text.prompts``), else None. For
+    prompts-only data (``kind == "prompts"``) the latent is None.
 
     Posterior samples are drawn as ``mean + std * z``; ``noise`` chooses ``z``:
     "stream": from an RNG seeded by (seed, rank, worker, epoch) (training);
@@ -328,8 +330,8 @@ class Decode:
 
     def __init__(
         self,
-        kind: str,                       # "latent" or "posterior" (stats.json)
-        shape: tuple[int, ...],          # expected (C, H, W)
+        kind: str,                       # "latent", "posterior" or "prompts" (stats.json)
+        shape: tuple[int, ...] | None,   # expected (C, H, W); None for prompts-only data
         policy: ErrorPolicy,             # what to do with bad samples
         mean: list[float] | None = None, # per-channel mean to subtract; None: no normalization
         std: list[float] | None = None,  # per-channel std to divide by
@@ -339,16 +341,21 @@ class Decode:
         epoch: int = 0,                  # first epoch number
         text: dict | None = None,        # stats.json "text" entry (shapes of the text embeddings); None: no text
     ):
-        self.kind, self.shape, self.policy, self.noise = kind, tuple(shape), policy, noise
+        self.kind, self.policy, self.noise = kind, policy, noise
+        self.shape = None if shape is None else tuple(shape)
         self.text_shapes = {}
+        self.prompts = bool(text is not None and text.get("prompts"))
+        if kind == PROMPTS_KIND and text is None:
+            raise ValueError("prompts-only data needs the stats.json text entry")
         if text is not None:
             self.text_shapes[TEXT_EMB] = tuple(text["emb_shape"])
             if text.get("pooled_shape") is not None:
                 self.text_shapes[TEXT_POOLED] = tuple(text["pooled_shape"])
         self.seed, self.rank, self.epoch = seed, rank, epoch
-        c = self.shape[0]
-        self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(c, 1, 1)
-        self.inv_std = None if std is None else (1.0 / np.asarray(std, np.float32)).reshape(c, 1, 1)
+        c = self.shape[0] if self.shape else 0
+        latents = kind != PROMPTS_KIND
+        self.mean = np.asarray(mean, np.float32).reshape(c, 1, 1) if mean is not None and latents else None
+        self.inv_std = (1.0 / np.asarray(std, np.float32)).reshape(c, 1, 1) if std is not None and latents else None
 
     def _array(self, sample: dict, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         shape = self.shape if shape is None else shape
@@ -359,9 +366,12 @@ class Decode:
             raise ValueError(f"{name} has shape {tuple(array.shape)} but stats.json says {shape}")
         return array.astype(np.float32, copy=False)
 
-    def _decode(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, int, str, dict | None]:
+    def _decode(self, sample: dict, rng: np.random.Generator) -> tuple:
         key = sample["__key__"]
-        if self.kind == "latent":
+        x = None
+        if self.kind == PROMPTS_KIND:
+            pass
+        elif self.kind == "latent":
             x = self._array(sample, "latent.npy")
         else:
             x, std = self._array(sample, "mean.npy"), self._array(sample, "std.npy")
@@ -372,15 +382,21 @@ class Decode:
         if "cls" not in sample:
             raise KeyError("member 'cls' missing")
         label = int(sample["cls"].decode("ascii").strip())
-        if self.mean is not None:
+        if self.mean is not None and x is not None:
             x = (x - self.mean) * self.inv_std
         cond = {COND_KEYS[name]: np.ascontiguousarray(self._array(sample, f"{name}.npy", shape))
                 for name, shape in self.text_shapes.items()} or None
-        for name, array in [("the latent", x), *(cond or {}).items()]:
+        prompt = None
+        if self.prompts:
+            if f"{PROMPT}.txt" not in sample:
+                raise KeyError(f"member '{PROMPT}.txt' missing (stats.json says every sample stores its prompt)")
+            prompt = bytes(sample[f"{PROMPT}.txt"]).decode("utf-8")
+        arrays = [*(() if x is None else [("the latent", x)]), *(cond or {}).items()]
+        for name, array in arrays:
             if not np.isfinite(array).all():
                 raise ValueError(f"{name} holds NaN or infinite values: rewrite the dataset from finite data "
                                  "(python -m flowmap_lit prepare refuses non-finite samples)")
-        return np.ascontiguousarray(x, dtype=np.float32), label, key, cond
+        return None if x is None else np.ascontiguousarray(x, dtype=np.float32), label, key, cond, prompt
 
     def __call__(self, src):
         worker, _ = worker_info()
@@ -399,18 +415,19 @@ class Decode:
 
 class Collate:
     """Stack decoded samples into ``{"x": (B, C, H, W) float32, "label": (B,) int64}`` (+ ``"key"``,
-    and ``"cond"``: a dict of stacked text embeddings, when the samples carry them)."""
+    ``"cond"``: a dict of stacked text embeddings, and ``"prompt"``: a list of str, when the samples
+    carry them). Prompts-only samples (no latent) give batches without ``"x"``."""
 
     def __init__(self, return_keys: bool = False):
         self.return_keys = return_keys
 
     def __call__(self, samples: list[tuple]) -> dict:
-        batch = {
-            "x": torch.from_numpy(np.stack([s[0] for s in samples])),
-            "label": torch.tensor([s[1] for s in samples], dtype=torch.int64),
-        }
+        batch = {} if samples[0][0] is None else {"x": torch.from_numpy(np.stack([s[0] for s in samples]))}
+        batch["label"] = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         if self.return_keys:
             batch["key"] = [s[2] for s in samples]
         if len(samples[0]) > 3 and samples[0][3] is not None:
             batch["cond"] = {k: torch.from_numpy(np.stack([s[3][k] for s in samples])) for k in samples[0][3]}
+        if len(samples[0]) > 4 and samples[0][4] is not None:
+            batch["prompt"] = [s[4] for s in samples]
         return batch

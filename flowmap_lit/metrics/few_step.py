@@ -88,14 +88,25 @@ def text_prompts(datamodule, count: int) -> dict[str, Tensor] | None:
     """The stored text embeddings (``batch["cond"]``) of the first ``count`` samples of the data
     module's validation split, on the CPU; None for a dataset without text. Sample ``i`` of an
     evaluation is conditioned on prompt ``i % count`` (``prompt_cond``)."""
+    return text_prompts_with_text(datamodule, count)[0]
+
+
+def text_prompts_with_text(datamodule, count: int) -> tuple[dict[str, Tensor] | None, list[str] | None]:
+    """``(text_prompts(datamodule, count), their prompt strings)``: the strings are None where the
+    dataset stores no prompt text (``batch["prompt"]``)."""
     if getattr(datamodule, "text", None) is None:
-        return None
+        return None, None
     parts: dict[str, list[Tensor]] = {}
+    texts: list[str] | None = []
     taken = 0
     for batch in datamodule.split_loader():
-        n = min(count - taken, len(batch["x"]))
+        n = min(count - taken, len(batch["label"]))
         for key, value in batch["cond"].items():
             parts.setdefault(key, []).append(value[:n])
+        if texts is not None and "prompt" in batch:
+            texts.extend(batch["prompt"][:n])
+        else:
+            texts = None
         taken += n
         if taken >= count:
             break
@@ -103,7 +114,12 @@ def text_prompts(datamodule, count: int) -> dict[str, Tensor] | None:
         raise ValueError(f"text-conditioned evaluation takes its prompts from the validation split "
                          f"{datamodule.val_split!r} of {datamodule.root}, which has no samples; write the dataset "
                          "with a val split (flowmap_lit.data.write_dataset(..., text=...))")
-    return {key: torch.cat(values) for key, values in parts.items()}
+    return {key: torch.cat(values) for key, values in parts.items()}, texts
+
+
+def prompt_texts(texts: list[str] | None, indices) -> list[str] | None:
+    """The prompt strings of samples ``indices`` (prompt ``i % len(texts)``, as ``prompt_cond``), or None."""
+    return None if texts is None else [texts[i % len(texts)] for i in indices]
 
 
 def prompt_cond(prompts: dict[str, Tensor] | None, indices, device=None) -> dict[str, Tensor] | None:
