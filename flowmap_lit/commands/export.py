@@ -3,6 +3,10 @@ optionally a diffusers pipeline.
 
     python -m flowmap_lit export --ckpt checkpoints/quickstart/last.ckpt --out exported/quickstart \\
         [--schedules checkpoints/quickstart/schedules.json] [--vae DIR]
+
+With ``--vae`` the pipeline (``flowmap_lit.diffusers_pipeline``) steps with diffusers'
+``FlowMapEulerDiscreteScheduler`` (its own ``FlowMapGridScheduler`` on diffusers without it), the
+tuned grids going in as the scheduler's sigmas.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> Path:
         flowmap = load_flowmap(out, trust_code=args.trust_code)
         pipe = FlowMapPipeline.from_flowmap(flowmap, args.vae, scaling_factor=args.scaling_factor)
         pipe.save_pretrained(out / "pipeline")
-        print(f"diffusers pipeline: {out / 'pipeline'}")
+        print(f"diffusers pipeline: {out / 'pipeline'} (scheduler: {type(pipe.scheduler).__name__})")
     return out
 
 
