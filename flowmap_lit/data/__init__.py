@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "LatentDataModule": "datamodule", "DigitsDataModule": "digits", "ShapesDataModule": "digits",
+    "PriorDataModule": "prior",
     "ShardError": "stream", "DataWarning": "stream", "read_split": "shards",
     "write_shards": "shards", "write_stats": "shards", "write_dataset": "shards",
     "read_stats": "shards", "channel_stats": "shards", "ShardSink": "shards",
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         prepare_text_array,
         prepare_text_prompts,
     )
+    from .prior import PriorDataModule
     from .shards import (
         ShardSink,
         channel_stats,

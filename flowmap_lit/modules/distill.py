@@ -12,7 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from flowmap_lit.distributed import apply_activation_checkpointing, data_parallel_mesh, is_sharded, shard_network
-from flowmap_lit.interpolant import edm_schedule, interpolate, uniform_schedule
+from flowmap_lit.interpolant import edm_schedule, expand_like, interpolate, uniform_schedule
 from flowmap_lit.modules.common import (
     check_network_shape,
     data_info,
@@ -160,6 +160,15 @@ class FlowMapDistillModule(pl.LightningModule):
             (only they train the compiled forward).
         compile_options: Keyword arguments of torch.compile (mode, dynamic, fullgraph,
             ...); None: its defaults.
+        states: Where the noisy points x_t of the objective come from (docs/design.md section 13):
+            "data" (x_t = (1 - t) x0 + t eps from the batch's data), or data-free from noise z alone:
+            "student" (x_t = f(z, 1, t), the student's own path, without grad) or "teacher" (the
+            teacher's ODE from z at t = 1 down to t in state_steps Euler steps). The data-free
+            states read no data: the batch needs only labels or text conditioning (or nothing),
+            e.g. from flowmap_lit.data.PriorDataModule.
+        state_steps: Euler steps of the teacher's ODE per sample for states: teacher.
+        sample_shape: Shape [C, H, W] of one sample for data-free states; None: the data
+            module's shape.
     """
 
     def __init__(
@@ -193,6 +202,9 @@ class FlowMapDistillModule(pl.LightningModule):
         schedules: str | None = None,
         compile_student: bool = False,
         compile_options: dict | None = None,
+        states: Literal["data", "student", "teacher"] = "data",
+        state_steps: int = 8,
+        sample_shape: list[int] | None = None,
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
@@ -251,6 +263,12 @@ class FlowMapDistillModule(pl.LightningModule):
         self.set_schedules(schedules)
         self.compile_student, self.compile_options = compile_student, dict(compile_options or {})
         self._compiled = _CompileCache()
+        if states not in ("data", "student", "teacher"):
+            raise ValueError(f"states must be 'data', 'student' or 'teacher', got {states!r}")
+        if state_steps < 1:
+            raise ValueError(f"state_steps must be >= 1, got {state_steps}")
+        self.states, self.state_steps = states, state_steps
+        self.sample_shape = None if sample_shape is None else tuple(int(v) for v in sample_shape)
 
     def set_schedules(self, source: str | dict | None) -> None:
         """Use the tuned grids (and gammas) of a schedules file for the step counts it covers
@@ -304,9 +322,26 @@ class FlowMapDistillModule(pl.LightningModule):
         return lambda x, t: guided_velocity(self.teacher, self.guide, x, t, labels, lam, self.guidance,
                                             cond=cond, null_cond=self.null_cond)
 
+    def batch_template(self, batch: dict) -> Tensor:
+        """A tensor shaped, typed and placed like this rank's clean samples: the batch's data ``x``,
+        or, for data-free states, an empty one of ``sample_shape`` for as many samples as the batch
+        has labels, conditioning or ``batch_size``."""
+        x0 = batch.get("x")
+        if x0 is not None:
+            return x0
+        if self.states == "data":
+            raise ValueError(
+                "the batch holds no data 'x', and states: data noises the data: train data-free with "
+                "model.init_args.states: student (or teacher), or give a data module that serves x")
+        if self.sample_shape is None:
+            raise ValueError("data-free training needs the samples' shape: set model.init_args.sample_shape "
+                             "[C, H, W] or use a data module with a shape (flowmap_lit.data.PriorDataModule)")
+        n = _batch_size(batch)
+        return torch.empty((n, *self.sample_shape), device=self.device)
+
     def draw_noise(self, x0: Tensor, generator: torch.Generator | None = None, rank: int = 0,
                    world_size: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(t, s, eps, lam)`` for this rank's samples ``x0``.
+        """``(t, s, eps, lam)`` for this rank's samples ``x0`` (only their shape is read).
 
         They are drawn for the global batch of ``world_size`` equal parts and this rank's part is
         kept, so with the same data a run draws the same noise per sample on any number of ranks
@@ -320,13 +355,46 @@ class FlowMapDistillModule(pl.LightningModule):
         lam = self._guidance(total, generator=generator)
         return t[part], s[part], eps[part], (lam[part] if lam is not None else None)
 
+    def draw_labels(self, n: int, generator: torch.Generator | None = None, rank: int = 0,
+                    world_size: int = 1) -> Tensor | None:
+        """Uniform class labels for this rank's ``n`` samples (global batch drawn, this rank's part
+        kept) when the batch brings none; None for unconditional models."""
+        if self.num_classes <= 0:
+            return None
+        labels = torch.randint(self.num_classes, (n * world_size,), device=self.device, generator=generator)
+        return labels[rank * n:(rank + 1) * n]
+
+    @torch.no_grad()
+    def trajectory_states(self, z: Tensor, t: Tensor, labels: Tensor | None, lam: Tensor | None,
+                          cond: dict[str, Tensor] | None = None) -> Tensor:
+        """Data-free ``x_t`` from noise ``z`` at ``t = 1`` (docs/design.md section 13): the student's
+        jump ``f(z, 1, t)`` (``states: student``) or ``state_steps`` Euler steps of the guided
+        teacher's ODE from 1 to ``t`` (``states: teacher``)."""
+        one = torch.ones_like(t)
+        if self.states == "student":
+            F = self.student_fn(labels, lam, cond)(z, one, t)
+            return z + expand_like(t - one, z) * F.to(z.dtype)
+        v = self.teacher_fn(labels, lam, cond)
+        x, t_cur = z, one
+        for i in range(self.state_steps):
+            t_next = one + (t - one) * (i + 1) / self.state_steps
+            x = x + expand_like(t_next - t_cur, x) * v(x, t_cur).to(x.dtype)
+            t_cur = t_next
+        return x
+
     def step_loss(self, batch: dict, generator: torch.Generator | None = None, rank: int = 0,
                   world_size: int = 1) -> tuple[Tensor, dict]:
         """Per-sample loss and stats of one batch (noise from ``draw_noise``; ``batch["cond"]``, if
-        present, is passed to the student and the teacher as keyword arguments)."""
-        x0, labels, cond = batch["x"], batch["label"], batch.get("cond")
+        present, is passed to the student and the teacher as keyword arguments). With data-free
+        ``states`` the batch's data is not read (labels are drawn uniformly if it has none)."""
+        x0, labels, cond = self.batch_template(batch), batch.get("label"), batch.get("cond")
         t, s, eps, lam = self.draw_noise(x0, generator, rank, world_size)
-        x_t = interpolate(x0, eps, t)
+        if self.states == "data":
+            x_t = interpolate(x0, eps, t)
+        else:
+            if labels is None:
+                labels = self.draw_labels(x0.shape[0], generator, rank, world_size)
+            x_t = self.trajectory_states(eps, t, labels, lam, cond)
         student = self.student_fn(labels, lam, cond, compiled=True)
         out = self.objective(student, self.teacher_fn(labels, lam, cond), x_t, t, s, r=self.tangent_warmup())
         stats = dict(out.stats)
@@ -340,6 +408,8 @@ class FlowMapDistillModule(pl.LightningModule):
         keyword-conditioned (text) data from the data module."""
         dm = getattr(self._trainer, "datamodule", None)
         check_network_shape(self.student, dm, "model.init_args.student")
+        if self.sample_shape is None and getattr(dm, "shape", None) is not None:
+            self.sample_shape = tuple(int(v) for v in dm.shape)
         null = getattr(dm, "null_cond", None)
         if null is not None:
             self.null_cond = null
@@ -418,7 +488,7 @@ class FlowMapDistillModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         with seeded_rng(self, derive_seed(self.noise_seed, -1, batch_idx, self.global_rank)):
             loss, _ = self.step_loss(batch)
-        self.log("val/loss", loss.mean(), sync_dist=True, batch_size=batch["x"].shape[0])
+        self.log("val/loss", loss.mean(), sync_dist=True, batch_size=_batch_size(batch))
 
     def configure_model(self) -> None:
         """Activation checkpointing, and FSDP2 sharding under ``ModelParallelStrategy`` (its device
@@ -511,6 +581,19 @@ class FlowMapDistillModule(pl.LightningModule):
         lam = self._eval_inputs(noise, guidance)
         return ode_sample(self.teacher_fn(class_labels, lam, cond), noise, num_steps, solver,
                           schedule=edm_schedule(num_steps))
+
+
+def _batch_size(batch: dict) -> int:
+    """Number of samples of a batch: its data, labels or conditioning, or its ``batch_size`` entry."""
+    for key in ("x", "label"):
+        if isinstance(batch.get(key), Tensor):
+            return batch[key].shape[0]
+    for value in (batch.get("cond") or {}).values():
+        return value.shape[0]
+    if "batch_size" in batch:
+        return int(batch["batch_size"])
+    raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}: it needs 'x', 'label', "
+                     "'cond' or 'batch_size'")
 
 
 def _tensors(batch):

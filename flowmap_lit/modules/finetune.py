@@ -28,49 +28,18 @@ advances ``trainer.global_step`` by 2: ``max_steps``, ``every_n_train_steps`` an
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from flowmap_lit.checkpoints import ema_state_from_checkpoint, load_checkpoint
-from flowmap_lit.distributed import data_parallel_mesh, is_sharded
 from flowmap_lit.interpolant import expand_like, interpolate
-from flowmap_lit.modules import FlowMapDistillModule
-from flowmap_lit.modules.common import save_plain_hyperparameters, seeded_rng
+from flowmap_lit.modules.common import save_plain_hyperparameters
+from flowmap_lit.modules.two_player import TwoNetworkModule, last_layer_weight, load_student_state
 from flowmap_lit.objectives.adversarial import RpGAN
-from flowmap_lit.seeding import derive_seed
+
+__all__ = ["AdversarialFinetuneModule", "last_layer_weight", "load_student_state"]
 
 
-def last_layer_weight(net: nn.Module, name: str | None = None) -> tuple[str, nn.Parameter]:
-    """``(name, parameter)`` of ``net``: the one called ``name``, else the last one with >= 2 dims."""
-    params = dict(net.named_parameters())
-    if name is not None:
-        if name not in params:
-            raise ValueError(f"adaptive_weight_param {name!r} is not a parameter of the student; "
-                             f"its last ones are {list(params)[-5:]}")
-        return name, params[name]
-    matrices = [(k, p) for k, p in params.items() if p.ndim >= 2]
-    if not matrices:
-        raise ValueError("the student has no weight matrix to balance the adaptive weight on")
-    return matrices[-1]
-
-
-def load_student_state(checkpoint: str, use_ema: bool = True, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """The student's weights in a ``FlowMapDistillModule`` checkpoint, a file or a sharded (FSDP2) directory
-    (its EMA weights if asked and present)."""
-    ckpt = load_checkpoint(checkpoint, allow_pickle)
-    state = ema_state_from_checkpoint(ckpt) if use_ema else None
-    if state is None:
-        if "state_dict" not in ckpt:
-            raise ValueError(f"{checkpoint} has no state_dict: is it a Lightning checkpoint of a distillation run?")
-        state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
-    if not state:
-        raise ValueError(f"{checkpoint} holds no student weights (no 'student.*' keys, no EMA state): "
-                         "init_checkpoint must be a checkpoint written by a FlowMapDistillModule run")
-    return state
-
-
-class AdversarialFinetuneModule(FlowMapDistillModule):
+class AdversarialFinetuneModule(TwoNetworkModule):
     """Distillation objective plus RpGAN against a discriminator, two optimizers (see module docstring).
 
     Takes every FlowMapDistillModule argument too (teacher, objective, student, guide, optimizer, ...,
@@ -121,12 +90,10 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
         allow_pickle: bool = False,
         **kwargs,  # every FlowMapDistillModule argument (teacher, objective, student, guide, ...)
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(discriminator_optimizer, init_checkpoint, init_use_ema, allow_pickle, **kwargs)
         save_plain_hyperparameters(self)
-        self.automatic_optimization = False
         self.discriminator = discriminator
         self.adversarial = adversarial if adversarial is not None else RpGAN()
-        self.discriminator_optimizer_factory = discriminator_optimizer
         self.adv_weight, self.adaptive_weight = adv_weight, adaptive_weight
         self.adaptive_weight_max, self.adaptive_weight_param = adaptive_weight_max, adaptive_weight_param
         self.distill_weight = distill_weight
@@ -134,17 +101,11 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
         if not self.adv_times or any(not 0.0 < t <= 1.0 for t in self.adv_times):
             raise ValueError(f"adv_times must be a non-empty list of times in (0, 1], got {adv_times}")
         self.adv_guidance = adv_guidance
-        if init_checkpoint is not None:
-            state = load_student_state(init_checkpoint, init_use_ema, allow_pickle)
-            missing, unexpected = self.student.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise RuntimeError(f"{init_checkpoint} does not match the student architecture: missing "
-                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
+        self.init_student()
 
     # --- the pieces of a step ----------------------------------------------------------------------
-    def tangent_warmup(self, step: int | None = None) -> float:
-        """As in ``FlowMapDistillModule``, counting batches (two optimizer steps each)."""
-        return super().tangent_warmup(self.global_step // 2 if step is None else step)
+    aux_name = "discriminator"
+    progress_keys = ("adv_g",)
 
     def adversarial_noise(self, x0: Tensor, generator: torch.Generator | None = None, rank: int = 0,
                           world_size: int = 1) -> tuple[Tensor, Tensor]:
@@ -170,48 +131,15 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
 
     def balance(self, distill: Tensor, adv: Tensor) -> Tensor:
         """The weight ``w`` of the adversarial loss (a detached scalar)."""
-        if not self.adaptive_weight:
-            return torch.tensor(self.adv_weight, device=distill.device)
-        _, weight = last_layer_weight(self.student, self.adaptive_weight_param)
-        if is_sharded(weight):
-            raise RuntimeError("adaptive_weight needs an unsharded student (it differentiates w.r.t. one weight); "
-                               "use a fixed adv_weight under FSDP2")
-        (g_distill,) = torch.autograd.grad(distill, weight, retain_graph=True)
-        (g_adv,) = torch.autograd.grad(adv, weight, retain_graph=True)
-        ratio = g_distill.norm() / (g_adv.norm() + 1e-8)
-        return (self.adv_weight * ratio).clamp(max=self.adaptive_weight_max).detach()
-
-    def _sync_discriminator_grads(self) -> None:
-        """Averages D's gradients over the data-parallel ranks under ``ModelParallelStrategy``
-        (which, unlike DDP, does not wrap the module; D is small and stays replicated)."""
-        mesh = getattr(self, "_device_mesh", None)
-        if mesh is None or not dist.is_initialized():
-            return
-        group = data_parallel_mesh(mesh).get_group()
-        size = dist.get_world_size(group)
-        for p in self.discriminator.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=group)
-                p.grad.div_(size)
+        return super().balance(distill, adv, self.adv_weight, self.adaptive_weight, self.adaptive_weight_max,
+                               self.adaptive_weight_param)
 
     def _skip_nonfinite(self, loss: Tensor, what: str) -> bool:
         return self.skip_nonfinite(loss, f"the {what}", "Lower the learning rates or adv_weight, raise "
                                    "r1_gamma/r2_gamma, or set nan_mask: true to drop bad samples of the "
                                    "distillation loss.")
 
-    # --- Lightning hooks ---------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-            raise ValueError(
-                "the adversarial finetune makes two backward passes per batch (discriminator, then student), each "
-                "with its own parameters, which plain DDP rejects: use --trainer.strategy "
-                "ddp_find_unused_parameters_true (or configs/strategies/fsdp2.yaml)"
-            )
-
+    # --- the step ---------------------------------------------------------------------------------
     def adversarial_step(self, batch: dict, g_opt, d_opt, backward, generator: torch.Generator | None = None,
                          rank: int = 0, world_size: int = 1) -> tuple[Tensor, dict] | None:
         """One batch: fakes, the discriminator step, then the student step (see the module docstring).
@@ -226,12 +154,12 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
         fake = self.fakes(x0, labels, t_adv, z, batch.get("cond"))
 
         # Discriminator step (the fakes are detached inside the loss).
-        d_loss, d_stats = self.adversarial.discriminator_loss(d, x0, fake, step=self.global_step // 2)
+        d_loss, d_stats = self.adversarial.discriminator_loss(d, x0, fake, step=self.batches_done())
         d_loss = d_loss.mean()
         if not self._skip_nonfinite(d_loss, "discriminator"):
             d_opt.zero_grad(set_to_none=True)
             backward(d_loss)
-            self._sync_discriminator_grads()
+            self.sync_aux_grads()
             d_opt.step()
 
         # Student step against the updated discriminator (whose weights get no gradient here).
@@ -253,27 +181,4 @@ class AdversarialFinetuneModule(FlowMapDistillModule):
                  "d_loss": d_loss.detach()}
         return loss.detach(), stats
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        g_opt, d_opt = self.optimizers()
-        rank = self.global_rank
-        world_size = self._trainer.world_size if self._trainer is not None else 1
-        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.noise_seed, self.global_step, batch_idx))
-        with seeded_rng(self, derive_seed(self.noise_seed, self.global_step, batch_idx, rank)):
-            out = self.adversarial_step(batch, g_opt, d_opt, self.manual_backward, gen, rank, world_size)
-        if out is None:
-            return None
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        loss, stats = out
-        for key in ("loss", "adv_g"):
-            self.log(f"train/{key}", stats.pop(key), prog_bar=True)
-        self.log("train/r", self.tangent_warmup())
-        for key, value in stats.items():
-            self.log(f"train/{key}", value)
-        return loss
-
-    def configure_optimizers(self):
-        generator = super().configure_optimizers()
-        d_opt = self.discriminator_optimizer_factory(self.discriminator.parameters())
-        return [generator["optimizer"], d_opt], [generator["lr_scheduler"]]
+    two_network_step = adversarial_step

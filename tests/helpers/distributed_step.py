@@ -2,7 +2,8 @@
 
 ``one_step(strategy, backend)``: ``strategy`` is single, ddp or fsdp; ``backend`` a JVP backend, or ``gan``: one
 batch of the adversarial finetune (a discriminator step and a student step, ``func`` JVP), which also
-returns the discriminator's weights.
+returns the discriminator's weights, or ``dm``: one batch of the distribution-matching corrector (a fake-velocity
+step and a student step), which also returns the fake velocity's weights.
 
 It builds the same tiny U-Net teacher, guide and student (seeded), trains one SGD step on a fixed global
 batch of 8 (rank r of w gets samples [r * 8/w, (r+1) * 8/w)), and returns, on rank 0, the student's weights
@@ -17,7 +18,7 @@ import torch
 
 from flowmap_lit.callbacks import EMA
 from flowmap_lit.distributed import full_tensor, is_sharded
-from flowmap_lit.modules import AdversarialFinetuneModule, FlowMapDistillModule
+from flowmap_lit.modules import AdversarialFinetuneModule, DistributionMatchingModule, FlowMapDistillModule
 from flowmap_lit.networks import Discriminator, build_network
 from flowmap_lit.objectives import AYFEMD
 from flowmap_lit.teachers import NetworkTeacher
@@ -25,6 +26,8 @@ from flowmap_lit.teachers import NetworkTeacher
 GLOBAL_BATCH = 8
 BACKENDS = ["func", "forward_ad", "finite_difference"]
 GAN = "gan"
+DM = "dm"
+AUX = {GAN: "discriminator", DM: "fake"}  # the second network of each two-network module
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +68,10 @@ def build_module(backend: str) -> FlowMapDistillModule:
         return AdversarialFinetuneModule(
             discriminator=disc, objective=AYFEMD(jvp_backend="func"), adv_weight=0.5, adv_times=[1.0, 0.5],
             discriminator_optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **common)
+    if backend == DM:
+        return DistributionMatchingModule(
+            objective=AYFEMD(jvp_backend="func"), dm_weight=0.5, dm_steps=[2], fake_init="teacher",
+            fake_optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **common)
     return FlowMapDistillModule(objective=AYFEMD(jvp_backend=backend), **common)
 
 
@@ -72,7 +79,7 @@ def strategy_for(name: str, backend: str = "func"):
     if name == "single":
         return "auto", 1
     if name == "ddp":  # the finetune's two backward passes per step use different parameters
-        return ("ddp_find_unused_parameters_true" if backend == GAN else "ddp"), 2
+        return ("ddp_find_unused_parameters_true" if backend in AUX else "ddp"), 2
     if name == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -85,11 +92,11 @@ def one_step(strategy_name: str, backend: str) -> dict | None:
     and the world size on rank 0; None elsewhere."""
     module = build_module(backend)
     before = {k: v.detach().clone() for k, v in module.student.state_dict().items()}
-    disc_before = ({k: v.detach().clone() for k, v in module.discriminator.state_dict().items()}
-                   if backend == GAN else None)
+    aux = getattr(module, AUX[backend]) if backend in AUX else None
+    aux_before = {k: v.detach().clone() for k, v in aux.state_dict().items()} if aux is not None else None
     strategy, devices = strategy_for(strategy_name, backend)
     ema = EMA(decay=0.9, warmup=False)
-    steps = 2 if backend == GAN else 1  # manual optimization counts both optimizers' steps
+    steps = 2 if backend in AUX else 1  # manual optimization counts both optimizers' steps
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, use_distributed_sampler=False, callbacks=[ema])
@@ -98,7 +105,7 @@ def one_step(strategy_name: str, backend: str) -> dict | None:
     after = {k: full_tensor(v.detach()).clone() for k, v in module.student.state_dict().items()}
     shadow = ema.state_dict()["shadow"]
     result = {"before": before, "after": after, "ema": shadow, "sharded": sharded, "world_size": trainer.world_size}
-    if backend == GAN:
-        result["disc_before"] = disc_before
-        result["disc_after"] = {k: v.detach().clone() for k, v in module.discriminator.state_dict().items()}
+    if aux is not None:
+        result["aux_before"] = aux_before
+        result["aux_after"] = {k: v.detach().clone() for k, v in aux.state_dict().items()}
     return result if trainer.is_global_zero else None

@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from tests.helpers import ROOT
 from tests.helpers.cli import cli, free_port
-from tests.helpers.distributed_step import BACKENDS, GAN, FixedBatch, one_step
+from tests.helpers.distributed_step import AUX, BACKENDS, FixedBatch, one_step
 
 FSDP2 = ROOT / "configs/strategies/fsdp2.yaml"
 
@@ -141,7 +141,7 @@ def run_plan(plan: dict, out: Path) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     with LogTo(logs / f"steps.{os.getpid()}.log"):
         for strategy in plan["steps"]:
-            for backend in BACKENDS + [GAN]:
+            for backend in BACKENDS + list(AUX):
                 result = one_step(strategy, backend)
                 if result is not None:
                     torch.save(result, out / f"{strategy}_{backend}.pt")
