@@ -1,5 +1,6 @@
 """FID (and FD_DINOv2) across step counts (``fid/{k}step``, ``fd_dinov2/{k}step``) as a callback,
-with a distance-versus-steps plot.
+with a distance-versus-steps plot; on text data with stored prompt text also the CLIP score of the
+samples against their prompts (``clip_score/{k}step``).
 
 At every validation (and, if the last validation was not at the final step, at the end of fit)
 each rank generates its contiguous share of ``num_samples`` with the EMA student at every step
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from flowmap_lit.callbacks.ema import evaluation_mode
 from flowmap_lit.callbacks.flowmap_error import format_table, log_at_fit_end
 
-DISPLAY = {"fid": "FID", "fd_dinov2": "FD_DINOv2"}
+DISPLAY = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "clip_score": "CLIP score"}
 
 
 def _as_list(value, n: int | None = None) -> list:
@@ -41,13 +42,16 @@ class FewStepFID(pl.Callback):
     data, by the diffusers ``AutoencoderKL`` in the local directory ``vae`` (stored latents =
     ``(z - vae_shift_factor) * vae_scaling_factor``); the digits are their own images. On a text
     dataset sample ``i`` is conditioned on the stored embeddings of validation sample
-    ``i % num_prompts``, and the reference is the training split's decoded latents.
+    ``i % num_prompts``, and the reference is the training split's decoded latents. With ``clip``
+    (text data that stores the prompts' text) the decoded samples are also scored against their
+    prompts' text (``flowmap_lit.metrics.clip_score``; ``feature: []`` leaves the CLIP score alone,
+    e.g. on prompts-only data, which has no latents to take a reference from).
 
     Args:
         feature: The feature network kind, or a list of kinds: "digits" (a small digits classifier,
             made by python -m flowmap_lit classifier), "inception" (Inception-v3 pool features: FID)
             or "dinov2" (DINOv2 class token: FD_DINOv2); "digits" and "inception" both give FID, so
-            not both.
+            not both; [] for none (then clip must be set).
         feature_path: Weights of each feature network, one per kind (a single kind takes a single
             path): the digits classifier file, the Inception-v3 weights file or the DINOv2
             transformers directory.
@@ -73,6 +77,10 @@ class FewStepFID(pl.Callback):
         vae_batch_size: Latents per decoder call.
         num_prompts: Text data: sample i is conditioned on the stored embeddings of validation
             sample i % num_prompts (at most num_samples prompts).
+        clip: Text data: a local transformers CLIP directory (e.g. openai/clip-vit-large-patch14); the
+            decoded samples are also scored against the text of their prompts (CLIP score, logged as
+            clip_score/{k}step). The dataset must store the prompts' text. None: no CLIP score.
+        clip_batch_size: Images per CLIP call.
     """
 
     def __init__(
@@ -94,6 +102,8 @@ class FewStepFID(pl.Callback):
         vae_shift_factor: float = 0.0,
         vae_batch_size: int = 32,
         num_prompts: int = 1000,
+        clip: str | None = None,
+        clip_batch_size: int = 64,
     ) -> None:
         from flowmap_lit.metrics.features import FEATURE_KINDS, METRIC_NAMES
 
@@ -109,7 +119,14 @@ class FewStepFID(pl.Callback):
         if len(set(self.metric_names)) != len(self.metric_names):
             raise ValueError(f"FewStepFID: feature kinds {self.features} give the same metric twice "
                              f"({self.metric_names}); use one of digits/inception")
-        self.feature, self.feature_path = self.features[0], self.feature_paths[0]  # the first one, for callers
+        self.clip, self.clip_batch_size = clip, clip_batch_size
+        if clip is not None:
+            self.metric_names.append("clip_score")
+        if not self.metric_names:
+            raise ValueError("FewStepFID: nothing to measure: give a feature kind or a CLIP directory (clip)")
+        # the first one, for callers
+        self.feature = self.features[0] if self.features else None
+        self.feature_path = self.feature_paths[0] if self.feature_paths else None
         self.step_counts = list(step_counts)
         self.num_samples = num_samples
         self.reference_split, self.reference_samples = reference_split, reference_samples
@@ -173,6 +190,10 @@ class FewStepFID(pl.Callback):
                 reference = stats()
             self.metrics[name] = FID(extractor).to(device)
             self.metrics[name].set_reference(reference)
+        if self.clip is not None:
+            from flowmap_lit.metrics.clip_score import CLIPScore
+
+            self.metrics["clip_score"] = CLIPScore(self.clip, self.clip_batch_size).to(device)
 
     def _to_images(self, dm):
         if self.decoder is None:
@@ -181,7 +202,14 @@ class FewStepFID(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
-        from flowmap_lit.metrics.few_step import prompt_cond, rank_share, sampler_distances, seeded_noise, text_prompts
+        from flowmap_lit.metrics.few_step import (
+            prompt_cond,
+            prompt_texts,
+            rank_share,
+            sampler_distances,
+            seeded_noise,
+            text_prompts_with_text,
+        )
 
         self._setup_metric(trainer, pl_module)
         dm = trainer.datamodule
@@ -191,7 +219,14 @@ class FewStepFID(pl.Callback):
         noise = noise.to(pl_module.device)
         labels = labels.to(pl_module.device) if labels is not None else None
         kwargs = {} if self.guidance is None else {"guidance": self.guidance}
-        cond = prompt_cond(text_prompts(dm, min(self.num_prompts, self.num_samples)), share, pl_module.device)
+        prompts, texts = text_prompts_with_text(dm, min(self.num_prompts, self.num_samples))
+        cond = prompt_cond(prompts, share, pl_module.device)
+        if "clip_score" in self.metrics:
+            if texts is None:
+                raise ValueError(f"FewStepFID: the CLIP score (clip=...) needs the prompts' text, and {dm.root} "
+                                 "stores none; write the dataset with it (write_dataset(..., prompts=...), a prompt "
+                                 "array for prepare text-array, or prepare text-prompts)")
+            self.metrics["clip_score"].set_prompts(prompt_texts(texts, share))
         to_images = self._to_images(dm)
         with evaluation_mode(trainer, pl_module):
             rows = [{"steps": k, **sampler_distances(self.metrics, pl_module.sample, noise, labels, self.batch_size,
@@ -247,7 +282,8 @@ class FewStepFID(pl.Callback):
                 f"\nteacher, {self.teacher_steps}-step Heun ODE: "
                 + ", ".join(f"{DISPLAY[name]} {value:.4g}" for name, value in self.teacher_distances.items()))
             names = " and ".join(DISPLAY[n] for n in self.metric_names)
-            rank_zero_info(f"\n{names} ({', '.join(self.features)} features, "
+            features = f"{', '.join(self.features)} features, " if self.features else ""
+            rank_zero_info(f"\n{names} ({features}"
                            f"{self.num_samples} samples, reference: {self.reference_split} split) at step "
                            f"{trainer.global_step}:\n" + format_table(self.results, ["steps", *self.metric_names])
                            + teacher)

@@ -9,6 +9,12 @@ features by default; ``--feature inception dinov2 --feature-path WEIGHTS DIR`` f
 noise (distilled checkpoints), and samples per second of the sampler alone. ``--json`` also writes
 the rows to a file.
 
+Text-conditioned checkpoints sample ``i`` with the stored embeddings of validation prompt
+``i % --num-prompts`` of their dataset (``--data``, default the checkpoint's; a prompts-only dataset
+of ``prepare text-prompts`` works too), as the training callbacks do; ``--clip DIR`` (a local
+transformers CLIP directory) adds the CLIP score of the decoded samples against the prompts' text,
+at every step count.
+
 At the scale papers report (50,000 samples per step count), launch it on every GPU (torchrun, or
 srun with one task per GPU):
 
@@ -40,6 +46,7 @@ from flowmap_lit.checkpoints import checkpoint_data_root as _data_root
 from flowmap_lit.checkpoints import load_module
 from flowmap_lit.commands.common import at_least, steps_type, warn_guidance
 from flowmap_lit.commands.sample import use_schedules
+from flowmap_lit.data import read_stats
 from flowmap_lit.flowmap import denormalize
 
 
@@ -99,20 +106,53 @@ def build_metrics(data_root: str, features: list[str], feature_paths: list[str |
     return metrics
 
 
+def dataset_prompts(data_root: str, count: int, shape: list[int] | None = None
+                    ) -> tuple[dict[str, torch.Tensor] | None, list[str] | None]:
+    """``(embeddings, texts)`` of the first ``count`` validation prompts of ``data_root`` (texts None where the
+    dataset stores no prompt text), or ``(None, None)`` for a dataset without text."""
+    from flowmap_lit.data import open_datamodule
+    from flowmap_lit.metrics.few_step import text_prompts_with_text
+
+    dm = open_datamodule(data_root, shape, num_workers=0, normalize=False)
+    dm.setup("validate")
+    return text_prompts_with_text(dm, count)
+
+
 @torch.no_grad()
 def evaluate(module, steps: list[int], num: int = 2000, metrics: dict | None = None, reference_steps: int = 128,
-             guidance: float | None = None, seed: int = 0, batch_size: int = 500, decoder=None) -> list[dict]:
+             guidance: float | None = None, seed: int = 0, batch_size: int = 500, decoder=None,
+             prompts: tuple[dict[str, torch.Tensor] | None, list[str] | None] | None = None) -> list[dict]:
     """Rows ``{steps, nfe, <metric names>, flowmap_rel_error, samples_per_s}`` (None where not
-    applicable), over this process's share of ``num`` samples and every other process's."""
-    from flowmap_lit.metrics.few_step import image_distances, rank_share, seeded_noise
+    applicable), over this process's share of ``num`` samples and every other process's.
+
+    ``prompts``: ``(embeddings, texts)`` of text-conditioned modules (``dataset_prompts``); sample ``i``
+    takes prompt ``i % P``, and a metric with ``set_prompts`` (the CLIP score) gets each sample's text."""
+    from flowmap_lit.metrics.few_step import (
+        image_distances,
+        prompt_cond,
+        prompt_texts,
+        rank_share,
+        seeded_noise,
+        slice_cond,
+    )
 
     rank, world = _rank_world()
     info = getattr(module, "data_info", None) or {}
     if not info.get("shape"):
         raise ValueError("the checkpoint records no data shape (data_info); it was not written by "
                          "python -m flowmap_lit fit")
-    noise, labels = seeded_noise(rank_share(num, rank, world), num, tuple(info["shape"]), seed,
+    share = rank_share(num, rank, world)
+    noise, labels = seeded_noise(share, num, tuple(info["shape"]), seed,
                                  getattr(module, "num_classes", 0), labels="balanced")
+    embeddings, texts = prompts if prompts is not None else (None, None)
+    cond = prompt_cond(embeddings, share, module.device)
+    for name, metric in (metrics or {}).items():
+        if hasattr(metric, "set_prompts"):
+            if texts is None:
+                raise ValueError(f"{name} scores samples against their prompts' text: a text-conditioned checkpoint "
+                                 "whose dataset stores the prompts (write_dataset(..., prompts=...), prepare "
+                                 "text-array with a prompt array, or prepare text-prompts)")
+            metric.set_prompts(prompt_texts(texts, share))
     noise = noise.to(module.device)
     labels = labels.to(module.device) if labels is not None else None
     kwargs = {} if guidance is None else {"guidance": guidance}
@@ -122,7 +162,8 @@ def evaluate(module, steps: list[int], num: int = 2000, metrics: dict | None = N
         return decoder(x) if decoder is not None else x
 
     def draw(sampler, **kw):
-        parts = [sampler(noise[i:i + batch_size], labels[i:i + batch_size] if labels is not None else None, **kw)
+        parts = [sampler(noise[i:i + batch_size], labels[i:i + batch_size] if labels is not None else None,
+                         **slice_cond(cond, slice(i, i + batch_size)), **kw)
                  for i in range(0, len(noise), batch_size)]
         return torch.cat(parts) if parts else noise
 
@@ -207,6 +248,12 @@ def main(argv: list[str] | None = None):
     p.add_argument("--reference-samples", type=int, default=None, help="reference statistics from the first N "
                                                                       "training samples (default: all)")
     p.add_argument("--reference-steps", type=int, default=128, help="Heun steps of the teacher reference")
+    p.add_argument("--clip", default=None, help="text checkpoints: a local transformers CLIP directory (e.g. "
+                                                "models/clip-vit-large-patch14): also the CLIP score of the samples "
+                                                "against their prompts' text")
+    p.add_argument("--clip-batch-size", type=int, default=64, help="images per CLIP call")
+    p.add_argument("--num-prompts", type=int, default=1000, help="text checkpoints: sample i takes validation prompt "
+                                                                 "i %% N of the dataset")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -231,14 +278,27 @@ def main(argv: list[str] | None = None):
         torch.cuda.set_device(torch.device(device))
     ckpts = run_checkpoints(args.run) if args.run else [Path(args.ckpt)]
     decoder = None
-    if args.vae and not args.no_fid:
+    if args.vae and (not args.no_fid or args.clip):
         from flowmap_lit.metrics.decode import LatentDecoder
 
         decoder = LatentDecoder(args.vae, args.vae_scaling_factor, args.vae_shift_factor).to(device)
     metrics = None
-    data_root = None if args.no_fid else (args.data or _data_root(str(ckpts[0])))
-    if data_root is not None:
+    data_root = args.data or _data_root(str(ckpts[0]))
+    stats = {}  # the dataset: its prompts for text checkpoints (not needed otherwise with --no-fid)
+    if data_root is not None and (not args.no_fid or args.clip or (Path(data_root) / "stats.json").is_file()):
+        stats = read_stats(data_root)
+    text = "text" in stats
+    if stats.get("kind") == "prompts" and not args.no_fid:
+        p.error(f"{data_root} holds prompts only, no latents to take FID reference statistics from: pass --no-fid "
+                "(the CLIP score, --clip, needs no reference)")
+    if args.clip and not text:
+        p.error(f"--clip scores text-conditioned samples against their prompts; the dataset {data_root} has no text")
+    if data_root is not None and not args.no_fid:
         metrics = build_metrics(data_root, args.feature, paths, device, decoder, args.reference_samples)
+    if args.clip:
+        from flowmap_lit.metrics.clip_score import CLIPScore
+
+        metrics = {**(metrics or {}), "clip_score": CLIPScore(args.clip, args.clip_batch_size).to(device)}
     results = {}
     try:
         for ckpt in ckpts:
@@ -246,8 +306,12 @@ def main(argv: list[str] | None = None):
             if args.schedules:
                 use_schedules(module, args.schedules)
             warn_guidance(module, args.guidance)
+            prompts = None
+            if text:
+                shape = (module.data_info or {}).get("shape")
+                prompts = dataset_prompts(data_root, min(args.num_prompts, args.num), shape)
             rows = evaluate(module, args.steps, args.num, metrics, args.reference_steps, args.guidance, args.seed,
-                            args.batch_size, decoder)
+                            args.batch_size, decoder, prompts)
             results[ckpt.name] = rows
             if rank == 0:
                 names = ["steps", "nfe", *(metrics or {}), "flowmap_rel_error", "samples_per_s"]

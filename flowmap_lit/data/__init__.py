@@ -21,12 +21,12 @@ _EXPORTS = {
     "prepare_digits": "prepare", "prepare_shapes": "prepare", "prepare_images": "prepare", "prepare_array": "prepare",
     "prepare_text_array": "prepare", "read_null_text": "shards", "write_null_text": "shards",
     "prepare_text_prompts": "prepare", "write_prompt_dataset": "shards", "encode_prompts": "text_encoders",
-    "PromptDataModule": "datamodule",
+    "PromptDataModule": "datamodule", "open_datamodule": "datamodule",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from .datamodule import LatentDataModule, PromptDataModule
+    from .datamodule import LatentDataModule, PromptDataModule, open_datamodule
     from .digits import DigitsDataModule, ShapesDataModule
     from .prepare import (
         prepare_array,

@@ -353,6 +353,18 @@ class PromptDataModule(LatentDataModule):
                       text=self.stats["text"])
 
 
+def open_datamodule(root: str, shape: list[int] | None = None, **kwargs) -> LatentDataModule:
+    """The data module that reads the dataset at ``root``: a ``PromptDataModule`` (latent ``shape``
+    needed) for prompts-only data, else a ``LatentDataModule``; ``kwargs`` go to its constructor."""
+    if read_stats(root)["kind"] == PROMPTS_KIND:
+        if shape is None:
+            raise ValueError(f"{root} is a prompts-only dataset: its data module needs the latent shape [C, H, W]")
+        kwargs.pop("normalize", None)
+        kwargs.pop("val_posterior", None)
+        return PromptDataModule(root, shape=list(shape), **kwargs)
+    return LatentDataModule(root, **kwargs)
+
+
 class ResumingLoader:
     """The training loader of ``LatentDataModule``: ``len()`` batches per epoch; its first epoch
     skips ``skip`` batches (those a resumed run had already trained on)."""

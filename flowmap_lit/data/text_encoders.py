@@ -58,7 +58,7 @@ def _load(model_dir: Path, tokenizer_dir: Path, dtype, device):
     try:
         import transformers
     except ImportError as err:
-        raise ModuleNotFoundError("encoding prompts needs transformers: pip install 'flowmap_lit[lora]'") from err
+        raise ModuleNotFoundError("encoding prompts needs transformers: pip install 'flowmap_lit[fid]'") from err
     config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     arch = (getattr(config, "architectures", None) or [""])[0]
     model_type = str(getattr(config, "model_type", ""))

@@ -1,4 +1,4 @@
-"""Evaluation metrics: FID on frozen feature extractors (digits classifier or Inception-v3).
+"""Evaluation metrics: FID on frozen feature extractors (digits classifier or Inception-v3), CLIP score.
 
 - ``digits_classifier.py``: a small CNN for the 8x8 digits, trained by
   ``python -m flowmap_lit classifier --data data/digits --out data/digits/classifier.pt``.
@@ -9,6 +9,7 @@
 - ``few_step.py``: process-count-independent seeded noise, shares and distances of a sampler.
 - ``fid.py``: ``FID`` (torchmetrics with fixed reference statistics), cached reference statistics,
   and ``frechet_distance`` in float64.
+- ``clip_score.py``: ``CLIPScore``, images against their prompts' text, from a local CLIP directory.
 
 Names are imported lazily, so ``python -m flowmap_lit classifier`` runs cleanly.
 """
@@ -25,10 +26,12 @@ _EXPORTS = {
     "sampler_distances": "few_step", "image_distances": "few_step",
     "FID": "fid", "reference_stats": "fid", "load_or_compute_reference_stats": "fid",
     "dataset_reference_stats": "fid", "reference_cache_path": "fid", "frechet_distance": "fid",
+    "CLIPScore": "clip_score",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .clip_score import CLIPScore
     from .decode import LatentDecoder
     from .digits_classifier import DigitsClassifier, load_digits_classifier, train_digits_classifier
     from .features import (
