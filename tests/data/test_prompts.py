@@ -156,3 +156,48 @@ def test_prepare_text_prompts_from_precomputed_embeddings(tmp_path):
                       str(tmp_path / "short.npz"), "--out", str(tmp_path / "q")])
     stats = json.loads((tmp_path / "p/stats.json").read_text())
     assert stats["mean"] == [] and stats["num_classes"] == 0
+
+
+def test_sd3_and_flux_styles_combine_clip_and_t5_encoders_of_a_pipeline_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from flowmap_lit.data import encode_prompts
+    from tests.helpers.clip import text_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=54, d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 pad_token_id=1, eos_token_id=1, decoder_start_token_id=0)).eval()
+    models = {"sd3": [CLIPTextModelWithProjection(text_config()), CLIPTextModelWithProjection(text_config(hidden=24)),
+                      t5],
+              "flux": [CLIPTextModel(text_config()), t5]}
+    prompts = ["a red cube", "a dog"]
+    tokenizer = tiny_tokenizer(tmp_path / "tokenizer")  # every encoder's tokenizer is this one
+    for style, encoders in models.items():
+        root = tmp_path / style
+        for i, model in enumerate(encoders):
+            suffix = "" if i == 0 else f"_{i + 1}"
+            model.eval().save_pretrained(str(root / f"text_encoder{suffix}"))
+            tiny_tokenizer(root / f"tokenizer{suffix}")
+        tokens, pooled = encode_prompts(prompts, root, style, clip_max_length=12, t5_max_length=7)
+
+        def ids(n):
+            return tokenizer(prompts, padding="max_length", max_length=n, truncation=True,
+                             return_tensors="pt").input_ids
+
+        with torch.no_grad():
+            t5_out = t5(ids(7)).last_hidden_state.numpy()
+            if style == "sd3":  # [CLIP-L | CLIP-G | zeros] on 12 tokens, then T5's 7 tokens; pooled [L | G]
+                outs = [m(ids(12), output_hidden_states=True) for m in encoders[:2]]
+                assert tokens.shape == (2, 12 + 7, 48) and pooled.shape == (2, 16)
+                np.testing.assert_allclose(tokens[:, :12, :16], outs[0].hidden_states[-2].numpy(), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(tokens[:, :12, 16:40], outs[1].hidden_states[-2].numpy(), rtol=1e-5,
+                                           atol=1e-5)
+                assert not tokens[:, :12, 40:].any()
+                np.testing.assert_allclose(pooled, np.concatenate([o.text_embeds.numpy() for o in outs], -1),
+                                           rtol=1e-5, atol=1e-5)
+            else:  # T5's tokens, CLIP's pooled output
+                out = encoders[0](ids(12))
+                assert tokens.shape == (2, 7, 48) and pooled.shape == (2, 16)
+                np.testing.assert_allclose(pooled, out.pooler_output.numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(tokens[:, -7:], t5_out, rtol=1e-5, atol=1e-5)
