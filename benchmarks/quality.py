@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 
 from flowmap_lit.callbacks import EMA, FewStepFID, FlowMapError  # noqa: E402
-from flowmap_lit.data import DigitsDataModule  # noqa: E402
-from flowmap_lit.modules import FlowMapDistillModule, FlowMatchingModule  # noqa: E402
+from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
+from flowmap_lit.modules import DistributionMatchingModule, FlowMapDistillModule, FlowMatchingModule  # noqa: E402
 from flowmap_lit.networks import MLP, build_network  # noqa: E402
-from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD  # noqa: E402
+from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD, DistributionMatching  # noqa: E402
 from flowmap_lit.teachers import GMMTeacher, NetworkTeacher  # noqa: E402
 from flowmap_lit.time_pairs import TimePairSampler  # noqa: E402
 
@@ -184,10 +184,21 @@ def neural_teachers(budget, data_root: Path, seed: int, teacher_ckpt: str | None
     return teacher, guide
 
 
+NEURAL_METHODS = ("ayf_emd", "ayf_lmd", "scd", "ayf_emd_dm", "ayf_emd_dm_free")
+
+
 def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTeacher, guide: NetworkTeacher,
                cache: dict, diagonal_fraction: float = 0.6, grid_fraction: float = 0.25,
-               methods: tuple[str, ...] = ("ayf_emd", "ayf_lmd", "scd")) -> list[dict]:
+               methods: tuple[str, ...] = ("ayf_emd", "ayf_lmd", "scd"), corrector: dict | None = None) -> list[dict]:
+    """The neural arm's runs. ``ayf_emd_dm``: AYF-EMD for the budget's steps, then ``corrector["batches"]``
+    batches with the distribution-matching corrector mixed in (DistributionMatchingModule, dm_start);
+    ``ayf_emd_dm_free``: the same run data-free (states: student, labels only from PriorDataModule)."""
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
+    corrector = corrector or {}
+    common = dict(guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0,
+                  condition_on_guidance=True, eval_guidance=1.5, num_classes=10, warmup_steps=budget["warmup"],
+                  time_sampler=TimePairSampler(diagonal_fraction=diagonal_fraction, grid_fraction=grid_fraction),
+                  optimizer=lambda p: torch.optim.Adam(p, lr=lr))
     out = []
     for key, name, objective, gamma in (("ayf_emd", "neural: AYF-EMD", AYFEMD(), 0.0),
                                         ("ayf_lmd", "neural: AYF-LMD", AYFLMD(), 0.0),
@@ -195,13 +206,24 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTe
         if key not in methods:
             continue
         pl.seed_everything(seed, verbose=False)
-        m = FlowMapDistillModule(teacher, objective, guide=guide, guidance="autoguidance", guidance_min=1.0,
-                                 guidance_max=2.0, condition_on_guidance=True, eval_guidance=1.5, num_classes=10,
-                                 warmup_steps=budget["warmup"], sample_gamma=gamma,
-                                 time_sampler=TimePairSampler(diagonal_fraction=diagonal_fraction,
-                                                              grid_fraction=grid_fraction),
-                                 optimizer=lambda p: torch.optim.Adam(p, lr=lr))
+        m = FlowMapDistillModule(teacher, objective, sample_gamma=gamma, **common)
         out.append(distill(name, m, dm, budget, data_root, seed, budget["neural_steps"], cache))
+    for key, name, states in (("ayf_emd_dm", "neural: AYF-EMD + corrector", "data"),
+                              ("ayf_emd_dm_free", "neural: AYF-EMD + corrector, data-free", "student")):
+        if key not in methods:
+            continue
+        pl.seed_everything(seed, verbose=False)
+        extra = int(corrector.get("batches", budget["neural_steps"]))
+        m = DistributionMatchingModule(
+            teacher=teacher, objective=AYFEMD(), states=states, fake_init="teacher",
+            corrector=DistributionMatching(r_min=corrector.get("r_min", 0.02), r_max=corrector.get("r_max", 0.98)),
+            dm_weight=corrector.get("weight", 0.1), dm_steps=corrector.get("steps", [1]),
+            dm_start=budget["neural_steps"], fake_updates=corrector.get("fake_updates", 1),
+            fake_optimizer=lambda p: torch.optim.Adam(p, lr=corrector.get("fake_lr", lr)), **common)
+        data = dm if states == "data" else PriorDataModule(dm, batch_size=budget["batch"])
+        # one batch before dm_start is 2 optimizer steps (the fake optimizer steps without gradients)
+        steps = 2 * (budget["neural_steps"] + extra)
+        out.append(distill(name, m, data, budget, data_root, seed, steps, cache))
     return out
 
 
@@ -259,8 +281,15 @@ def main(argv=None) -> dict:
     p.add_argument("--grid-fraction", type=float, default=0.25,
                    help="neural arm: fraction of sampling-grid pairs (t_i, t_i+1) of the 1/2/4/8-step grids")
     p.add_argument("--arms", nargs="+", default=["exact", "neural"], choices=["exact", "neural"])
-    p.add_argument("--methods", nargs="+", default=["ayf_emd", "ayf_lmd", "scd"],
-                   choices=["ayf_emd", "ayf_lmd", "scd"], help="neural arm: the objectives to run")
+    p.add_argument("--methods", nargs="+", default=["ayf_emd", "ayf_lmd", "scd"], choices=list(NEURAL_METHODS),
+                   help="neural arm: the methods to run (ayf_emd_dm: with the corrector after the budget's steps; "
+                        "ayf_emd_dm_free: the same, data-free)")
+    p.add_argument("--dm-batches", type=int, default=None,
+                   help="neural arm, corrector methods: batches with the corrector after the budget's steps")
+    p.add_argument("--dm-weight", type=float, default=0.1, help="corrector methods: weight of the corrector")
+    p.add_argument("--dm-steps", type=int, nargs="+", default=[1],
+                   help="corrector methods: step counts of the student samples it acts on")
+    p.add_argument("--dm-fake-lr", type=float, default=None, help="corrector methods: the fake velocity's lr")
     p.add_argument("--teacher-ckpt", default=None)
     p.add_argument("--guide-ckpt", default=None)
     p.add_argument("--save-teachers", default=None,
@@ -281,8 +310,11 @@ def main(argv=None) -> dict:
         if "exact" in args.arms:
             results += exact_arm(budget, data_root, seed, args.lr, cache)
         if teachers is not None:
+            corrector = {"weight": args.dm_weight, "steps": args.dm_steps, "fake_lr": args.dm_fake_lr or args.lr}
+            if args.dm_batches is not None:
+                corrector["batches"] = args.dm_batches
             results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache, args.diagonal_fraction,
-                                  args.grid_fraction, tuple(args.methods))
+                                  args.grid_fraction, tuple(args.methods), corrector)
     summary_rows = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,8 @@ class FlowMapDistillModule(pl.LightningModule):
         optimizer: Optimizer factory (class_path/init_args, e.g. torch.optim.Adam with
             lr) of the student's trainable parameters and the objective's; under
             AdversarialFinetuneModule the optimizer of the student (generator) step.
-        lr_warmup_steps: Linear learning-rate warmup, in optimizer steps; 0: none.
+        lr_warmup_steps: Linear learning-rate warmup, in optimizer steps (batches under the
+            two-network modules); 0: none.
         lr_schedule: The learning rate after the warmup (docs/design.md section 10): "constant", or a
             "cosine" or "linear" decay to lr_min_ratio at trainer.max_steps (which a decay needs).
         lr_decay_start: Fraction of the run, in [0, 1), after which the decay starts (not before the
@@ -508,12 +509,15 @@ class FlowMapDistillModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad] + list(self.objective.parameters())
         optimizer = self.optimizer_factory(params)
-        total = None
-        if self.lr_schedule != "constant":
-            total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        total = self.schedule_length() if self.lr_schedule != "constant" else None
         scheduler = warmup_then_decay(optimizer, self.lr_warmup_steps, self.lr_schedule, total,
                                       self.lr_decay_start, self.lr_min_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule_length(self) -> int | None:
+        """Length of the run in learning-rate scheduler steps (optimizer steps here): trainer.max_steps."""
+        steps = self.trainer.max_steps
+        return int(steps) if steps and steps > 0 else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen teacher and guide are rebuilt from their own source; do not duplicate them.

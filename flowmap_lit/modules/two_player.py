@@ -5,8 +5,9 @@ finetune's discriminator, the corrector's fake velocity) that has its own optimi
 by Lightning manual optimization. It provides:
 
 - the start from a distilled checkpoint (``init_checkpoint``, EMA weights by default);
-- the tangent warmup counted in batches (Lightning counts every ``optimizer.step()`` as a global
-  step, so one batch advances ``trainer.global_step`` by ``steps_per_batch``);
+- the tangent warmup and the student's learning-rate schedule counted in batches (Lightning counts
+  every ``optimizer.step()`` as a global step, so one batch advances ``trainer.global_step`` by
+  ``steps_per_batch``);
 - the balancing weight ``w * ||grad_W L_distill|| / ||grad_W L_other||`` at the student's last
   layer (VQGAN-style);
 - gradient averaging of the auxiliary network under ``ModelParallelStrategy`` (which does not wrap
@@ -167,6 +168,11 @@ class TwoNetworkModule(FlowMapDistillModule):
         return loss
 
     progress_keys: tuple[str, ...] = ()
+
+    def schedule_length(self) -> int | None:
+        """The student's learning-rate schedule steps once per batch: trainer.max_steps / steps_per_batch."""
+        steps = super().schedule_length()
+        return None if steps is None else steps // self.steps_per_batch
 
     def configure_optimizers(self):
         student = super().configure_optimizers()
