@@ -12,6 +12,8 @@ _LAZY = {  # imported on first use: ``import flowmap_lit`` stays light, and diff
     "FlowMapPipeline": "flowmap_lit.diffusers_pipeline",  # diffusers resolves pipeline components by top-level name
     "FlowMapModel": "flowmap_lit.diffusers_pipeline",
     "FlowMapGridScheduler": "flowmap_lit.diffusers_pipeline",
+    "FlowMapTextPipeline": "flowmap_lit.diffusers_pipeline",
+    "FlowMapAdapterModel": "flowmap_lit.diffusers_pipeline",
 }
 
 

@@ -21,7 +21,9 @@ teacher from that path, attaches the student and loads the adapters, and ``fm.sa
 steps=k, cond={"encoder_hidden_states": ..., "pooled_projections": ...})`` gives the checkpoint's
 samples bit for bit. For latent data a
 diffusers pipeline (``flowmap_lit.diffusers_pipeline.FlowMapPipeline``) wraps the flow map, a VAE and the
-grids (``--vae DIR`` writes it too, to ``OUT/pipeline``). docs/design.md section 11.
+grids (``--vae DIR`` writes it too, to ``OUT/pipeline``); for an adapter student it is
+``FlowMapTextPipeline`` (prompt embeddings in, the base model referenced by its path). docs/design.md
+section 11.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def student_config(module) -> dict:
     (for a student copied from the teacher) from the teacher's checkpoint; a student sharing the
     teacher's weights (LoRA) describes itself (``export_config``)."""
     if getattr(module, "shared_student", False):
-        return _exportable(module.student, "student").export_config()
+        return _exportable(getattr(module, "student", None), "student").export_config()
     hparams = getattr(module, "checkpoint_hparams", None) or module.hparams
     cfg = hparams.get("student")
     if isinstance(cfg, dict) and "class_path" in cfg:
@@ -67,7 +69,7 @@ def student_config(module) -> dict:
 def _exportable(obj, role: str):
     if not callable(getattr(obj, "export_config", None)):
         raise ValueError(f"the {role} ({type(obj).__name__}) of this adapter student cannot describe itself "
-                         "(export_config); only LoRAFlowMap on an SD3Teacher or FluxTeacher is exported")
+                         "(export_config); only LoRAFlowMap adapters on an SD3Teacher or FluxTeacher are exported")
     return obj
 
 
@@ -76,7 +78,7 @@ def base_config(module) -> dict | None:
     with the base model's local path; None for a standalone student."""
     if not getattr(module, "shared_student", False):
         return None
-    return _exportable(module.teacher, "teacher").export_config()
+    return _exportable(getattr(module, "teacher", None), "teacher").export_config()
 
 
 def flowmap_config(module, schedules: dict[int, tuple[Tensor, float]] | None = None) -> dict:
@@ -97,18 +99,42 @@ def flowmap_config(module, schedules: dict[int, tuple[Tensor, float]] | None = N
 
 def export_flowmap(module, out: str | Path, schedules: str | Path | None = None) -> Path:
     """Write ``module``'s student (its weights as loaded: :func:`load_module` puts the EMA in) to ``out``."""
-    save_model = _safetensors().save_model
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = flowmap_config(module, load_schedules(schedules) if schedules is not None else None)
     net = module.ema_network()
-    if "base" in config:  # the adapters and embeddings only; the base model stays where its path says
-        _safetensors().save_file({k: v.detach().contiguous() for k, v in net.own_state_dict().items()},
-                                 str(out / WEIGHTS))
+    # An adapter student: the adapters and embeddings only; the base model stays where its path says.
+    return write_export(config, net.own_state_dict() if "base" in config else net, out)
+
+
+def write_export(config: dict, weights, out: str | Path) -> Path:
+    """``out/flowmap.json`` (``config``) and ``out/student.safetensors``: ``weights`` is the network (saved with
+    safetensors' ``save_model``) or, for an adapter student, the dict of its own tensors."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(weights, dict):
+        _safetensors().save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / WEIGHTS))
     else:
-        save_model(net, str(out / WEIGHTS))
+        _safetensors().save_model(weights, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     return out
+
+
+def loaded_config(fm: FlowMap) -> dict:
+    """The ``flowmap.json`` of a loaded :class:`FlowMap` (what :func:`load_flowmap` read, the base model's path
+    as it was found), to write it again with :func:`write_export`."""
+    if fm.network_config is None:
+        raise ValueError("the flow map does not record its network config; load it with "
+                         "flowmap_lit.export.load_flowmap")
+    return {
+        **({"base": fm.base_config} if fm.base_config is not None else {}),
+        "format": FORMAT,
+        "network": fm.network_config,
+        "num_classes": int(fm.num_classes),
+        "condition_on_guidance": bool(fm.condition_on_guidance),
+        "guidance": fm.guidance,
+        "sample_gamma": float(fm.sample_gamma),
+        "schedules": schedules_doc(fm.schedules),
+        "data": dict(fm.data),
+    }
 
 
 def load_flowmap(path: str | Path, device: str | torch.device = "cpu", trust_code: bool = False,
@@ -168,8 +194,9 @@ def flowmap_from_config(config: dict, load_weights, device="cpu", source: str = 
     load_weights(net)
     grids = config.get("schedules") or {}
     schedules = load_schedules(grids) if grids.get("grids") else {}
+    base = teacher.export_config() if teacher is not None and hasattr(teacher, "export_config") else config.get("base")
     return FlowMap(net, config["num_classes"], config["condition_on_guidance"], config["guidance"],
-                   config["sample_gamma"], schedules, config.get("data"), config["network"]).to(device)
+                   config["sample_gamma"], schedules, config.get("data"), config["network"], base).to(device)
 
 
 if __name__ == "__main__":  # the former command form; the command lives in flowmap_lit.commands

@@ -52,16 +52,18 @@ class FlowMap(nn.Module):
     ``guidance`` is the scale the student is fed when it was trained conditioned on it (None: the
     student takes none); ``schedules`` maps a step count to its tuned ``(grid, gamma)``. A
     text-conditioned flow map (an exported LoRA student) takes its keyword conditioning, e.g.
-    ``{"encoder_hidden_states", "pooled_projections"}``, as ``cond``.
+    ``{"encoder_hidden_states", "pooled_projections"}``, as ``cond``; its ``base_config`` is the
+    teacher that holds the base model (``{"class_path", "init_args"}`` with the model's local path).
     """
 
     def __init__(self, net: nn.Module, num_classes: int = 0, condition_on_guidance: bool = False,
                  guidance: float | None = None, sample_gamma: float = 0.0,
                  schedules: dict[int, tuple[Tensor, float]] | None = None, data: dict | None = None,
-                 network_config: dict | None = None) -> None:
+                 network_config: dict | None = None, base_config: dict | None = None) -> None:
         super().__init__()
         self.net = net.eval()
         self.network_config = network_config  # {"class_path", "init_args"} that rebuilds ``net``
+        self.base_config = base_config  # an adapter student's teacher (its base model's path), else None
         self.num_classes, self.condition_on_guidance = num_classes, condition_on_guidance
         self.guidance, self.sample_gamma = guidance, sample_gamma
         self.schedules = dict(schedules or {})
