@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> Path:
         if adapter:
             pipe = FlowMapTextPipeline.from_flowmap(flowmap, args.vae, scaling_factor=args.scaling_factor,
                                                     shift_factor=args.shift_factor,
-                                                    text_encoder_path=args.text_encoder)
+                                                    text_encoder_path=(str(Path(args.text_encoder).resolve())
+                                                                       if args.text_encoder else None))
         else:
             scaling = 1.0 if args.scaling_factor is None else args.scaling_factor
             pipe = FlowMapPipeline.from_flowmap(flowmap, args.vae, scaling_factor=scaling)

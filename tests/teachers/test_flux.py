@@ -13,7 +13,8 @@ from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.objectives import AYFEMD
 from tests.helpers import ROOT
 from tests.helpers.cli import cli
-from tests.helpers.text import D, P, cond_batch, write_text_dataset
+from tests.helpers.flux import FLUX_TINY
+from tests.helpers.text import cond_batch, write_text_dataset
 
 pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -21,20 +22,14 @@ diffusers = pytest.importorskip("diffusers")
 from flowmap_lit.teachers import FluxTeacher, LoRAFlowMap  # noqa: E402
 from flowmap_lit.teachers.flux import image_ids, pack_latents, unpack_latents  # noqa: E402
 
-# Latents (4, 8, 8) pack into 16 patches of 16 channels; head dim 8 = the rotary axes' 2 + 2 + 4.
-FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                 num_attention_heads=2, joint_attention_dim=D, pooled_projection_dim=P, guidance_embeds=True,
-                 axes_dims_rope=(2, 2, 4))
 CONFIG = ROOT / "configs/text2image/distill_flux_lora.yaml"
 
 
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux")
-    torch.manual_seed(0)
-    diffusers.FluxTransformer2DModel(**FLUX_TINY).save_pretrained(root / "transformer")
-    diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(root / "scheduler")
-    return root
+    from tests.helpers.flux import tiny_transformer_dir
+
+    return tiny_transformer_dir(tmp_path_factory.mktemp("flux"), "flux")
 
 
 def test_pack_unpack_round_trip_and_match_the_pipeline():
