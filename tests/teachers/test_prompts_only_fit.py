@@ -161,3 +161,41 @@ def test_prompts_only_checkpoint_exports_a_text_pipeline(flux_prompts_run, flux_
                   num_inference_steps=1, latents=noise, output_type="pt").images
     z = fm.sample(noise, steps=1, cond=c) / 0.3611 + 0.1159
     torch.testing.assert_close(images, (vae.decode(z).sample / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_config_evaluation_callbacks_run_on_prompts_only_data(tmp_path, flux_base, monkeypatch):
+    """The config's own callbacks (flow-map error against the teacher's ODE, the CLIP score of VAE-decoded
+    samples, sample grids) run on prompts-only data with a tiny VAE and an untrained tiny CLIP: only the sample
+    counts are made small."""
+    pytest.importorskip("transformers")
+    import yaml
+
+    from tests.helpers.clip import tiny_clip
+
+    monkeypatch.chdir(tmp_path)
+    data = write_prompts(tmp_path)
+    tiny_vae(16).save_pretrained(tmp_path / "models/flux.1-dev/vae")  # the config's relative paths
+    tiny_clip(tmp_path / "models/clip-vit-large-patch14", steps=0)
+    config = yaml.safe_load(CONFIG.read_text())
+    small = {"FlowMapError": {"num_samples": 3, "reference_steps": 2, "step_counts": [1, 2]},
+             "FewStepFID": {"num_samples": 3, "num_prompts": 3, "step_counts": [1, 2]},
+             "SampleGrid": {"num_samples": 2, "num_steps": [1]}}
+    for cb in config["trainer"]["callbacks"]:
+        cb["init_args"].update(small.get(cb["class_path"].rsplit(".", 1)[-1], {}))
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": config["trainer"]["callbacks"]}}))
+    run = cli("fit", "--config", CONFIG, "--config", tmp_path / "small.yaml", "--trainer.accelerator", "cpu",
+              "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.logger", "false",
+              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--model.init_args.teacher.init_args.path", flux_base,
+              "--model.init_args.teacher.init_args.dtype", "float32", "--model.init_args.student.init_args.rank", "2",
+              "--model.init_args.student.init_args.gap_hidden", "16", "--data.init_args.root", data,
+              "--data.init_args.shape", str(SHAPE), "--data.init_args.num_workers", "0",
+              "--data.init_args.batch_size", "4")
+    callbacks = {type(cb).__name__: cb for cb in run.trainer.callbacks}
+    rows = callbacks["FewStepFID"].results
+    assert [r["steps"] for r in rows] == [1, 2] and all(0 <= r["clip_score"] <= 100 for r in rows)
+    errors = callbacks["FlowMapError"].results
+    assert [r["steps"] for r in errors] == [1, 2] and all(0 < r["relative_error"] for r in errors)
+    assert callbacks["SampleGrid"].last_paths and callbacks["SampleGrid"].last_paths[0].is_file()
