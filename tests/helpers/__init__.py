@@ -4,7 +4,8 @@ Next to this file: ``cli.py`` runs the command line in this process, a forked co
 ``two_process.py`` (with ``distributed_step.py``) and ``fid_two_process.py`` run work in 2 forked gloo
 processes; ``resume_probe.py`` and ``edm2_fake.py`` are named by class path in configs and pickles;
 ``data.py``, ``latents.py`` and ``text.py`` write small datasets; ``clip.py`` makes tiny CLIP text
-encoders and tokenizers offline.
+encoders and tokenizers offline; ``flux.py`` makes tiny FLUX and SD3 transformer folders and LoRA exports;
+``batches.py`` records training batches.
 """
 
 from pathlib import Path

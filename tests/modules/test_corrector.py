@@ -223,3 +223,12 @@ def test_corrector_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(q
     for key, value in a["callbacks"]["EMA"]["shadow"].items():
         assert torch.equal(value, b["callbacks"]["EMA"]["shadow"][key]), key
     assert len(a["optimizer_states"]) == 2
+
+
+def test_the_learning_rate_schedule_counts_batches():
+    from types import SimpleNamespace
+
+    dm, plain = _modules(fake_updates=3, lr_schedule="linear")
+    dm._trainer = SimpleNamespace(max_steps=40)
+    plain._trainer = SimpleNamespace(max_steps=40)
+    assert dm.schedule_length() == 10 and plain.schedule_length() == 40  # 4 optimizer steps per batch
