@@ -79,6 +79,9 @@ class DistributionMatchingModule(TwoNetworkModule):
         dm_guidance: Guidance scale lam of the corrector's samples; None: drawn per sample like the
             distillation's (from [guidance_min, guidance_max]).
         dm_start: Batches of plain distillation before the corrector and the fake velocity start.
+        dm_lr_scale: Factor on the student's learning rate from dm_start on (on top of its schedule):
+            the corrector moves the samples, and a fake velocity that must keep up with them wants a
+            slower student (docs/design.md section 13).
         init_checkpoint: A FlowMapDistillModule checkpoint (file or sharded FSDP2 directory) whose
             student weights the student starts from (a second stage); None: the student as
             FlowMapDistillModule builds it. Resuming with --ckpt_path restores both networks and
@@ -106,6 +109,7 @@ class DistributionMatchingModule(TwoNetworkModule):
         dm_steps: list[int] | None = None,
         dm_guidance: float | None = None,
         dm_start: int = 0,
+        dm_lr_scale: float = 1.0,
         init_checkpoint: str | None = None,
         init_use_ema: bool = True,
         allow_pickle: bool = False,
@@ -126,7 +130,9 @@ class DistributionMatchingModule(TwoNetworkModule):
         self.fake_updates, self.dm_weight, self.distill_weight = fake_updates, dm_weight, distill_weight
         self.adaptive_weight, self.adaptive_weight_max = adaptive_weight, adaptive_weight_max
         self.adaptive_weight_param = adaptive_weight_param
-        self.dm_guidance, self.dm_start = dm_guidance, dm_start
+        if dm_lr_scale <= 0:
+            raise ValueError(f"dm_lr_scale must be > 0, got {dm_lr_scale}")
+        self.dm_guidance, self.dm_start, self.dm_lr_scale = dm_guidance, dm_start, dm_lr_scale
         self.init_student()
         self.fake = self._build_fake(fake, fake_init).train()
 
@@ -245,3 +251,13 @@ class DistributionMatchingModule(TwoNetworkModule):
         return loss.detach(), stats
 
     two_network_step = corrector_step
+
+    def configure_optimizers(self):
+        optimizers, schedulers = super().configure_optimizers()
+        if self.dm_lr_scale != 1.0:  # the schedule steps once per batch: scale it from batch dm_start on
+            scheduler = schedulers[0]["scheduler"]
+            base, start, scale = scheduler.lr_lambdas[0], self.dm_start, self.dm_lr_scale
+            scheduler.lr_lambdas[0] = lambda step: base(step) * (scale if step >= start else 1.0)
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        return optimizers, schedulers

@@ -232,3 +232,18 @@ def test_the_learning_rate_schedule_counts_batches():
     dm._trainer = SimpleNamespace(max_steps=40)
     plain._trainer = SimpleNamespace(max_steps=40)
     assert dm.schedule_length() == 10 and plain.schedule_length() == 40  # 4 optimizer steps per batch
+
+
+def test_dm_lr_scale_lowers_the_students_learning_rate_from_dm_start():
+    from types import SimpleNamespace
+
+    dm, _ = _modules(dm_start=2, dm_lr_scale=0.1, lr_warmup_steps=0)
+    dm._trainer = SimpleNamespace(max_steps=10)
+    (student_opt, _), (sched,) = dm.configure_optimizers()
+    lrs = []
+    for _ in range(4):
+        lrs.append(student_opt.param_groups[0]["lr"])
+        sched["scheduler"].step()
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    with pytest.raises(ValueError, match="dm_lr_scale"):
+        _modules(dm_lr_scale=0.0)
