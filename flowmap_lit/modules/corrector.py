@@ -58,8 +58,8 @@ class DistributionMatchingModule(TwoNetworkModule):
             None: a copy of the network fake_init names.
         fake_init: What the fake velocity starts as: "teacher" (a copy of the teacher's network, its
             s and guidance embeddings zeroed: the teacher's velocity), "student" (a copy of the
-            student, whose F(x, t, t) is the guided velocity it has learned) or "auto" (the teacher's
-            network where there is one, else the student).
+            student as it is at dm_start, whose F(x, t, t) is the guided velocity it has learned) or
+            "auto" (the teacher's network where there is one, else the student).
         fake_optimizer: Optimizer factory (class_path/init_args) of the fake velocity's parameters;
             no learning-rate schedule.
         fake_updates: Fake-velocity steps per student step (a faster fake tracks the student's
@@ -135,6 +135,8 @@ class DistributionMatchingModule(TwoNetworkModule):
         self.dm_guidance, self.dm_start, self.dm_lr_scale = dm_guidance, dm_start, dm_lr_scale
         self.init_student()
         self.fake = self._build_fake(fake, fake_init).train()
+        # a copy of the student starts as the student is when the corrector starts, not as it was built
+        self.fake_from_student = fake is None and (fake_init == "student" or self.teacher.network is None)
 
     def _build_fake(self, fake: nn.Module | None, fake_init: str) -> nn.Module:
         if fake is not None:
@@ -217,6 +219,8 @@ class DistributionMatchingModule(TwoNetworkModule):
         self.check_divergence(stats)
         dm = torch.zeros((), device=distill.device)
         if self.batches_done() >= self.dm_start:
+            if self.batches_done() == self.dm_start and self.dm_start > 0 and self.fake_from_student:
+                self.fake.load_state_dict(self.student.state_dict())
             template = self.batch_template(batch)
             k, z, labels, lam = self.corrector_inputs(template, batch.get("label"), generator, rank, world_size)
             cond = batch.get("cond")

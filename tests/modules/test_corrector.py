@@ -29,8 +29,9 @@ def _common(**kw):
 def _modules(dm_weight=0.0, **kw):
     torch.manual_seed(0)
     teacher = NetworkTeacher(net=MLPVelocity(SHAPE))
-    dm = DistributionMatchingModule(teacher=teacher, student=MLPVelocity(SHAPE), dm_weight=dm_weight,
-                                    fake_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **_common(), **kw)
+    kw.setdefault("fake_optimizer", lambda p: torch.optim.Adam(p, lr=1e-3))
+    dm = DistributionMatchingModule(teacher=teacher, student=MLPVelocity(SHAPE), dm_weight=dm_weight, **_common(),
+                                    **kw)
     plain = FlowMapDistillModule(teacher=NetworkTeacher(net=MLPVelocity(SHAPE)), student=MLPVelocity(SHAPE),
                                  **_common())
     plain.student.load_state_dict(dm.student.state_dict())
@@ -247,3 +248,11 @@ def test_dm_lr_scale_lowers_the_students_learning_rate_from_dm_start():
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
     with pytest.raises(ValueError, match="dm_lr_scale"):
         _modules(dm_lr_scale=0.0)
+
+
+def test_a_student_copy_fake_starts_as_the_student_is_at_dm_start():
+    dm, plain = _modules(dm_start=1, fake_init="student", fake_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    _fit(dm, max_steps=4)  # batch 0: plain distillation; batch 1: the fake is copied, then the corrector runs
+    _fit(plain, max_steps=1)  # the student after batch 0
+    for (name, a), b in zip(dm.fake.named_parameters(), plain.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
