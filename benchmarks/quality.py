@@ -221,8 +221,7 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTe
             dm_start=budget["neural_steps"], fake_updates=corrector.get("fake_updates", 1),
             fake_optimizer=lambda p: torch.optim.Adam(p, lr=corrector.get("fake_lr", lr)), **common)
         data = dm if states == "data" else PriorDataModule(dm, batch_size=budget["batch"])
-        # one batch before dm_start is 2 optimizer steps (the fake optimizer steps without gradients)
-        steps = 2 * (budget["neural_steps"] + extra)
+        steps = budget["neural_steps"] + extra  # global_step counts batches (the student's steps)
         out.append(distill(name, m, data, budget, data_root, seed, steps, cache))
     return out
 

@@ -24,9 +24,10 @@ Two uses: a second stage from a distilled checkpoint (``init_checkpoint``, e.g.
 student, the fake velocity and both optimizers. The fake velocity starts as a copy of the
 teacher's network (read at ``s = t``, its gap and guidance embeddings zeroed) or of the student.
 
-Lightning counts every ``optimizer.step()`` of manual optimization as a global step, so one batch
-advances ``trainer.global_step`` by ``1 + fake_updates`` (``max_steps``, checkpoint intervals and
-the EMA's ``update_every`` count them all); ``dm_start`` and the tangent warmup count batches.
+The fake velocity's optimizer steps through the strategy (and its precision plugin) without counting
+in ``trainer.global_step``, so ``global_step`` counts batches, one student step each, as in plain
+distillation: ``max_steps``, ``dm_start``, the tangent warmup, the learning-rate schedule,
+checkpoint intervals and the EMA's ``update_every`` all count batches.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class DistributionMatchingModule(TwoNetworkModule):
     """
 
     aux_name = "fake"
+    count_aux_steps = False  # global_step counts batches (the student's steps), as in plain distillation
     progress_keys = ("dm",)
 
     def __init__(
@@ -154,10 +156,6 @@ class DistributionMatchingModule(TwoNetworkModule):
         if hasattr(out, "zero_init_s_embedding"):  # read at s = t: F(x, t, t) = v(x, t) at the start
             out.zero_init_s_embedding()
         return out
-
-    @property
-    def steps_per_batch(self) -> int:
-        return 1 + self.fake_updates
 
     # --- the pieces of a step ----------------------------------------------------------------------
     def fake_fn(self, labels: Tensor | None, lam: Tensor | None, cond: dict[str, Tensor] | None = None):
@@ -233,16 +231,12 @@ class DistributionMatchingModule(TwoNetworkModule):
                 if not self._skip_nonfinite(fake_loss, "fake velocity"):
                     backward(fake_loss)
                     self.sync_aux_grads()
-                fake_opt.step()
+                    self.step_aux(fake_opt)
             r, eps = self._draw(x_hat, generator, rank, world_size)
             dm_per_sample, dm_stats = self.corrector.student_loss(fake, self.teacher_fn(labels, lam, cond), x_hat,
                                                                   r, eps)
             dm = dm_per_sample.mean()
             stats.update(dm_stats, fake_loss=fake_loss.detach(), dm_steps=torch.tensor(float(k)))
-        else:
-            for _ in range(self.fake_updates):  # keeps one batch = steps_per_batch global steps
-                fake_opt.zero_grad(set_to_none=True)
-                fake_opt.step()
         w = self.balance(distill, dm, self.dm_weight, self.adaptive_weight and dm.requires_grad,
                          self.adaptive_weight_max, self.adaptive_weight_param)
         loss = self.distill_weight * distill + w * dm

@@ -160,7 +160,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
             d_opt.zero_grad(set_to_none=True)
             backward(d_loss)
             self.sync_aux_grads()
-            d_opt.step()
+            self.step_aux(d_opt)
 
         # Student step against the updated discriminator (whose weights get no gradient here).
         self.discriminator.requires_grad_(False)

@@ -6,8 +6,10 @@ by Lightning manual optimization. It provides:
 
 - the start from a distilled checkpoint (``init_checkpoint``, EMA weights by default);
 - the tangent warmup and the student's learning-rate schedule counted in batches (Lightning counts
-  every ``optimizer.step()`` as a global step, so one batch advances ``trainer.global_step`` by
-  ``steps_per_batch``);
+  every ``optimizer.step()`` of a Lightning optimizer as a global step, so one batch advances
+  ``trainer.global_step`` by ``steps_per_batch``: 2 for the adversarial finetune; the corrector
+  steps its fake velocity's optimizer through the strategy without counting it, so that its
+  ``global_step`` counts batches like plain distillation's);
 - the balancing weight ``w * ||grad_W L_distill|| / ||grad_W L_other||`` at the student's last
   layer (VQGAN-style);
 - gradient averaging of the auxiliary network under ``ModelParallelStrategy`` (which does not wrap
@@ -26,6 +28,10 @@ from flowmap_lit.distributed import data_parallel_mesh, is_sharded
 from flowmap_lit.modules.common import seeded_rng
 from flowmap_lit.modules.distill import FlowMapDistillModule
 from flowmap_lit.seeding import derive_seed
+
+
+def _no_closure() -> None:
+    """The closure of a manual optimizer step: the backward pass has already run."""
 
 
 def last_layer_weight(net: nn.Module, name: str | None = None) -> tuple[str, nn.Parameter]:
@@ -65,6 +71,7 @@ class TwoNetworkModule(FlowMapDistillModule):
     """
 
     aux_name = "aux"
+    count_aux_steps = True  # the auxiliary optimizer's steps count in global_step (steps_per_batch 2), or not (1)
 
     def __init__(self, aux_optimizer, init_checkpoint: str | None, init_use_ema: bool, allow_pickle: bool,
                  **kwargs) -> None:
@@ -75,7 +82,24 @@ class TwoNetworkModule(FlowMapDistillModule):
 
     @property
     def steps_per_batch(self) -> int:
-        return 2
+        return 2 if self.count_aux_steps else 1
+
+    def step_aux(self, aux_opt) -> None:
+        """Steps the auxiliary optimizer: as a Lightning optimizer (counted in ``global_step``), or, when
+        ``count_aux_steps`` is false, through the strategy and precision plugin (gradient unscaling of
+        16-bit mixed precision included) without counting it."""
+        trainer = self._trainer
+        if self.count_aux_steps or trainer is None or not hasattr(aux_opt, "optimizer"):
+            aux_opt.step()
+            return
+        trainer.strategy.optimizer_step(aux_opt.optimizer, closure=_no_closure, model=self)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Logs the student's gradient norm before the student's step only (not the auxiliary network's)."""
+        optimizers = self._trainer.optimizers if self._trainer is not None else []
+        if len(optimizers) > 1 and optimizer is optimizers[1]:
+            return
+        super().on_before_optimizer_step(optimizer)
 
     @property
     def aux_network(self) -> nn.Module:

@@ -96,7 +96,7 @@ def one_step(strategy_name: str, backend: str) -> dict | None:
     aux_before = {k: v.detach().clone() for k, v in aux.state_dict().items()} if aux is not None else None
     strategy, devices = strategy_for(strategy_name, backend)
     ema = EMA(decay=0.9, warmup=False)
-    steps = 2 if backend in AUX else 1  # manual optimization counts both optimizers' steps
+    steps = 2 if backend == GAN else 1  # the finetune counts both optimizers' steps, the corrector the student's
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, use_distributed_sampler=False, callbacks=[ema])

@@ -49,8 +49,8 @@ def _fit(module, max_steps, loader=None):
 def test_zero_corrector_weight_gives_the_distillation_step_and_trains_the_fake():
     dm, plain = _modules(dm_weight=0.0)
     fake_before = [p.detach().clone() for p in dm.fake.parameters()]
-    trainer = _fit(dm, max_steps=2)  # one batch: a fake step and a student step
-    assert trainer.global_step == 2
+    trainer = _fit(dm, max_steps=1)  # one batch: a fake step and a student step; global_step counts batches
+    assert trainer.global_step == 1
     _fit(plain, max_steps=1)
     for (name, a), b in zip(dm.student.named_parameters(), plain.student.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -59,14 +59,14 @@ def test_zero_corrector_weight_gives_the_distillation_step_and_trains_the_fake()
 
 def test_the_corrector_moves_the_student_and_waits_for_dm_start():
     dm, plain = _modules(dm_weight=1.0)
-    _fit(dm, max_steps=2)
+    _fit(dm, max_steps=1)
     _fit(plain, max_steps=1)
     assert any(not torch.equal(a, b) for a, b in zip(dm.student.parameters(), plain.student.parameters()))
 
     late, plain = _modules(dm_weight=1.0, dm_start=5, fake_updates=2)
     fake_before = [p.detach().clone() for p in late.fake.parameters()]
-    trainer = _fit(late, max_steps=3)  # one batch before dm_start: 3 optimizer steps, the fake untouched
-    assert trainer.global_step == 3
+    trainer = _fit(late, max_steps=1)  # one batch before dm_start: the fake untouched
+    assert trainer.global_step == 1
     _fit(plain, max_steps=1)
     for a, b in zip(late.student.parameters(), plain.student.parameters()):
         assert torch.equal(a, b)
@@ -200,24 +200,24 @@ def test_data_free_fit_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatc
 
 def test_corrector_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(quickstart, tmp_path, monkeypatch,
                                                                               lightning_log):
-    callbacks = SMALL_CALLBACKS.replace("save_last: true}", "save_last: true, every_n_train_steps: 4, save_top_k: -1}")
+    callbacks = SMALL_CALLBACKS.replace("save_last: true}", "save_last: true, every_n_train_steps: 3, save_top_k: -1}")
     monkeypatch.chdir(tmp_path)
     digits = str(quickstart.digits)
     common = ["fit", "--config", str(ROOT / "configs/digits/finetune_corrector.yaml"),
               "--model.init_args.init_checkpoint", str(quickstart.ckpt), "--trainer.logger", "false",
-              "--trainer.val_check_interval", "4", "--trainer.enable_progress_bar", "false",
+              "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
               "--data.init_args.batch_size", "16",
               "--model.init_args.teacher.init_args.data_root", digits,
               "--model.init_args.guide.init_args.data_root", digits, "--data.init_args.root", digits]
     runs = {}
-    for name, steps, resume in (("straight", 8, None), ("killed", 4, None), ("killed", 8, "last")):
+    for name, steps, resume in (("straight", 6, None), ("killed", 3, None), ("killed", 6, "last")):
         cfg = tmp_path / f"{name}.yaml"
         cfg.write_text(callbacks % (tmp_path / name))
         extra = ["--ckpt_path", str(tmp_path / name / "last.ckpt")] if resume else []
         cli(*common, "--config", cfg, "--trainer.max_steps", steps, *extra)
         runs[name] = torch.load(tmp_path / name / "last.ckpt", weights_only=True, map_location="cpu")
     a, b = runs["straight"], runs["killed"]
-    assert a["global_step"] == b["global_step"] == 8  # 4 batches, 2 optimizer steps each
+    assert a["global_step"] == b["global_step"] == 6  # 6 batches: the fake velocity's steps are not counted
     assert any(k.startswith("fake.") for k in a["state_dict"])
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
@@ -229,10 +229,14 @@ def test_corrector_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(q
 def test_the_learning_rate_schedule_counts_batches():
     from types import SimpleNamespace
 
+    from tests.modules.test_finetune import _modules as finetune_modules
+
     dm, plain = _modules(fake_updates=3, lr_schedule="linear")
-    dm._trainer = SimpleNamespace(max_steps=40)
-    plain._trainer = SimpleNamespace(max_steps=40)
-    assert dm.schedule_length() == 10 and plain.schedule_length() == 40  # 4 optimizer steps per batch
+    ft, _ = finetune_modules()
+    for module in (dm, plain, ft):
+        module._trainer = SimpleNamespace(max_steps=40)
+    # the corrector's fake steps are not counted in global_step; the finetune's discriminator steps are
+    assert dm.schedule_length() == 40 and plain.schedule_length() == 40 and ft.schedule_length() == 20
 
 
 def test_dm_lr_scale_lowers_the_students_learning_rate_from_dm_start():
@@ -252,7 +256,7 @@ def test_dm_lr_scale_lowers_the_students_learning_rate_from_dm_start():
 
 def test_a_student_copy_fake_starts_as_the_student_is_at_dm_start():
     dm, plain = _modules(dm_start=1, fake_init="student", fake_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    _fit(dm, max_steps=4)  # batch 0: plain distillation; batch 1: the fake is copied, then the corrector runs
+    _fit(dm, max_steps=2)  # batch 0: plain distillation; batch 1: the fake is copied, then the corrector runs
     _fit(plain, max_steps=1)  # the student after batch 0
     for (name, a), b in zip(dm.fake.named_parameters(), plain.student.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
