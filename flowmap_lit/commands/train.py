@@ -27,6 +27,8 @@ QUIET = [
     ".*module\\(s\\) in eval mode at the start of training.*",
     # A deprecation inside Lightning's own pytree helper (lightning/pytorch/utilities/_pytree.py).
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    # Two-network modules (manual optimization) checkpoint after their steps, which is what resume needs.
+    ".*Using ModelCheckpoint with manual optimization and every_n_train_steps.*",
 ]
 
 

@@ -60,7 +60,8 @@ def test_quickstart_config_runs_and_prints_flow_map_error_and_fid(quickstart):
     """(The FID classifier is in place before this fit; its training on first use: tests/callbacks/test_fid.py.)"""
     out = quickstart.log  # the console of `python -m flowmap_lit fit` in a fresh process
     assert "Flow-map error at step 3" in out and "relative_error" in out
-    for noise in ("smaller than the logging interval", "module(s) in eval mode", "LeafSpec", "litlogger", "/-2"):
+    for noise in ("smaller than the logging interval", "module(s) in eval mode", "LeafSpec", "litlogger", "/-2",
+                  "manual optimization and every_n_train_steps"):
         assert noise not in out, noise  # warnings and labels a user cannot act on stay off the console
     assert "FID (digits features, 100 samples" in out and "teacher, 4-step Heun ODE: FID" in out
     assert "Single jumps" in out  # FlowMapDiagnostics
