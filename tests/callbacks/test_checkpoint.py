@@ -88,10 +88,11 @@ def test_a_stopped_fit_saves_its_step_and_resumes_exactly(whole, tmp_path, monke
     legacy = tmp_path / "stopped/last.ckpt"  # what an unversioned run left: kept, not overwritten
     legacy.parent.mkdir()
     legacy.write_bytes(b"an unversioned run's file")
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a shell's background job
     with pytest.raises(SystemExit):
         fit(tmp_path, tmp_path / "stopped", 6, stop_at=3, signum=signum)
     assert torch.load(tmp_path / "stopped/last.ckpt", weights_only=True)["global_step"] == 3  # nothing lost
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
     fit(tmp_path, tmp_path / "stopped", 6, "--ckpt_path", "last")
     resumed, reference = weights(tmp_path / "stopped/last.ckpt"), weights(whole / "whole/last.ckpt")
     assert resumed["step"] == reference["step"] == 6
