@@ -127,3 +127,28 @@ def make_quickstart_checkpoint(work: Path, steps: int = 3, in_process: bool = Fa
     finally:
         os.chdir(cwd)
     return work / "ckpt/last.ckpt"
+
+
+def straight_and_resumed(config: Path, quickstart, work: Path, steps: int, interval: int) -> tuple[dict, dict]:
+    """A second-stage ``config`` started from the ``quickstart`` fixture's checkpoint, run in ``work`` straight for
+    ``steps`` steps and killed after ``steps // 2`` then resumed from ``last.ckpt``, checkpoints and validation every
+    ``interval`` steps; returns both runs' final checkpoints (straight, resumed), to be compared bit for bit."""
+    import torch
+
+    callbacks = SMALL_CALLBACKS.replace("save_last: true}",
+                                        f"save_last: true, every_n_train_steps: {interval}, save_top_k: -1}}")
+    digits = str(quickstart.digits)
+    common = ["fit", "--config", str(config), "--model.init_args.init_checkpoint", str(quickstart.ckpt),
+              "--trainer.logger", "false", "--trainer.val_check_interval", str(interval),
+              "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "16",
+              "--model.init_args.teacher.init_args.data_root", digits,
+              "--model.init_args.guide.init_args.data_root", digits, "--data.init_args.root", digits]
+    runs = {}
+    for name, max_steps, resume in (("straight", steps, False), ("killed", steps // 2, False), ("killed", steps, True)):
+        cfg = work / f"{name}.yaml"
+        cfg.write_text(callbacks % (work / name))
+        extra = ["--ckpt_path", str(work / name / "last.ckpt")] if resume else []
+        cli(*common, "--config", cfg, "--trainer.max_steps", max_steps, *extra)
+        runs[name] = torch.load(work / name / "last.ckpt", weights_only=True, map_location="cpu")
+    return runs["straight"], runs["killed"]
+

@@ -15,7 +15,7 @@ from flowmap_lit.modules import DistributionMatchingModule, FlowMapDistillModule
 from flowmap_lit.objectives import AYFEMD
 from flowmap_lit.teachers import NetworkTeacher
 from tests.helpers import ROOT, MLPVelocity
-from tests.helpers.cli import SMALL_CALLBACKS, cli
+from tests.helpers.cli import cli, straight_and_resumed
 from tests.modules.test_finetune import Batches
 
 SHAPE = (1, 4, 4)
@@ -198,25 +198,9 @@ def test_data_free_fit_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatc
     assert result.model.sample_shape == (1, 8, 8)
 
 
-def test_corrector_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(quickstart, tmp_path, monkeypatch,
-                                                                              lightning_log):
-    callbacks = SMALL_CALLBACKS.replace("save_last: true}", "save_last: true, every_n_train_steps: 3, save_top_k: -1}")
+def test_corrector_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(quickstart, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    digits = str(quickstart.digits)
-    common = ["fit", "--config", str(ROOT / "configs/digits/finetune_corrector.yaml"),
-              "--model.init_args.init_checkpoint", str(quickstart.ckpt), "--trainer.logger", "false",
-              "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
-              "--data.init_args.batch_size", "16",
-              "--model.init_args.teacher.init_args.data_root", digits,
-              "--model.init_args.guide.init_args.data_root", digits, "--data.init_args.root", digits]
-    runs = {}
-    for name, steps, resume in (("straight", 6, None), ("killed", 3, None), ("killed", 6, "last")):
-        cfg = tmp_path / f"{name}.yaml"
-        cfg.write_text(callbacks % (tmp_path / name))
-        extra = ["--ckpt_path", str(tmp_path / name / "last.ckpt")] if resume else []
-        cli(*common, "--config", cfg, "--trainer.max_steps", steps, *extra)
-        runs[name] = torch.load(tmp_path / name / "last.ckpt", weights_only=True, map_location="cpu")
-    a, b = runs["straight"], runs["killed"]
+    a, b = straight_and_resumed(ROOT / "configs/digits/finetune_corrector.yaml", quickstart, tmp_path, 6, 3)
     assert a["global_step"] == b["global_step"] == 6  # 6 batches: the fake velocity's steps are not counted
     assert any(k.startswith("fake.") for k in a["state_dict"])
     for key, value in a["state_dict"].items():
