@@ -79,6 +79,15 @@ def run_module(args, cwd, env=None, timeout=600, module="flowmap_lit") -> subpro
                           text=True, timeout=timeout)
 
 
+# A config fragment: only a checkpoint every 2 steps, all kept, in ckpt/ relative to the working directory.
+CHECKPOINTS = """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: ckpt, save_last: true, every_n_train_steps: 2, save_top_k: -1, enable_version_counter: false}
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import torch
 from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.objectives import AYFEMD
 from tests.helpers import ROOT
-from tests.helpers.cli import cli
+from tests.helpers.cli import CHECKPOINTS, cli
 from tests.helpers.flux import FLUX_TINY
 from tests.helpers.text import cond_batch, write_text_dataset
 
@@ -140,14 +140,6 @@ def test_bf16_base_weights_take_the_tangent_pass_in_bf16_with_fp32_adapters():
     hook.remove()
     assert seen == [(torch.bfloat16, torch.bfloat16)]  # the adapted projection ran in bf16 inside the tangent pass
     assert tangent.dtype == torch.float32 and torch.isfinite(tangent).all() and tangent.abs().sum() > 0
-
-
-CHECKPOINTS = """
-trainer:
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: ckpt, save_last: true, every_n_train_steps: 2, save_top_k: -1, enable_version_counter: false}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from flowmap_lit.data import LatentDataModule, write_dataset
 from flowmap_lit.modules import FlowMapDistillModule
 from flowmap_lit.objectives import AYFEMD
 from tests.helpers import ROOT, tiny_dinov2, tiny_vae
-from tests.helpers.cli import cli
+from tests.helpers.cli import CHECKPOINTS, cli
 from tests.helpers.text import TINY, D, L, P, cond_batch, text_arrays, write_text_dataset
 
 pytest.importorskip("peft")
@@ -136,14 +136,6 @@ def _fit(data, teacher_dir, steps, *extra):
             "--data.init_args.root", str(data), "--data.init_args.num_workers", "0",
             "--data.init_args.batch_size", "4", *extra]
     return cli(*args)
-
-
-CHECKPOINTS = """
-trainer:
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: ckpt, save_last: true, every_n_train_steps: 2, save_top_k: -1, enable_version_counter: false}
-"""
 
 
 @pytest.fixture(scope="module")
