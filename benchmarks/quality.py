@@ -215,10 +215,11 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTe
         pl.seed_everything(seed, verbose=False)
         extra = int(corrector.get("batches", budget["neural_steps"]))
         m = DistributionMatchingModule(
-            teacher=teacher, objective=AYFEMD(), states=states, fake_init="teacher",
+            teacher=teacher, objective=AYFEMD(), states=states, fake_init=corrector.get("fake_init", "teacher"),
             corrector=DistributionMatching(r_min=corrector.get("r_min", 0.02), r_max=corrector.get("r_max", 0.98)),
             dm_weight=corrector.get("weight", 0.1), dm_steps=corrector.get("steps", [1]),
             dm_start=budget["neural_steps"], fake_updates=corrector.get("fake_updates", 1),
+            dm_lr_scale=corrector.get("lr_scale", 1.0),
             fake_optimizer=lambda p: torch.optim.Adam(p, lr=corrector.get("fake_lr", lr)), **common)
         data = dm if states == "data" else PriorDataModule(dm, batch_size=budget["batch"])
         steps = budget["neural_steps"] + extra  # global_step counts batches (the student's steps)
@@ -289,6 +290,11 @@ def main(argv=None) -> dict:
     p.add_argument("--dm-steps", type=int, nargs="+", default=[1],
                    help="corrector methods: step counts of the student samples it acts on")
     p.add_argument("--dm-fake-lr", type=float, default=None, help="corrector methods: the fake velocity's lr")
+    p.add_argument("--dm-lr-scale", type=float, default=1.0,
+                   help="corrector methods: factor on the student's lr once the corrector starts (dm_lr_scale)")
+    p.add_argument("--dm-fake-init", default="teacher", choices=["teacher", "student"],
+                   help="corrector methods: the fake velocity starts as the teacher or as the student")
+    p.add_argument("--dm-fake-updates", type=int, default=1, help="corrector methods: fake steps per batch")
     p.add_argument("--teacher-ckpt", default=None)
     p.add_argument("--guide-ckpt", default=None)
     p.add_argument("--save-teachers", default=None,
@@ -309,7 +315,9 @@ def main(argv=None) -> dict:
         if "exact" in args.arms:
             results += exact_arm(budget, data_root, seed, args.lr, cache)
         if teachers is not None:
-            corrector = {"weight": args.dm_weight, "steps": args.dm_steps, "fake_lr": args.dm_fake_lr or args.lr}
+            corrector = {"weight": args.dm_weight, "steps": args.dm_steps, "fake_lr": args.dm_fake_lr or args.lr,
+                         "lr_scale": args.dm_lr_scale, "fake_init": args.dm_fake_init,
+                         "fake_updates": args.dm_fake_updates}
             if args.dm_batches is not None:
                 corrector["batches"] = args.dm_batches
             results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache, args.diagonal_fraction,

@@ -73,7 +73,7 @@ class DistributionMatchingModule(TwoNetworkModule):
         adaptive_weight_param: Name of the student parameter W of the adaptive weight; None: its last
             trainable parameter with at least 2 dimensions.
         distill_weight: Weight of the distillation loss in the student's step; 0: the corrector
-            alone.
+            alone (the distillation loss is then not computed).
         dm_steps: Step counts k of the student's sampling paths that the corrector acts on, one
             drawn per batch; the k-step grid is the tuned one of schedules where there is one, else
             uniform. None: [1] (1-step samples).
@@ -130,6 +130,7 @@ class DistributionMatchingModule(TwoNetworkModule):
             raise ValueError(f"dm_start must be >= 0 batches, got {dm_start}")
         self.corrector = corrector if corrector is not None else DistributionMatching()
         self.fake_updates, self.dm_weight, self.distill_weight = fake_updates, dm_weight, distill_weight
+        self.check_weights(distill_weight, adaptive_weight)
         self.adaptive_weight, self.adaptive_weight_max = adaptive_weight, adaptive_weight_max
         self.adaptive_weight_param = adaptive_weight_param
         if dm_lr_scale <= 0:
@@ -212,9 +213,7 @@ class DistributionMatchingModule(TwoNetworkModule):
         ``backward(loss)`` runs the backward pass (``manual_backward`` under Lightning). Returns the
         student's loss and the stats to log, or None when the student step was skipped (non-finite).
         """
-        per_sample, stats = self.step_loss(batch, generator, rank=rank, world_size=world_size)
-        distill = self.masked_mean(per_sample, stats)
-        self.check_divergence(stats)
+        distill, stats = self.distill_term(batch, generator, rank, world_size)
         dm = torch.zeros((), device=distill.device)
         if self.batches_done() >= self.dm_start:
             if self.batches_done() == self.dm_start and self.dm_start > 0 and self.fake_from_student:

@@ -61,7 +61,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         adaptive_weight_param: Name of the student parameter W of the adaptive weight (as in
             student.named_parameters()); None: its last parameter with at least 2 dimensions.
         distill_weight: Weight of the distillation loss in the student's step; 0: a pure GAN
-            finetune.
+            finetune (the distillation loss is then not computed).
         adv_times: Start times t in (0, 1] of the fakes f(x_t, t, 0), one drawn uniformly from the
             list per sample; None: [1.0] (1-step samples from pure noise).
         adv_guidance: Guidance scale lam of the fakes; None: eval_guidance.
@@ -97,6 +97,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         self.adv_weight, self.adaptive_weight = adv_weight, adaptive_weight
         self.adaptive_weight_max, self.adaptive_weight_param = adaptive_weight_max, adaptive_weight_param
         self.distill_weight = distill_weight
+        self.check_weights(distill_weight, adaptive_weight)
         self.adv_times = [1.0] if adv_times is None else [float(t) for t in adv_times]
         if not self.adv_times or any(not 0.0 < t <= 1.0 for t in self.adv_times):
             raise ValueError(f"adv_times must be a non-empty list of times in (0, 1], got {adv_times}")
@@ -149,7 +150,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         """
         x0, labels = batch["x"], batch["label"]
         d = self.discriminator_fn(labels)
-        per_sample, stats = self.step_loss(batch, generator, rank=rank, world_size=world_size)
+        distill, stats = self.distill_term(batch, generator, rank, world_size)
         t_adv, z = self.adversarial_noise(x0, generator, rank, world_size)
         fake = self.fakes(x0, labels, t_adv, z, batch.get("cond"))
 
@@ -168,8 +169,6 @@ class AdversarialFinetuneModule(TwoNetworkModule):
             adv = self.adversarial.generator_loss(d, x0, fake).mean()
         finally:
             self.discriminator.requires_grad_(True)
-        distill = self.masked_mean(per_sample, stats)
-        self.check_divergence(stats)
         w = self.balance(distill, adv)
         loss = self.distill_weight * distill + w * adv
         if self._skip_nonfinite(loss, "generator"):

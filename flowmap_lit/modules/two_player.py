@@ -116,6 +116,26 @@ class TwoNetworkModule(FlowMapDistillModule):
             raise RuntimeError(f"{checkpoint} does not match the student architecture: missing "
                                f"{missing[:5]}, unexpected {unexpected[:5]}")
 
+    @staticmethod
+    def check_weights(distill_weight: float, adaptive: bool) -> None:
+        """``distill_weight >= 0``; an adaptive weight needs the distillation loss's gradient."""
+        if distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
+        if adaptive and distill_weight == 0:
+            raise ValueError("adaptive_weight scales by the distillation loss's gradient, which distill_weight: 0 "
+                             "does not compute: give a fixed weight (adaptive_weight: false) or distill_weight > 0")
+
+    def distill_term(self, batch: dict, generator: torch.Generator | None, rank: int,
+                     world_size: int) -> tuple[Tensor, dict]:
+        """The distillation loss of the student's step and its stats; with ``distill_weight: 0`` neither
+        is computed (no teacher, guide or tangent pass for a term that is multiplied by zero)."""
+        if self.distill_weight == 0:
+            return torch.zeros((), device=self.device), {}
+        per_sample, stats = self.step_loss(batch, generator, rank=rank, world_size=world_size)
+        distill = self.masked_mean(per_sample, stats)
+        self.check_divergence(stats)
+        return distill, stats
+
     def batches_done(self) -> int:
         return self.global_step // self.steps_per_batch
 

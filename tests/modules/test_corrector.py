@@ -73,6 +73,22 @@ def test_the_corrector_moves_the_student_and_waits_for_dm_start():
     assert all(torch.equal(a, b) for a, b in zip(fake_before, late.fake.parameters()))
 
 
+def test_zero_distill_weight_skips_the_distillation_pass(monkeypatch):
+    dm, _ = _modules(dm_weight=1.0, distill_weight=0.0)
+
+    def no_distillation(*args, **kwargs):
+        raise AssertionError("distill_weight: 0 computed the distillation loss")
+
+    monkeypatch.setattr(dm, "step_loss", no_distillation)
+    before = [p.detach().clone() for p in dm.student.parameters()]
+    _fit(dm, max_steps=2)  # the corrector alone moves the student
+    assert any(not torch.equal(a, b) for a, b in zip(before, dm.student.parameters()))
+    with pytest.raises(ValueError, match="adaptive_weight"):
+        _modules(dm_weight=1.0, distill_weight=0.0, adaptive_weight=True)
+    with pytest.raises(ValueError, match="distill_weight must be >= 0"):
+        _modules(distill_weight=-1.0)
+
+
 def test_the_fake_velocity_starts_as_the_teacher_or_the_student():
     dm, _ = _modules(fake_init="teacher")
     x, t = torch.randn(5, *SHAPE), torch.rand(5)
