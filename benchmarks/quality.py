@@ -49,7 +49,9 @@ from flowmap_lit.teachers import GMMTeacher, NetworkTeacher  # noqa: E402
 from flowmap_lit.time_pairs import TimePairSampler  # noqa: E402
 
 BUDGETS = {  # distillation steps per run (exact / neural arm), batch, warmup, teacher/guide pretraining, eval samples
-    "tiny": dict(steps=20, neural_steps=20, batch=64, warmup=10, teacher_steps=30, guide_steps=10, eval_samples=100),
+    # (and Heun steps of the teacher's reference ODE, 64 unless given)
+    "tiny": dict(steps=20, neural_steps=20, batch=64, warmup=10, teacher_steps=30, guide_steps=10, eval_samples=100,
+                 reference_steps=8),  # a smoke budget: an 8-step teacher reference
     "small": dict(steps=600, neural_steps=400, batch=128, warmup=200, teacher_steps=1000, guide_steps=300,
                   eval_samples=1000),
     "medium": dict(steps=2000, neural_steps=2000, batch=256, warmup=700, teacher_steps=3000, guide_steps=600,
@@ -72,11 +74,13 @@ def evaluate(module, dm, budget, data_root: Path, cache: dict) -> dict:
     every run that shares it (their noises and labels are seeded, so reuse changes no number).
     """
     key = (id(module.teacher), id(module.guide), module.guidance, module.eval_guidance)
+    reference = budget.get("reference_steps", 64)
     if key not in cache:
         cache[key] = (
-            FlowMapError(step_counts=STEPS, num_samples=budget["eval_samples"], reference_steps=64, print_table=False),
+            FlowMapError(step_counts=STEPS, num_samples=budget["eval_samples"], reference_steps=reference,
+                         print_table=False),
             FewStepFID(feature_path=str(data_root / "classifier.pt"), train_if_missing=True, step_counts=STEPS,
-                       num_samples=budget["eval_samples"], print_table=False, teacher_steps=64))
+                       num_samples=budget["eval_samples"], print_table=False, teacher_steps=reference))
     fme, fid = cache[key]
     t = trainer(0, [fme, fid], data_root.parent)
     t.strategy.connect(module)

@@ -208,3 +208,30 @@ def test_attention_jvp_benchmark(run_script):
     assert row["tokens"] == 32 and row["math"]["ms"] > 0 and row["chunked"]["ms"] > 0
     assert row["math"]["peak_mib"] >= 0 and row["chunked"]["peak_mib"] >= 0
     assert row["tangent_rel_difference"] < 1e-5
+
+
+def test_corrector_stage_trains_a_base_then_a_stage_on_it(tmp_path, run_script, digits_classifier):
+    """The neural arm's corrector screen on small U-Nets: the AYF-EMD base is saved, a stage starts from it
+    (init_checkpoint) and both the EMA and the raw weights are scored at 1/2/4/8 steps."""
+    import shutil
+
+    import torch
+
+    from flowmap_lit.networks import build_network
+    from flowmap_lit.teachers import NetworkTeacher
+
+    shutil.copytree(digits_classifier["root"], tmp_path / "digits")  # the data and its FID classifier
+    quality = load_benchmark("quality.py")
+    small = {"model_channels": 8}
+    torch.manual_seed(0)
+    for name in ("teacher", "guide"):
+        net = build_network("unet", "tiny", **small)
+        quality.save_teacher(NetworkTeacher(net=net, num_classes=10), small, tmp_path / f"{name}.ckpt")
+    common = ["--teacher-ckpt", str(tmp_path / "teacher.ckpt"), "--guide-ckpt", str(tmp_path / "guide.ckpt"),
+              "--base", str(tmp_path / "base.ckpt"), "--budget", "tiny", "--data", str(tmp_path / "digits")]
+    base = run_script("corrector_stage.py", *common, "--train-base")
+    assert (tmp_path / "base.ckpt").is_file() and len(base["fid"]) == 4
+    stage = run_script("corrector_stage.py", *common, "--batches", "2", "--dm-steps", "1", "2", "--raw")
+    for key in ("fid", "fid_raw", "flowmap_rel_error", "flowmap_rel_error_raw"):
+        assert len(stage[key]) == 4 and all(v == v and v >= 0 for v in stage[key]), key
+    assert stage["teacher_fid"] > 0 and stage["dm_steps"] == [1, 2]

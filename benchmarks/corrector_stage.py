@@ -1,0 +1,107 @@
+"""Screens of the distribution-matching corrector as a second stage on the neural digits arm.
+
+    python benchmarks/quality.py --arms neural --methods ayf_emd --save-teachers T   # teacher + guide, once
+    python benchmarks/corrector_stage.py --teacher-ckpt T/teacher.ckpt --guide-ckpt T/guide.ckpt \
+        --base T/base0.ckpt --train-base                  # the AYF-EMD base: the arm's 400 batches, saved
+    python benchmarks/corrector_stage.py --teacher-ckpt T/teacher.ckpt --guide-ckpt T/guide.ckpt \
+        --base T/base0.ckpt --batches 300 --lr 1e-4       # one corrector stage on it
+
+The base is the neural arm's AYF-EMD run of ``benchmarks/quality.py`` (student a copy of the teacher's
+U-Net, Adam 3e-4, 400 batches of 128, autoguidance from the guide, 60% of the pairs at ``s = t`` and
+25% on the sampling grids), saved with its EMA weights. A stage is ``DistributionMatchingModule``
+started from that checkpoint (``init_checkpoint``) with a fresh EMA (decay 0.995), for ``--batches``
+batches. Each run prints one JSON line: its settings, FID and relative flow-map error at 1/2/4/8
+steps (the evaluation of ``benchmarks/quality.py``, EMA weights; ``--raw``: also the raw weights),
+the teacher ODE's FID and the training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning.pytorch as pl  # noqa: E402
+from quality import BUDGETS, evaluate, trainer  # noqa: E402
+
+from flowmap_lit.callbacks import EMA  # noqa: E402
+from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
+from flowmap_lit.modules import DistributionMatchingModule, FlowMapDistillModule  # noqa: E402
+from flowmap_lit.objectives import AYFEMD, DistributionMatching  # noqa: E402
+from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
+from flowmap_lit.time_pairs import TimePairSampler  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher-ckpt", required=True)
+    p.add_argument("--guide-ckpt", required=True)
+    p.add_argument("--base", required=True, help="the AYF-EMD base checkpoint (written by --train-base)")
+    p.add_argument("--train-base", action="store_true", help="train and save the base instead of a stage")
+    p.add_argument("--data", default="data/digits")
+    p.add_argument("--budget", default="small", choices=sorted(BUDGETS),
+                   help="the base's batches, batch size and evaluation samples (benchmarks/quality.py's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", type=int, default=300, help="corrector batches of the stage")
+    p.add_argument("--lr", type=float, default=1e-4, help="the student's Adam learning rate in the stage")
+    p.add_argument("--fake-lr", type=float, default=3e-4)
+    p.add_argument("--fake-init", default="student", choices=["teacher", "student"])
+    p.add_argument("--fake-updates", type=int, default=1)
+    p.add_argument("--weight", type=float, default=0.1, help="dm_weight")
+    p.add_argument("--adaptive", action="store_true", help="adaptive_weight")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--dm-steps", type=int, nargs="+", default=[1])
+    p.add_argument("--r-distribution", default="uniform", choices=["uniform", "logit_normal"])
+    p.add_argument("--r-mean", type=float, default=0.0, help="P_mean of a logit-normal r")
+    p.add_argument("--states", default="data", choices=["data", "student", "teacher"])
+    p.add_argument("--raw", action="store_true", help="also evaluate the raw (non-EMA) weights")
+    args = p.parse_args(argv)
+
+    root = Path(args.data).resolve()
+    DigitsDataModule(root=str(root)).prepare_data()
+    budget = BUDGETS[args.budget]
+    teacher, guide = NetworkTeacher(args.teacher_ckpt), NetworkTeacher(args.guide_ckpt)
+    common = dict(guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0, condition_on_guidance=True,
+                  eval_guidance=1.5, num_classes=10, noise_seed=args.seed,
+                  time_sampler=TimePairSampler(diagonal_fraction=0.6, grid_fraction=0.25))
+    dm = DigitsDataModule(root=str(root), batch_size=budget["batch"], num_workers=1)
+    pl.seed_everything(args.seed, verbose=False)
+    ema = EMA(decay=0.995)
+    start = time.perf_counter()
+    if args.train_base:
+        module = FlowMapDistillModule(teacher, AYFEMD(), warmup_steps=budget["warmup"],
+                                      optimizer=lambda ps: torch.optim.Adam(ps, lr=3e-4), **common)
+        trainer(budget["neural_steps"], [ema], root.parent).fit(module, dm)
+        with ema.averaged(module):
+            Path(args.base).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, args.base)
+    else:
+        module = DistributionMatchingModule(
+            teacher=teacher, objective=AYFEMD(), warmup_steps=0, states=args.states, init_checkpoint=args.base,
+            optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr), fake_init=args.fake_init,
+            fake_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.fake_lr), fake_updates=args.fake_updates,
+            dm_weight=args.weight, adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
+            dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
+                                                                   P_mean=args.r_mean), **common)
+        data = dm if args.states == "data" else PriorDataModule(dm, batch_size=budget["batch"])
+        trainer(args.batches, [ema], root.parent).fit(module, data)
+    seconds = time.perf_counter() - start
+    result, cache = {**vars(args), "train_seconds": round(seconds, 1)}, {}  # one teacher reference for both
+    if args.raw:
+        raw = evaluate(module, dm, budget, root, cache)
+        result.update(fid_raw=raw["fid"], flowmap_rel_error_raw=raw["flowmap_rel_error"])
+    with ema.averaged(module):
+        result.update(evaluate(module, dm, budget, root, cache))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
