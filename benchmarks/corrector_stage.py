@@ -61,6 +61,9 @@ def main(argv=None) -> dict:
     p.add_argument("--r-distribution", default="uniform", choices=["uniform", "logit_normal"])
     p.add_argument("--r-mean", type=float, default=0.0, help="P_mean of a logit-normal r")
     p.add_argument("--states", default="data", choices=["data", "student", "teacher"])
+    p.add_argument("--one-fraction", type=float, default=0.0,
+                   help="fraction of the distillation's (t, s) pairs that start at t = 1 (base and stage), taken "
+                        "from the logit-normal share")
     p.add_argument("--raw", action="store_true", help="also evaluate the raw (non-EMA) weights")
     args = p.parse_args(argv)
 
@@ -70,7 +73,8 @@ def main(argv=None) -> dict:
     teacher, guide = NetworkTeacher(args.teacher_ckpt), NetworkTeacher(args.guide_ckpt)
     common = dict(guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0, condition_on_guidance=True,
                   eval_guidance=1.5, num_classes=10, noise_seed=args.seed,
-                  time_sampler=TimePairSampler(diagonal_fraction=0.6, grid_fraction=0.25))
+                  time_sampler=TimePairSampler(diagonal_fraction=0.6, grid_fraction=0.25,
+                                               one_fraction=args.one_fraction))
     dm = DigitsDataModule(root=str(root), batch_size=budget["batch"], num_workers=1)
     pl.seed_everything(args.seed, verbose=False)
     ema = EMA(decay=0.995)
