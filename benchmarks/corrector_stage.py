@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dm-steps", type=int, nargs="+", default=[1])
     p.add_argument("--r-distribution", default="uniform", choices=["uniform", "logit_normal"])
     p.add_argument("--r-mean", type=float, default=0.0, help="P_mean of a logit-normal r")
-    p.add_argument("--states", default="data", choices=["data", "student", "teacher"])
+    p.add_argument("--states", default="data", choices=["data", "student", "teacher"],
+                   help="where the noisy points come from (base and stage); student/teacher: no data read")
     p.add_argument("--one-fraction", type=float, default=0.0,
                    help="fraction of the distillation's (t, s) pairs that start at t = 1 (base and stage), taken "
                         "from the logit-normal share")
@@ -76,13 +77,14 @@ def main(argv=None) -> dict:
                   time_sampler=TimePairSampler(diagonal_fraction=0.6, grid_fraction=0.25,
                                                one_fraction=args.one_fraction))
     dm = DigitsDataModule(root=str(root), batch_size=budget["batch"], num_workers=1)
+    data = dm if args.states == "data" else PriorDataModule(dm, batch_size=budget["batch"])  # labels only
     pl.seed_everything(args.seed, verbose=False)
     ema = EMA(decay=0.995)
     start = time.perf_counter()
     if args.train_base:
-        module = FlowMapDistillModule(teacher, AYFEMD(), warmup_steps=budget["warmup"],
+        module = FlowMapDistillModule(teacher, AYFEMD(), warmup_steps=budget["warmup"], states=args.states,
                                       optimizer=lambda ps: torch.optim.Adam(ps, lr=3e-4), **common)
-        trainer(budget["neural_steps"], [ema], root.parent).fit(module, dm)
+        trainer(budget["neural_steps"], [ema], root.parent).fit(module, data)
         with ema.averaged(module):
             Path(args.base).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, args.base)
@@ -94,7 +96,6 @@ def main(argv=None) -> dict:
             dm_weight=args.weight, adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
             dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
                                                                    P_mean=args.r_mean), **common)
-        data = dm if args.states == "data" else PriorDataModule(dm, batch_size=budget["batch"])
         trainer(args.batches, [ema], root.parent).fit(module, data)
     seconds = time.perf_counter() - start
     result, cache = {**vars(args), "train_seconds": round(seconds, 1)}, {}  # one teacher reference for both
