@@ -29,14 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
-from quality import BUDGETS, evaluate, trainer  # noqa: E402
+from quality import BUDGETS, evaluate, neural_settings, trainer  # noqa: E402
 
 from flowmap_lit.callbacks import EMA  # noqa: E402
 from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
 from flowmap_lit.modules import DistributionMatchingModule, FlowMapDistillModule  # noqa: E402
 from flowmap_lit.objectives import AYFEMD, DistributionMatching  # noqa: E402
 from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
-from flowmap_lit.time_pairs import TimePairSampler  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -72,27 +71,25 @@ def main(argv=None) -> dict:
     DigitsDataModule(root=str(root)).prepare_data()
     budget = BUDGETS[args.budget]
     teacher, guide = NetworkTeacher(args.teacher_ckpt), NetworkTeacher(args.guide_ckpt)
-    common = dict(guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0, condition_on_guidance=True,
-                  eval_guidance=1.5, num_classes=10, noise_seed=args.seed,
-                  time_sampler=TimePairSampler(diagonal_fraction=0.6, grid_fraction=0.25,
-                                               one_fraction=args.one_fraction))
+    # the arm's settings (Adam 3e-4 after the warmup for the base); the stage: Adam --lr, no warmup
+    common = {**neural_settings(guide, budget, 3e-4, one_fraction=args.one_fraction), "noise_seed": args.seed}
     dm = DigitsDataModule(root=str(root), batch_size=budget["batch"], num_workers=1)
     data = dm if args.states == "data" else PriorDataModule(dm, batch_size=budget["batch"])  # labels only
     pl.seed_everything(args.seed, verbose=False)
     ema = EMA(decay=0.995)
     start = time.perf_counter()
     if args.train_base:
-        module = FlowMapDistillModule(teacher, AYFEMD(), warmup_steps=budget["warmup"], states=args.states,
-                                      optimizer=lambda ps: torch.optim.Adam(ps, lr=3e-4), **common)
+        module = FlowMapDistillModule(teacher, AYFEMD(), states=args.states, **common)
         trainer(budget["neural_steps"], [ema], root.parent).fit(module, data)
         with ema.averaged(module):
             Path(args.base).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, args.base)
     else:
+        common.update(warmup_steps=0, optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr))
         module = DistributionMatchingModule(
-            teacher=teacher, objective=AYFEMD(), warmup_steps=0, states=args.states, init_checkpoint=args.base,
-            optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr), fake_init=args.fake_init,
-            fake_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.fake_lr), fake_updates=args.fake_updates,
+            teacher=teacher, objective=AYFEMD(), states=args.states, init_checkpoint=args.base,
+            fake_init=args.fake_init, fake_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.fake_lr),
+            fake_updates=args.fake_updates,
             dm_weight=args.weight, adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
             dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
                                                                    P_mean=args.r_mean), **common)

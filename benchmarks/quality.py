@@ -188,6 +188,18 @@ def neural_teachers(budget, data_root: Path, seed: int, teacher_ckpt: str | None
     return teacher, guide
 
 
+def neural_settings(guide: NetworkTeacher, budget: dict, lr: float, diagonal_fraction: float = 0.6,
+                    grid_fraction: float = 0.25, one_fraction: float = 0.0) -> dict:
+    """The neural arm's distillation arguments, shared by every method (and benchmarks/corrector_stage.py):
+    autoguidance from ``guide`` with scales in [1, 2] (1.5 at evaluation), the pair mix, Adam at ``lr``
+    after the budget's warmup."""
+    return dict(guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0,
+                condition_on_guidance=True, eval_guidance=1.5, num_classes=10, warmup_steps=budget["warmup"],
+                time_sampler=TimePairSampler(diagonal_fraction=diagonal_fraction, grid_fraction=grid_fraction,
+                                             one_fraction=one_fraction),
+                optimizer=lambda p: torch.optim.Adam(p, lr=lr))
+
+
 NEURAL_METHODS = ("ayf_emd", "ayf_lmd", "scd", "ayf_emd_dm", "ayf_emd_dm_free")
 
 
@@ -199,10 +211,7 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTe
     ``ayf_emd_dm_free``: the same run data-free (states: student, labels only from PriorDataModule)."""
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
     corrector = corrector or {}
-    common = dict(guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0,
-                  condition_on_guidance=True, eval_guidance=1.5, num_classes=10, warmup_steps=budget["warmup"],
-                  time_sampler=TimePairSampler(diagonal_fraction=diagonal_fraction, grid_fraction=grid_fraction),
-                  optimizer=lambda p: torch.optim.Adam(p, lr=lr))
+    common = neural_settings(guide, budget, lr, diagonal_fraction, grid_fraction)
     out = []
     for key, name, objective, gamma in (("ayf_emd", "neural: AYF-EMD", AYFEMD(), 0.0),
                                         ("ayf_lmd", "neural: AYF-LMD", AYFLMD(), 0.0),
