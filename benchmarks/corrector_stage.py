@@ -5,6 +5,8 @@
         --base T/base0.ckpt --train-base                  # the AYF-EMD base: the arm's 400 batches, saved
     python benchmarks/corrector_stage.py --teacher-ckpt T/teacher.ckpt --guide-ckpt T/guide.ckpt \
         --base T/base0.ckpt --batches 300 --lr 1e-4       # one corrector stage on it
+    python benchmarks/corrector_stage.py ... --base T/base0.ckpt --save T/stage0.ckpt   # keep it, then
+    python benchmarks/corrector_stage.py ... --base T/stage0.ckpt --stage adversarial   # a GAN stage on it
 
 The base is the neural arm's AYF-EMD run of ``benchmarks/quality.py`` (student a copy of the teacher's
 U-Net, Adam 3e-4, 400 batches of 128, autoguidance from the guide, 60% of the pairs at ``s = t`` and
@@ -12,7 +14,10 @@ U-Net, Adam 3e-4, 400 batches of 128, autoguidance from the guide, 60% of the pa
 started from that checkpoint (``init_checkpoint``) with a fresh EMA (decay 0.995), for ``--batches``
 batches. Each run prints one JSON line: its settings, FID and relative flow-map error at 1/2/4/8
 steps (the evaluation of ``benchmarks/quality.py``, EMA weights; ``--raw``: also the raw weights),
-the teacher ODE's FID and the training seconds.
+the teacher ODE's FID and the training seconds. ``--objective ayf_lmd`` distills with AYF-LMD instead
+(base and stage). ``--stage adversarial`` runs ``AdversarialFinetuneModule`` instead of the corrector
+(RpGAN against the data's digits, fakes from ``--adv-times``); ``--save`` writes a stage's EMA student
+in the base's format, so stages can follow one another.
 """
 
 from __future__ import annotations
@@ -33,9 +38,17 @@ from quality import BUDGETS, evaluate, neural_settings, trainer  # noqa: E402
 
 from flowmap_lit.callbacks import EMA  # noqa: E402
 from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
-from flowmap_lit.modules import DistributionMatchingModule, FlowMapDistillModule  # noqa: E402
-from flowmap_lit.objectives import AYFEMD, DistributionMatching  # noqa: E402
+from flowmap_lit.modules import AdversarialFinetuneModule, DistributionMatchingModule, FlowMapDistillModule  # noqa: E402,E501
+from flowmap_lit.networks import Discriminator  # noqa: E402
+from flowmap_lit.objectives import AYFEMD, AYFLMD, DistributionMatching, RpGAN  # noqa: E402
 from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
+
+
+def save_student(module, ema: EMA, path: str) -> None:
+    """The module's EMA student weights, as a checkpoint ``init_checkpoint`` reads."""
+    with ema.averaged(module):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, path)
 
 
 def main(argv=None) -> dict:
@@ -65,6 +78,14 @@ def main(argv=None) -> dict:
                    help="fraction of the distillation's (t, s) pairs that start at t = 1 (base and stage), taken "
                         "from the logit-normal share")
     p.add_argument("--raw", action="store_true", help="also evaluate the raw (non-EMA) weights")
+    p.add_argument("--objective", default="ayf_emd", choices=["ayf_emd", "ayf_lmd"],
+                   help="the distillation objective (base and stage)")
+    p.add_argument("--stage", default="corrector", choices=["corrector", "adversarial"],
+                   help="adversarial: RpGAN against the data (AdversarialFinetuneModule) instead of the corrector")
+    p.add_argument("--adv-weight", type=float, default=0.1, help="adversarial stage: adv_weight")
+    p.add_argument("--adv-times", type=float, nargs="+", default=[1.0], help="adversarial stage: adv_times")
+    p.add_argument("--disc-lr", type=float, default=2e-4, help="adversarial stage: the discriminator's Adam lr")
+    p.add_argument("--save", default=None, help="write the stage's EMA student here (the base's format)")
     args = p.parse_args(argv)
 
     root = Path(args.data).resolve()
@@ -78,22 +99,36 @@ def main(argv=None) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     ema = EMA(decay=0.995)
     start = time.perf_counter()
+    objective = {"ayf_emd": AYFEMD, "ayf_lmd": AYFLMD}[args.objective]()
     if args.train_base:
-        module = FlowMapDistillModule(teacher, AYFEMD(), states=args.states, **common)
+        module = FlowMapDistillModule(teacher, objective, states=args.states, **common)
         trainer(budget["neural_steps"], [ema], root.parent).fit(module, data)
-        with ema.averaged(module):
-            Path(args.base).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, args.base)
+        save_student(module, ema, args.base)
     else:
         common.update(warmup_steps=0, optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr))
-        module = DistributionMatchingModule(
-            teacher=teacher, objective=AYFEMD(), states=args.states, init_checkpoint=args.base,
-            fake_init=args.fake_init, fake_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.fake_lr),
-            fake_updates=args.fake_updates,
-            dm_weight=args.weight, adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
-            dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
-                                                                   P_mean=args.r_mean), **common)
-        trainer(args.batches, [ema], root.parent).fit(module, data)
+        if args.stage == "adversarial":
+            if args.states != "data":
+                raise SystemExit("--stage adversarial judges the fakes against the data: it needs --states data")
+            module = AdversarialFinetuneModule(
+                teacher=teacher, objective=objective, init_checkpoint=args.base,
+                discriminator=Discriminator(img_channels=1, img_resolution=8, channels=[64, 128], num_classes=10),
+                adversarial=RpGAN(r1_gamma=1.0, r2_gamma=1.0),
+                discriminator_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.disc_lr, betas=(0.0, 0.99)),
+                adv_weight=args.adv_weight, adaptive_weight=args.adaptive,
+                distill_weight=args.distill_weight, adv_times=args.adv_times, **common)
+            steps = 2 * args.batches  # both optimizers' steps count in global_step here
+        else:
+            module = DistributionMatchingModule(
+                teacher=teacher, objective=objective, states=args.states, init_checkpoint=args.base,
+                fake_init=args.fake_init, fake_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.fake_lr),
+                fake_updates=args.fake_updates,
+                dm_weight=args.weight, adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
+                dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
+                                                                       P_mean=args.r_mean), **common)
+            steps = args.batches
+        trainer(steps, [ema], root.parent).fit(module, data)
+        if args.save:
+            save_student(module, ema, args.save)
     seconds = time.perf_counter() - start
     result, cache = {**vars(args), "train_seconds": round(seconds, 1)}, {}  # one teacher reference for both
     if args.raw:
