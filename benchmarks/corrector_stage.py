@@ -16,7 +16,8 @@ batches. Each run prints one JSON line: its settings, FID and relative flow-map 
 steps (the evaluation of ``benchmarks/quality.py``, EMA weights; ``--raw``: also the raw weights),
 the teacher ODE's FID and the training seconds. ``--objective ayf_lmd`` distills with AYF-LMD instead
 (base and stage). ``--stage adversarial`` runs ``AdversarialFinetuneModule`` instead of the corrector
-(RpGAN against the data's digits, fakes from ``--adv-times``); ``--save`` writes a stage's EMA student
+(RpGAN against the data's digits, or with ``--adv-real teacher`` against the guided teacher's ODE samples;
+fakes from ``--adv-times``); ``--save`` writes a stage's EMA student
 in the base's format, so stages can follow one another.
 """
 
@@ -85,6 +86,11 @@ def main(argv=None) -> dict:
     p.add_argument("--adv-weight", type=float, default=0.1, help="adversarial stage: adv_weight")
     p.add_argument("--adv-times", type=float, nargs="+", default=[1.0], help="adversarial stage: adv_times")
     p.add_argument("--disc-lr", type=float, default=2e-4, help="adversarial stage: the discriminator's Adam lr")
+    p.add_argument("--adv-real", default="data", choices=["data", "teacher"],
+                   help="adversarial stage: the discriminator's reals (teacher: the guided teacher's ODE samples, "
+                        "no data read with --states student)")
+    p.add_argument("--adv-real-steps", type=int, default=16,
+                   help="adversarial stage: Heun steps of the teacher's reals")
     p.add_argument("--save", default=None, help="write the stage's EMA student here (the base's format)")
     args = p.parse_args(argv)
 
@@ -107,15 +113,17 @@ def main(argv=None) -> dict:
     else:
         common.update(warmup_steps=0, optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr))
         if args.stage == "adversarial":
-            if args.states != "data":
-                raise SystemExit("--stage adversarial judges the fakes against the data: it needs --states data")
+            if args.states != "data" and args.adv_real == "data":
+                raise SystemExit("--stage adversarial with --adv-real data reads the data: give --states data, or "
+                                 "--adv-real teacher to run it data-free")
             module = AdversarialFinetuneModule(
                 teacher=teacher, objective=objective, init_checkpoint=args.base,
                 discriminator=Discriminator(img_channels=1, img_resolution=8, channels=[64, 128], num_classes=10),
                 adversarial=RpGAN(r1_gamma=1.0, r2_gamma=1.0),
                 discriminator_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.disc_lr, betas=(0.0, 0.99)),
                 adv_weight=args.adv_weight, adaptive_weight=args.adaptive,
-                distill_weight=args.distill_weight, adv_times=args.adv_times, **common)
+                distill_weight=args.distill_weight, adv_times=args.adv_times, states=args.states,
+                adv_real=args.adv_real, adv_real_steps=args.adv_real_steps, **common)
             steps = 2 * args.batches  # both optimizers' steps count in global_step here
         else:
             module = DistributionMatchingModule(

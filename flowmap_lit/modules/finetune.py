@@ -7,7 +7,11 @@ Each batch:
 1. **Fakes.** For every data sample ``x0`` (class ``c``) draw a start time ``t`` from
    ``adv_times`` and noise ``z``; the fake is the student's jump to data,
    ``x_f = f(x_t, t, 0)`` with ``x_t = (1 - t) x0 + t z`` (``t = 1``: a 1-step sample from pure
-   noise), at the guidance scale ``adv_guidance``. The real partner is ``x0`` itself.
+   noise), at the guidance scale ``adv_guidance``. The real partner is ``x0`` itself. With
+   ``adv_real: teacher`` no data is read: ``x0`` is the guided teacher's ODE sample
+   (``adv_real_steps`` Heun steps) from fresh noise, for the batch's labels (or drawn ones), so the
+   discriminator judges the student against the teacher's distribution; with a data-free
+   ``states`` the whole finetune reads no data (docs/design.md section 13).
 2. **Discriminator step** (``discriminator_optimizer``): RpGAN loss ``softplus(D(x_f) - D(x0))``
    with R1/R2 penalties (``flowmap_lit.objectives.adversarial.RpGAN``).
 3. **Generator step** (the module's ``optimizer``):
@@ -26,6 +30,8 @@ advances ``trainer.global_step`` by 2: ``max_steps``, ``every_n_train_steps`` an
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -64,7 +70,13 @@ class AdversarialFinetuneModule(TwoNetworkModule):
             finetune (the distillation loss is then not computed).
         adv_times: Start times t in (0, 1] of the fakes f(x_t, t, 0), one drawn uniformly from the
             list per sample; None: [1.0] (1-step samples from pure noise).
-        adv_guidance: Guidance scale lam of the fakes; None: eval_guidance.
+        adv_guidance: Guidance scale lam of the fakes (and of the teacher's reals); None:
+            eval_guidance.
+        adv_real: What the discriminator takes as real: "data" (the batch's x) or "teacher" (the
+            guided teacher's ODE samples at adv_guidance, made each batch from fresh noise; no data
+            read, for data-free finetuning with states: student or teacher).
+        adv_real_steps: Heun steps (EDM schedule) of the teacher's reals; 2 * steps - 1 calls of the
+            guided teacher per batch.
         init_checkpoint: A FlowMapDistillModule checkpoint (file or sharded FSDP2 directory) whose
             student weights the student starts from; None: the student as FlowMapDistillModule
             builds it. Resuming with --ckpt_path restores both networks and optimizers instead.
@@ -85,6 +97,8 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         distill_weight: float = 1.0,
         adv_times: list[float] | None = None,
         adv_guidance: float | None = None,
+        adv_real: Literal["data", "teacher"] = "data",
+        adv_real_steps: int = 16,
         init_checkpoint: str | None = None,
         init_use_ema: bool = True,
         allow_pickle: bool = False,
@@ -102,6 +116,11 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         if not self.adv_times or any(not 0.0 < t <= 1.0 for t in self.adv_times):
             raise ValueError(f"adv_times must be a non-empty list of times in (0, 1], got {adv_times}")
         self.adv_guidance = adv_guidance
+        if adv_real not in ("data", "teacher"):
+            raise ValueError(f"adv_real must be 'data' or 'teacher', got {adv_real!r}")
+        if adv_real_steps < 1:
+            raise ValueError(f"adv_real_steps must be >= 1, got {adv_real_steps}")
+        self.adv_real, self.adv_real_steps = adv_real, adv_real_steps
         self.init_student()
 
     # --- the pieces of a step ----------------------------------------------------------------------
@@ -117,6 +136,29 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         t = times[torch.randint(len(times), (total,), device=x0.device, generator=generator)]
         z = torch.randn((total, *x0.shape[1:]), device=x0.device, generator=generator, dtype=x0.dtype)
         return t[part], z[part]
+
+    @torch.no_grad()
+    def reals(self, batch: dict, generator: torch.Generator | None = None, rank: int = 0,
+              world_size: int = 1) -> tuple[Tensor, Tensor | None]:
+        """``(x0, labels)``: the batch's data and labels, or (``adv_real: teacher``) the guided teacher's
+        ODE samples from noise drawn for the global batch, for the batch's labels or uniformly drawn ones."""
+        if self.adv_real == "data":
+            if batch.get("x") is None:
+                raise ValueError("the batch holds no data 'x' for the discriminator's reals: set "
+                                 "model.init_args.adv_real: teacher to judge against the teacher's samples instead")
+            return batch["x"], batch.get("label")
+        if batch.get("cond"):
+            raise ValueError("adv_real: teacher makes class-conditional reals; text conditioning (batch 'cond') "
+                             "is not supported: use adv_real: data")
+        template = self.batch_template(batch)
+        n = template.shape[0]
+        labels = batch.get("label")
+        if labels is None:
+            labels = self.draw_labels(n, generator, rank, world_size)
+        z = torch.randn((n * world_size, *template.shape[1:]), device=template.device, generator=generator)
+        z = z[rank * n:(rank + 1) * n].to(template.dtype)
+        guidance = self.eval_guidance if self.adv_guidance is None else self.adv_guidance
+        return self.teacher_sample(z, labels, self.adv_real_steps, guidance), labels
 
     def fakes(self, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor,
               cond: dict[str, Tensor] | None = None) -> Tensor:
@@ -148,7 +190,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         ``backward(loss)`` runs the backward pass (``manual_backward`` under Lightning). Returns the
         student's loss and the stats to log, or None when the student step was skipped (non-finite).
         """
-        x0, labels = batch["x"], batch["label"]
+        x0, labels = self.reals(batch, generator, rank, world_size)
         d = self.discriminator_fn(labels)
         distill, stats = self.distill_term(batch, generator, rank, world_size)
         t_adv, z = self.adversarial_noise(x0, generator, rank, world_size)

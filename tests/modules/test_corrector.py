@@ -16,7 +16,7 @@ from flowmap_lit.objectives import AYFEMD
 from flowmap_lit.teachers import NetworkTeacher
 from tests.helpers import ROOT, MLPVelocity
 from tests.helpers.cli import cli, straight_and_resumed
-from tests.modules.test_finetune import Batches
+from tests.modules.test_finetune import Batches, LabelsOnly
 
 SHAPE = (1, 4, 4)
 
@@ -130,23 +130,13 @@ def test_k_step_samples_chain_the_student_and_train_only_the_last_jump():
         torch.testing.assert_close(a, p.grad)
 
 
-class NoData(torch.utils.data.Dataset):
-    """Batches with labels only: reading them never touches data."""
-
-    def __len__(self):
-        return 3
-
-    def __getitem__(self, i):
-        return {"label": torch.tensor([0, 1, 2, 1])}
-
-
 @pytest.mark.parametrize("states", ["student", "teacher"])
 def test_data_free_states_need_no_data(states):
     torch.manual_seed(0)
     module = FlowMapDistillModule(teacher=NetworkTeacher(net=MLPVelocity(SHAPE)), student=MLPVelocity(SHAPE),
                                   states=states, state_steps=2, sample_shape=list(SHAPE), **_common())
     before = [p.detach().clone() for p in module.student.parameters()]
-    _fit(module, max_steps=2, loader=torch.utils.data.DataLoader(NoData(), batch_size=None))
+    _fit(module, max_steps=2, loader=torch.utils.data.DataLoader(LabelsOnly(), batch_size=None))
     assert any(not torch.equal(a, b) for a, b in zip(before, module.student.parameters()))
 
     data_module = FlowMapDistillModule(teacher=NetworkTeacher(net=MLPVelocity(SHAPE)), student=MLPVelocity(SHAPE),

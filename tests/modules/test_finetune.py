@@ -133,3 +133,39 @@ def test_plain_ddp_is_refused_with_the_strategy_to_use():
         ft.setup("fit")
     ft._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True), datamodule=None)
     ft.setup("fit")
+
+
+class LabelsOnly(torch.utils.data.Dataset):
+    """Batches with labels only: reading them never touches data."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return {"label": torch.tensor([0, 1, 2, 1])}
+
+
+def test_teacher_reals_make_a_finetune_that_reads_no_data():
+    """``adv_real: teacher``: the discriminator's reals are the guided teacher's ODE samples (checked against
+    ``teacher_sample`` from the same noise), so with a data-free ``states`` the finetune trains on labels alone;
+    a data finetune on a batch without ``x`` names the setting to change."""
+    from flowmap_lit.interpolant import edm_schedule
+    from flowmap_lit.solvers import ode_sample
+
+    ft, _ = _modules(states="student", sample_shape=[1, 4, 4], adv_real="teacher", adv_real_steps=3)
+    batch = {"label": torch.tensor([0, 1, 2, 1])}
+    gen = torch.Generator().manual_seed(5)
+    x0, labels = ft.reals(batch, gen)
+    z = torch.randn((4, 1, 4, 4), generator=torch.Generator().manual_seed(5))
+    expected = ode_sample(ft.teacher_fn(labels, None), z, 3, "heun", schedule=edm_schedule(3))
+    torch.testing.assert_close(x0, expected)
+    assert torch.equal(labels, batch["label"])
+    before = [p.detach().clone() for p in ft.student.parameters()]
+    trainer = _fit(ft, max_steps=4, batches=LabelsOnly())
+    assert trainer.global_step == 4 and any(not torch.equal(a, b) for a, b in zip(before, ft.student.parameters()))
+
+    data_ft, _ = _modules(states="student", sample_shape=[1, 4, 4])
+    with pytest.raises(ValueError, match="adv_real: teacher"):
+        data_ft.reals(batch)
+    with pytest.raises(ValueError, match="adv_real"):
+        _modules(adv_real="samples")
