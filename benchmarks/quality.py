@@ -190,7 +190,7 @@ def neural_teachers(budget, data_root: Path, seed: int, teacher_ckpt: str | None
 
 def neural_settings(guide: NetworkTeacher, budget: dict, lr: float, diagonal_fraction: float = 0.6,
                     grid_fraction: float = 0.25, one_fraction: float = 0.0) -> dict:
-    """The neural arm's distillation arguments, shared by every method (and benchmarks/corrector_stage.py):
+    """The neural arm's distillation arguments, shared by every method (and benchmarks/second_stage.py):
     autoguidance from ``guide`` with scales in [1, 2] (1.5 at evaluation), the pair mix, Adam at ``lr``
     after the budget's warmup."""
     return dict(guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0,

@@ -210,7 +210,7 @@ def test_attention_jvp_benchmark(run_script):
     assert row["tangent_rel_difference"] < 1e-5
 
 
-def test_corrector_stage_trains_a_base_then_a_stage_on_it(tmp_path, run_script, digits_classifier):
+def test_second_stage_trains_a_base_then_stages_on_it(tmp_path, run_script, digits_classifier):
     """The neural arm's corrector screen on small U-Nets: the AYF-EMD base is saved, a stage starts from it
     (init_checkpoint) and both the EMA and the raw weights are scored at 1/2/4/8 steps; a saved stage
     is the start of an adversarial stage."""
@@ -230,9 +230,9 @@ def test_corrector_stage_trains_a_base_then_a_stage_on_it(tmp_path, run_script, 
         quality.save_teacher(NetworkTeacher(net=net, num_classes=10), small, tmp_path / f"{name}.ckpt")
     common = ["--teacher-ckpt", str(tmp_path / "teacher.ckpt"), "--guide-ckpt", str(tmp_path / "guide.ckpt"),
               "--base", str(tmp_path / "base.ckpt"), "--budget", "tiny", "--data", str(tmp_path / "digits")]
-    base = run_script("corrector_stage.py", *common, "--train-base")
+    base = run_script("second_stage.py", *common, "--train-base")
     assert (tmp_path / "base.ckpt").is_file() and len(base["fid"]) == 4
-    stage = run_script("corrector_stage.py", *common, "--batches", "2", "--dm-steps", "1", "2", "--raw",
+    stage = run_script("second_stage.py", *common, "--batches", "2", "--dm-steps", "1", "2", "--raw",
                        "--save", str(tmp_path / "stage.ckpt"))
     for key in ("fid", "fid_raw", "flowmap_rel_error", "flowmap_rel_error_raw"):
         assert len(stage[key]) == 4 and all(v == v and v >= 0 for v in stage[key]), key
@@ -240,6 +240,6 @@ def test_corrector_stage_trains_a_base_then_a_stage_on_it(tmp_path, run_script, 
     before, after = (torch.load(tmp_path / f, weights_only=True)["state_dict"] for f in ("base.ckpt", "stage.ckpt"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     common[common.index("--base") + 1] = str(tmp_path / "stage.ckpt")
-    adv = run_script("corrector_stage.py", *common, "--stage", "adversarial", "--batches", "2", "--adv-times", "1",
+    adv = run_script("second_stage.py", *common, "--stage", "adversarial", "--batches", "2", "--adv-times", "1",
                      "0.5")
     assert adv["stage"] == "adversarial" and len(adv["fid"]) == 4 and all(v == v for v in adv["fid"])

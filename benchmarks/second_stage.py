@@ -1,12 +1,12 @@
-"""Screens of the distribution-matching corrector as a second stage on the neural digits arm.
+"""Second stages on the neural digits arm: the distribution-matching corrector or a GAN, on a saved base.
 
     python benchmarks/quality.py --arms neural --methods ayf_emd --save-teachers T   # teacher + guide, once
-    python benchmarks/corrector_stage.py --teacher-ckpt T/teacher.ckpt --guide-ckpt T/guide.ckpt \
+    python benchmarks/second_stage.py --teacher-ckpt T/teacher.ckpt --guide-ckpt T/guide.ckpt \
         --base T/base0.ckpt --train-base                  # the AYF-EMD base: the arm's 400 batches, saved
-    python benchmarks/corrector_stage.py --teacher-ckpt T/teacher.ckpt --guide-ckpt T/guide.ckpt \
+    python benchmarks/second_stage.py --teacher-ckpt T/teacher.ckpt --guide-ckpt T/guide.ckpt \
         --base T/base0.ckpt --batches 300 --lr 1e-4       # one corrector stage on it
-    python benchmarks/corrector_stage.py ... --base T/base0.ckpt --save T/stage0.ckpt   # keep it, then
-    python benchmarks/corrector_stage.py ... --base T/stage0.ckpt --stage adversarial   # a GAN stage on it
+    python benchmarks/second_stage.py ... --base T/base0.ckpt --save T/stage0.ckpt   # keep it, then
+    python benchmarks/second_stage.py ... --base T/stage0.ckpt --stage adversarial   # a GAN stage on it
 
 The base is the neural arm's AYF-EMD run of ``benchmarks/quality.py`` (student a copy of the teacher's
 U-Net, Adam 3e-4, 400 batches of 128, autoguidance from the guide, 60% of the pairs at ``s = t`` and
