@@ -178,9 +178,8 @@ def test_prior_data_module_serves_labels_only_and_resumes_its_labels():
         PriorDataModule(shape=[1, 4, 4], num_classes=3, class_weights=[1, 1])
 
 
-def test_data_free_fit_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatch):
-    """configs/digits/distill_data_free.yaml through the command line on a digits directory whose every shard is
-    garbage (any read raises): the run trains, so distillation read no shard."""
+def _garbage_digits(digits_teacher_guide, tmp_path):
+    """A copy of the digits directory whose every shard is garbage: any read of the data raises."""
     from flowmap_lit.data import read_split
 
     data = tmp_path / "digits"
@@ -193,15 +192,43 @@ def test_data_free_fit_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatc
     assert any(f.name.endswith(".tar") for f in data.iterdir())
     with pytest.raises(Exception):  # noqa: B017 (the trap works: reading the data fails)
         read_split(str(data), "train")
+    return data
+
+
+QUIET = ["--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", 0]
+
+
+def test_data_free_fit_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatch):
+    """configs/digits/distill_data_free.yaml through the command line on a digits directory whose every shard is
+    garbage (any read raises): the run trains, so distillation read no shard."""
+    data = _garbage_digits(digits_teacher_guide, tmp_path)
     monkeypatch.chdir(tmp_path)
-    result = cli("fit", "--config", str(ROOT / "configs/digits/distill_data_free.yaml"), "--trainer.callbacks", "[]",
-                 "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.max_steps", 4,
-                 "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", 0,
+    result = cli("fit", "--config", str(ROOT / "configs/digits/distill_data_free.yaml"), *QUIET,
+                 "--trainer.max_steps", 4,
                  "--data.init_args.batch_size", 8, "--data.init_args.source.init_args.root", data,
                  "--model.init_args.teacher.init_args.checkpoint", digits_teacher_guide.teacher,
                  "--model.init_args.guide.init_args.checkpoint", digits_teacher_guide.guide)
     assert result.trainer.global_step == 4
     assert result.model.sample_shape == (1, 8, 8)
+
+
+def test_data_free_gan_stage_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatch):
+    """configs/digits/finetune_adversarial_lmd.yaml with the data-free overrides of its header, on garbage
+    shards: the discriminator's reals are the teacher's samples and the states the student's, so it trains."""
+    data = _garbage_digits(digits_teacher_guide, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = cli("fit", "--config", str(ROOT / "configs/digits/finetune_adversarial_lmd.yaml"), *QUIET,
+                 "--trainer.max_steps", 4, "--model.init_args.init_checkpoint", "null",
+                 "--model.init_args.states", "student", "--model.init_args.adv_real", "teacher",
+                 "--model.init_args.adv_real_steps", 2,
+                 "--data", "flowmap_lit.data.PriorDataModule", "--data.init_args.source",
+                 "flowmap_lit.data.DigitsDataModule", "--data.init_args.source.init_args.root", data,
+                 "--data.init_args.batch_size", 8,
+                 "--model.init_args.teacher.init_args.checkpoint", digits_teacher_guide.teacher,
+                 "--model.init_args.guide.init_args.checkpoint", digits_teacher_guide.guide)
+    assert result.trainer.global_step == 4  # 2 batches: a discriminator and a student step each
+    assert result.model.adv_real == "teacher" and result.model.sample_shape == (1, 8, 8)
 
 
 def test_corrector_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(quickstart, tmp_path, monkeypatch):
