@@ -10,15 +10,15 @@
 
 The base is the neural arm's AYF-EMD run of ``benchmarks/quality.py`` (student a copy of the teacher's
 U-Net, Adam 3e-4, 400 batches of 128, autoguidance from the guide, 60% of the pairs at ``s = t`` and
-25% on the sampling grids), saved with its EMA weights. A stage is ``DistributionMatchingModule``
-started from that checkpoint (``init_checkpoint``) with a fresh EMA (decay 0.995), for ``--batches``
-batches. Each run prints one JSON line: its settings, FID and relative flow-map error at 1/2/4/8
+25% on the sampling grids), saved with its EMA weights. A stage is ``DistributionMatchingModule`` (or
+``AdversarialFinetuneModule``) started from that checkpoint (``init_checkpoint``) with a fresh EMA
+(decay 0.995), for ``--batches`` batches. Each run prints one JSON line: its settings, FID and relative flow-map error at 1/2/4/8
 steps (the evaluation of ``benchmarks/quality.py``, EMA weights; ``--raw``: also the raw weights),
 the teacher ODE's FID and the training seconds. ``--objective ayf_lmd`` distills with AYF-LMD instead
 (base and stage). ``--stage adversarial`` runs ``AdversarialFinetuneModule`` instead of the corrector
-(RpGAN against the data's digits, or with ``--adv-real teacher`` against the guided teacher's ODE samples;
-fakes from ``--adv-times``); ``--save`` writes a stage's EMA student
-in the base's format, so stages can follow one another.
+(RpGAN against the data's digits, or with ``--adv-real teacher`` against the guided teacher's ODE
+samples; fakes from ``--adv-times``); ``--save`` writes a stage's EMA student in the base's format, so
+stages can follow one another.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher-ckpt", required=True)
     p.add_argument("--guide-ckpt", required=True)
-    p.add_argument("--base", required=True, help="the AYF-EMD base checkpoint (written by --train-base)")
+    p.add_argument("--base", required=True, help="the base checkpoint (written by --train-base)")
     p.add_argument("--train-base", action="store_true", help="train and save the base instead of a stage")
     p.add_argument("--data", default="data/digits")
     p.add_argument("--budget", default="small", choices=sorted(BUDGETS),
                    help="the base's batches, batch size and evaluation samples (benchmarks/quality.py's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batches", type=int, default=300, help="corrector batches of the stage")
+    p.add_argument("--batches", type=int, default=300, help="batches of the stage")
     p.add_argument("--lr", type=float, default=1e-4, help="the student's Adam learning rate in the stage")
     p.add_argument("--fake-lr", type=float, default=3e-4)
     p.add_argument("--fake-init", default="student", choices=["teacher", "student"])
