@@ -14,11 +14,12 @@ U-Net, Adam 3e-4, 400 batches of 128, autoguidance from the guide, 60% of the pa
 ``AdversarialFinetuneModule``) started from that checkpoint (``init_checkpoint``) with a fresh EMA
 (decay 0.995), for ``--batches`` batches. Each run prints one JSON line: its settings, FID and
 relative flow-map error at 1/2/4/8 steps (the evaluation of ``benchmarks/quality.py``, EMA weights;
-``--raw``: also the raw weights), the teacher ODE's FID and the training seconds. ``--objective
-ayf_lmd`` distills with AYF-LMD instead (base and stage). ``--stage adversarial`` runs ``AdversarialFinetuneModule`` instead of the corrector
-(RpGAN against the data's digits, or with ``--adv-real teacher`` against the guided teacher's ODE
-samples; fakes from ``--adv-times``); ``--save`` writes a stage's EMA student in the base's format, so
-stages can follow one another.
+``--raw``: also the raw weights), the teacher ODE's FID and the training seconds.
+
+``--objective ayf_lmd`` distills with AYF-LMD instead (base and stage). ``--stage adversarial`` runs
+``AdversarialFinetuneModule`` instead of the corrector (RpGAN against the data's digits, or with
+``--adv-real teacher`` against the guided teacher's ODE samples; fakes from ``--adv-times``).
+``--save`` writes a stage's EMA student in the base's format, so stages can follow one another.
 """
 
 from __future__ import annotations
