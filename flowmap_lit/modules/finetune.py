@@ -75,7 +75,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         adv_real: What the discriminator takes as real: "data" (the batch's x) or "teacher" (the
             guided teacher's ODE samples at adv_guidance, made each batch from fresh noise; no data
             read, for data-free finetuning with states: student or teacher).
-        adv_real_steps: Heun steps (EDM schedule) of the teacher's reals; 2 * steps - 1 calls of the
+        adv_real_steps: Heun steps (EDM schedule) of the teacher's reals; 2 * steps calls of the
             guided teacher per batch.
         init_checkpoint: A FlowMapDistillModule checkpoint (file or sharded FSDP2 directory) whose
             student weights the student starts from; None: the student as FlowMapDistillModule
