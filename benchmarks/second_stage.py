@@ -85,7 +85,11 @@ def main(argv=None) -> dict:
     p.add_argument("--stage", default="corrector", choices=["corrector", "adversarial"],
                    help="adversarial: RpGAN against the data (AdversarialFinetuneModule) instead of the corrector")
     p.add_argument("--adv-weight", type=float, default=0.1, help="adversarial stage: adv_weight")
-    p.add_argument("--adv-times", type=float, nargs="+", default=[1.0], help="adversarial stage: adv_times")
+    p.add_argument("--adv-times", type=float, nargs="+", default=None,
+                   help="adversarial stage: adv_times (default [1.0])")
+    p.add_argument("--adv-steps", type=int, nargs="+", default=None,
+                   help="adversarial stage: adv_steps, fakes that are the student's k-step samples (not with "
+                        "--adv-times)")
     p.add_argument("--disc-lr", type=float, default=2e-4, help="adversarial stage: the discriminator's Adam lr")
     p.add_argument("--adv-real", default="data", choices=["data", "teacher"],
                    help="adversarial stage: the discriminator's reals (teacher: the guided teacher's ODE samples, "
@@ -123,7 +127,8 @@ def main(argv=None) -> dict:
                 adversarial=RpGAN(r1_gamma=1.0, r2_gamma=1.0),
                 discriminator_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.disc_lr, betas=(0.0, 0.99)),
                 adv_weight=args.adv_weight, adaptive_weight=args.adaptive,
-                distill_weight=args.distill_weight, adv_times=args.adv_times, states=args.states,
+                distill_weight=args.distill_weight, adv_times=args.adv_times, adv_steps=args.adv_steps,
+                states=args.states,
                 adv_real=args.adv_real, adv_real_steps=args.adv_real_steps, **common)
             steps = 2 * args.batches  # both optimizers' steps count in global_step here
         else:

@@ -39,7 +39,6 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from flowmap_lit.interpolant import expand_like, uniform_schedule
 from flowmap_lit.modules.common import save_plain_hyperparameters
 from flowmap_lit.modules.two_player import TwoNetworkModule
 from flowmap_lit.objectives.distribution_matching import DistributionMatching
@@ -179,20 +178,6 @@ class DistributionMatchingModule(TwoNetworkModule):
         fixed = self.dm_guidance
         lam = self._guidance(total, fixed, generator)
         return k, z.to(template.dtype), labels, (lam[part] if lam is not None else None)
-
-    def student_samples(self, z: Tensor, k: int, labels: Tensor | None, lam: Tensor | None,
-                        cond: dict[str, Tensor] | None = None) -> Tensor:
-        """``k``-step samples from ``z``: the first ``k - 1`` jumps without grad, the last with grad."""
-        grid = self.schedules[k][0] if k in self.schedules else uniform_schedule(k)
-        times = [float(v) for v in grid]
-        F = self.student_fn(labels, lam, cond, compiled=True)
-        x = z
-        for i in range(k):
-            t = torch.full((x.shape[0],), times[i], device=x.device, dtype=x.dtype)
-            s = torch.full_like(t, times[i + 1])
-            with torch.set_grad_enabled(i == k - 1 and torch.is_grad_enabled()):
-                x = x + expand_like(s - t, x) * F(x, t, s).to(x.dtype)
-        return x
 
     def _draw(self, x: Tensor, generator: torch.Generator | None, rank: int, world_size: int):
         """The corrector's ``(r, eps)`` for this rank's part of the global batch."""

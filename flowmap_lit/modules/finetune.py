@@ -11,7 +11,10 @@ Each batch:
    ``adv_real: teacher`` no data is read: ``x0`` is the guided teacher's ODE sample
    (``adv_real_steps`` Heun steps) from fresh noise, for the batch's labels (or drawn ones), so the
    discriminator judges the student against the teacher's distribution; with a data-free
-   ``states`` the whole finetune reads no data (docs/design.md section 13).
+   ``states`` the whole finetune reads no data (docs/design.md section 13). With ``adv_steps``
+   the fakes are the student's own ``k``-step samples from pure noise instead, ``k`` drawn per
+   sample from the list (the first ``k - 1`` jumps without grad), so the step counts that the
+   student serves are judged on their own paths.
 2. **Discriminator step** (``discriminator_optimizer``): RpGAN loss ``softplus(D(x_f) - D(x0))``
    with R1/R2 penalties (``flowmap_lit.objectives.adversarial.RpGAN``).
 3. **Generator step** (the module's ``optimizer``):
@@ -70,6 +73,10 @@ class AdversarialFinetuneModule(TwoNetworkModule):
             finetune (the distillation loss is then not computed).
         adv_times: Start times t in (0, 1] of the fakes f(x_t, t, 0), one drawn uniformly from the
             list per sample; None: [1.0] (1-step samples from pure noise).
+        adv_steps: Step counts k of the fakes instead of adv_times: each fake is the student's k-step
+            sample from pure noise (k drawn uniformly from the list per sample; the k-step grid is the
+            tuned one of schedules where there is one, else uniform; the last jump carries the
+            gradient). None: use adv_times. [1] equals adv_times [1.0].
         adv_guidance: Guidance scale lam of the fakes (and of the teacher's reals); None:
             eval_guidance.
         adv_real: What the discriminator takes as real: "data" (the batch's x) or "teacher" (the
@@ -96,6 +103,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         adaptive_weight_param: str | None = None,
         distill_weight: float = 1.0,
         adv_times: list[float] | None = None,
+        adv_steps: list[int] | None = None,
         adv_guidance: float | None = None,
         adv_real: Literal["data", "teacher"] = "data",
         adv_real_steps: int = 16,
@@ -115,6 +123,12 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         self.adv_times = [1.0] if adv_times is None else [float(t) for t in adv_times]
         if not self.adv_times or any(not 0.0 < t <= 1.0 for t in self.adv_times):
             raise ValueError(f"adv_times must be a non-empty list of times in (0, 1], got {adv_times}")
+        if adv_steps is not None and adv_times is not None:
+            raise ValueError("give adv_times (fakes from noised data) or adv_steps (the student's k-step samples "
+                             "from noise), not both")
+        if adv_steps is not None and (not adv_steps or min(adv_steps) < 1):
+            raise ValueError(f"adv_steps must be a non-empty list of step counts >= 1, got {adv_steps}")
+        self.adv_steps = None if adv_steps is None else [int(k) for k in adv_steps]
         self.adv_guidance = adv_guidance
         if adv_real not in ("data", "teacher"):
             raise ValueError(f"adv_real must be 'data' or 'teacher', got {adv_real!r}")
@@ -129,10 +143,11 @@ class AdversarialFinetuneModule(TwoNetworkModule):
 
     def adversarial_noise(self, x0: Tensor, generator: torch.Generator | None = None, rank: int = 0,
                           world_size: int = 1) -> tuple[Tensor, Tensor]:
-        """``(t, z)`` of this rank's fakes, drawn for the global batch like ``draw_noise``."""
+        """``(t, z)`` of this rank's fakes, drawn for the global batch like ``draw_noise``; with
+        ``adv_steps``, ``t`` holds each fake's step count ``k``."""
         n = x0.shape[0]
         total, part = n * world_size, slice(rank * n, (rank + 1) * n)
-        times = torch.tensor(self.adv_times, device=x0.device)
+        times = torch.tensor(self.adv_times if self.adv_steps is None else self.adv_steps, device=x0.device)
         t = times[torch.randint(len(times), (total,), device=x0.device, generator=generator)]
         z = torch.randn((total, *x0.shape[1:]), device=x0.device, generator=generator, dtype=x0.dtype)
         return t[part], z[part]
@@ -162,9 +177,20 @@ class AdversarialFinetuneModule(TwoNetworkModule):
 
     def fakes(self, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor,
               cond: dict[str, Tensor] | None = None) -> Tensor:
-        """The student's jump to data from ``x_t = (1 - t) x0 + t z``: ``f(x_t, t, 0)`` (with grad)."""
-        x_t = interpolate(x0, z, t)
+        """The student's jump to data from ``x_t = (1 - t) x0 + t z``: ``f(x_t, t, 0)`` (with grad); with
+        ``adv_steps`` (``t`` the step counts), its ``t``-step samples from ``z``."""
         lam = self._guidance(x0.shape[0], self.eval_guidance if self.adv_guidance is None else self.adv_guidance)
+        if self.adv_steps is not None:
+            out = torch.zeros_like(z)
+            for k in sorted(set(self.adv_steps)):
+                idx = (t == k).nonzero().squeeze(1)
+                if len(idx):
+                    x = self.student_samples(z[idx], k, None if labels is None else labels[idx],
+                                             None if lam is None else lam[idx],
+                                             None if cond is None else {key: v[idx] for key, v in cond.items()})
+                    out = out.index_put((idx,), x.to(out.dtype))
+            return out
+        x_t = interpolate(x0, z, t)
         F = self.student_fn(labels, lam, cond)(x_t, t, torch.zeros_like(t))
         return x_t - expand_like(t, x_t).to(F.dtype) * F
 

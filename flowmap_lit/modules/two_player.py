@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from flowmap_lit.checkpoints import ema_state_from_checkpoint, load_checkpoint
 from flowmap_lit.distributed import data_parallel_mesh, is_sharded
+from flowmap_lit.interpolant import expand_like, uniform_schedule
 from flowmap_lit.modules.common import seeded_rng
 from flowmap_lit.modules.distill import FlowMapDistillModule
 from flowmap_lit.seeding import derive_seed
@@ -135,6 +136,20 @@ class TwoNetworkModule(FlowMapDistillModule):
         distill = self.masked_mean(per_sample, stats)
         self.check_divergence(stats)
         return distill, stats
+
+    def student_samples(self, z: Tensor, k: int, labels: Tensor | None, lam: Tensor | None,
+                        cond: dict[str, Tensor] | None = None) -> Tensor:
+        """``k``-step samples from ``z``: the first ``k - 1`` jumps without grad, the last with grad."""
+        grid = self.schedules[k][0] if k in self.schedules else uniform_schedule(k)
+        times = [float(v) for v in grid]
+        F = self.student_fn(labels, lam, cond, compiled=True)
+        x = z
+        for i in range(k):
+            t = torch.full((x.shape[0],), times[i], device=x.device, dtype=x.dtype)
+            s = torch.full_like(t, times[i + 1])
+            with torch.set_grad_enabled(i == k - 1 and torch.is_grad_enabled()):
+                x = x + expand_like(s - t, x) * F(x, t, s).to(x.dtype)
+        return x
 
     def batches_done(self) -> int:
         return self.global_step // self.steps_per_batch

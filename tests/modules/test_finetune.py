@@ -169,3 +169,43 @@ def test_teacher_reals_make_a_finetune_that_reads_no_data():
         data_ft.reals(batch)
     with pytest.raises(ValueError, match="adv_real"):
         _modules(adv_real="samples")
+
+
+def test_step_count_fakes_are_the_students_own_k_step_samples():
+    """``adv_steps``: each fake is the student's k-step sample (``sample`` from the same noise, its own k per
+    sample); [1] equals ``adv_times`` [1.0]; only the last jump carries the gradient; both lists at once are
+    refused."""
+    ft, _ = _modules(adv_steps=[1, 2, 4])
+    x0, labels = torch.randn(12, 1, 4, 4), torch.randint(0, 3, (12,))
+    k, z = ft.adversarial_noise(x0, torch.Generator().manual_seed(1))
+    assert set(k.tolist()) == {1.0, 2.0, 4.0}
+    fake = ft.fakes(x0, labels, k, z)
+    with torch.no_grad():
+        for steps in (1, 2, 4):
+            i = k == steps
+            torch.testing.assert_close(fake[i], ft.sample(z[i], labels[i], num_steps=steps), rtol=1e-5, atol=1e-5)
+    one, _ = _modules(adv_steps=[1])
+    t_one = torch.ones(12)
+    steps_fake = one.fakes(x0, labels, t_one, z)
+    one.adv_steps = None  # the same module with adv_times [1.0]: a jump from x_t = z at t = 1
+    torch.testing.assert_close(steps_fake, one.fakes(x0, labels, t_one, z), rtol=1e-5, atol=1e-5)
+
+    # the gradient reaches the student only through the last jump: a 2-step fake's grad equals the grad of
+    # one jump from the (detached) 1st jump's state
+    two, _ = _modules(adv_steps=[2])
+    k2 = torch.full((12,), 2.0)
+    two.fakes(x0, labels, k2, z).square().sum().backward()
+    g_fake = [p.grad.clone() for p in two.student.parameters()]
+    two.student.zero_grad()
+    with torch.no_grad():
+        mid = two.sample(z, labels, num_steps=1, schedule=torch.tensor([1.0, 0.5], dtype=torch.float64))
+    F = two.student_fn(labels, None)(mid, torch.full((12,), 0.5), torch.zeros(12))
+    (mid - 0.5 * F).square().sum().backward()
+    for a, p in zip(g_fake, two.student.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+    with pytest.raises(ValueError, match="not both"):
+        _modules(adv_steps=[1], adv_times=[1.0])
+    with pytest.raises(ValueError, match="adv_steps"):
+        _modules(adv_steps=[0])
+
