@@ -20,11 +20,17 @@ relative flow-map error at 1/2/4/8 steps (the evaluation of ``benchmarks/quality
 ``AdversarialFinetuneModule`` instead of the corrector (RpGAN against the data's digits, or with
 ``--adv-real teacher`` against the guided teacher's ODE samples; fakes from ``--adv-times``).
 ``--save`` writes a stage's EMA student in the base's format, so stages can follow one another.
+``--tune-steps 2 4`` then tunes those step counts' time grids on the FID of held-out noise (the
+``python -m flowmap_lit schedule --criterion fid`` search: seed ``10_000 + --seed``, 1000 samples,
+``--tune-budget`` evaluations per step count) and evaluates again with them (``fid_tuned``,
+``flowmap_rel_error_tuned``, ``grids``); ``--stage none`` trains nothing and evaluates (and tunes)
+the saved student ``--base`` as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -40,7 +46,10 @@ from quality import BUDGETS, evaluate, neural_settings, trainer  # noqa: E402
 
 from flowmap_lit.callbacks import EMA  # noqa: E402
 from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
+from flowmap_lit.grid_search import fid_criterion, held_out_inputs, search_grid  # noqa: E402
+from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats  # noqa: E402
 from flowmap_lit.modules import AdversarialFinetuneModule, DistributionMatchingModule, FlowMapDistillModule  # noqa: E402,E501
+from flowmap_lit.modules.two_player import load_student_state  # noqa: E402
 from flowmap_lit.networks import Discriminator  # noqa: E402
 from flowmap_lit.objectives import AYFEMD, AYFLMD, DistributionMatching, RpGAN  # noqa: E402
 from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
@@ -53,7 +62,20 @@ def save_student(module, ema: EMA, path: str) -> None:
         torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, path)
 
 
-def main(argv=None) -> dict:
+def tune_grids(module, dm, root: Path, steps: list[int], budget: int, seed: int, num: int = 1000) -> dict:
+    """``{k: grid}`` minimizing the FID of k-step samples from held-out noise (seed ``10_000 + seed``),
+    as ``python -m flowmap_lit schedule --criterion fid`` does; the module's grids are set to them."""
+    extractor = build_feature_extractor("digits", str(root / "classifier.pt")).to(module.device)
+    fid = FID(extractor).to(module.device)
+    fid.set_reference(dataset_reference_stats(str(root), "train", extractor, device=module.device))
+    noise, labels = held_out_inputs(module, num, 10_000 + seed, tuple(dm.shape))
+    criterion = fid_criterion(module, noise, labels, fid, to_data=dm.denormalize)
+    grids = {k: search_grid(criterion, k, budget, seed).grid for k in steps}
+    module.schedules = {k: (grid, 0.0) for k, grid in grids.items()}
+    return grids
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher-ckpt", required=True)
     p.add_argument("--guide-ckpt", required=True)
@@ -82,8 +104,9 @@ def main(argv=None) -> dict:
     p.add_argument("--raw", action="store_true", help="also evaluate the raw (non-EMA) weights")
     p.add_argument("--objective", default="ayf_emd", choices=["ayf_emd", "ayf_lmd"],
                    help="the distillation objective (base and stage)")
-    p.add_argument("--stage", default="corrector", choices=["corrector", "adversarial"],
-                   help="adversarial: RpGAN against the data (AdversarialFinetuneModule) instead of the corrector")
+    p.add_argument("--stage", default="corrector", choices=["corrector", "adversarial", "none"],
+                   help="adversarial: RpGAN against the data (AdversarialFinetuneModule) instead of the corrector; "
+                        "none: no training, evaluate the student in --base")
     p.add_argument("--adv-weight", type=float, default=0.1, help="adversarial stage: adv_weight")
     p.add_argument("--adv-times", type=float, nargs="+", default=None,
                    help="adversarial stage: adv_times (default [1.0])")
@@ -97,24 +120,28 @@ def main(argv=None) -> dict:
     p.add_argument("--adv-real-steps", type=int, default=16,
                    help="adversarial stage: Heun steps of the teacher's reals")
     p.add_argument("--save", default=None, help="write the stage's EMA student here (the base's format)")
-    args = p.parse_args(argv)
+    p.add_argument("--tune-steps", type=int, nargs="+", default=None,
+                   help="after the evaluation, tune these step counts' grids on held-out FID and evaluate again")
+    p.add_argument("--tune-budget", type=int, default=14, help="FID evaluations of the grid search per step count")
+    return p
 
+
+def build(args, teacher: NetworkTeacher, guide: NetworkTeacher):
+    """``(module, training data, evaluation data, max_steps)`` of the run ``args`` asks for (the base, a stage,
+    or none), untrained; a stage's module holds the base's weights."""
     root = Path(args.data).resolve()
-    DigitsDataModule(root=str(root)).prepare_data()
     budget = BUDGETS[args.budget]
-    teacher, guide = NetworkTeacher(args.teacher_ckpt), NetworkTeacher(args.guide_ckpt)
     # the arm's settings (Adam 3e-4 after the warmup for the base); the stage: Adam --lr, no warmup
     common = {**neural_settings(guide, budget, 3e-4, one_fraction=args.one_fraction), "noise_seed": args.seed}
     dm = DigitsDataModule(root=str(root), batch_size=budget["batch"], num_workers=1)
     data = dm if args.states == "data" else PriorDataModule(dm, batch_size=budget["batch"])  # labels only
     pl.seed_everything(args.seed, verbose=False)
-    ema = EMA(decay=0.995)
-    start = time.perf_counter()
     objective = {"ayf_emd": AYFEMD, "ayf_lmd": AYFLMD}[args.objective]()
-    if args.train_base:
+    if args.train_base or args.stage == "none":
         module = FlowMapDistillModule(teacher, objective, states=args.states, **common)
-        trainer(budget["neural_steps"], [ema], root.parent).fit(module, data)
-        save_student(module, ema, args.base)
+        if not args.train_base:
+            module.student.load_state_dict(load_student_state(args.base))
+        return module, data, dm, (budget["neural_steps"] if args.train_base else 0)
     else:
         common.update(warmup_steps=0, optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr))
         if args.stage == "adversarial":
@@ -140,16 +167,36 @@ def main(argv=None) -> dict:
                 dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
                                                                        P_mean=args.r_mean), **common)
             steps = args.batches
+    return module, data, dm, steps
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    root = Path(args.data).resolve()
+    DigitsDataModule(root=str(root)).prepare_data()
+    budget = BUDGETS[args.budget]
+    module, data, dm, steps = build(args, NetworkTeacher(args.teacher_ckpt), NetworkTeacher(args.guide_ckpt))
+    ema = EMA(decay=0.995)
+    start = time.perf_counter()
+    if steps:
         trainer(steps, [ema], root.parent).fit(module, data)
-        if args.save:
-            save_student(module, ema, args.save)
+        if args.train_base or args.save:
+            save_student(module, ema, args.base if args.train_base else args.save)
     seconds = time.perf_counter() - start
     result, cache = {**vars(args), "train_seconds": round(seconds, 1)}, {}  # one teacher reference for both
     if args.raw:
         raw = evaluate(module, dm, budget, root, cache)
         result.update(fid_raw=raw["fid"], flowmap_rel_error_raw=raw["flowmap_rel_error"])
-    with ema.averaged(module):
+    averaged = ema.averaged(module) if args.stage != "none" else contextlib.nullcontext()
+    with averaged:
         result.update(evaluate(module, dm, budget, root, cache))
+        if args.tune_steps:
+            start = time.perf_counter()
+            grids = tune_grids(module, dm, root, args.tune_steps, args.tune_budget, args.seed)
+            tuned = evaluate(module, dm, budget, root, cache)
+            result.update(fid_tuned=tuned["fid"], flowmap_rel_error_tuned=tuned["flowmap_rel_error"],
+                          grids={k: [round(float(t), 4) for t in g] for k, g in grids.items()},
+                          tune_seconds=round(time.perf_counter() - start, 1))
     print(json.dumps(result), flush=True)
     return result
 

@@ -218,6 +218,7 @@ def test_second_stage_trains_a_base_then_stages_on_it(tmp_path, run_script, digi
 
     import torch
 
+    from flowmap_lit.interpolant import edm_schedule
     from flowmap_lit.networks import build_network
     from flowmap_lit.teachers import NetworkTeacher
 
@@ -243,3 +244,10 @@ def test_second_stage_trains_a_base_then_stages_on_it(tmp_path, run_script, digi
     adv = run_script("second_stage.py", *common, "--stage", "adversarial", "--batches", "2", "--adv-times", "1",
                      "0.5")
     assert adv["stage"] == "adversarial" and len(adv["fid"]) == 4 and all(v == v for v in adv["fid"])
+    # the saved stage evaluated as it is scores what the stage scored; its 2-step grid tuned on held-out FID
+    # (a budget of the two starting grids: the better of uniform and EDM)
+    saved = run_script("second_stage.py", *common, "--stage", "none", "--tune-steps", "2", "--tune-budget", "2")
+    assert saved["fid"] == stage["fid"] and saved["flowmap_rel_error"] == stage["flowmap_rel_error"]
+    starts = [[1.0, 0.5, 0.0], [round(float(t), 4) for t in edm_schedule(2)]]
+    assert saved["grids"]["2"] in starts and len(saved["fid_tuned"]) == 4
+    assert saved["fid_tuned"][0] == saved["fid"][0] and saved["fid_tuned"][2:] == saved["fid"][2:]
