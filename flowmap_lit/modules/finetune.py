@@ -184,11 +184,13 @@ class AdversarialFinetuneModule(TwoNetworkModule):
             out = torch.zeros_like(z)
             for k in sorted(set(self.adv_steps)):
                 idx = (t == k).nonzero().squeeze(1)
-                if len(idx):
-                    x = self.student_samples(z[idx], k, None if labels is None else labels[idx],
-                                             None if lam is None else lam[idx],
-                                             None if cond is None else {key: v[idx] for key, v in cond.items()})
-                    out = out.index_put((idx,), x.to(out.dtype))
+                # a step count that no sample of this rank drew still runs, on one sample that counts zero:
+                # every rank then makes the same student passes (FSDP2 gathers the weights in each one)
+                part = idx if len(idx) else torch.zeros(1, dtype=torch.long, device=z.device)
+                x = self.student_samples(z[part], k, None if labels is None else labels[part],
+                                         None if lam is None else lam[part],
+                                         None if cond is None else {key: v[part] for key, v in cond.items()})
+                out = out.index_put((idx,), x.to(out.dtype)) if len(idx) else out + 0 * x.sum()
             return out
         x_t = interpolate(x0, z, t)
         F = self.student_fn(labels, lam, cond)(x_t, t, torch.zeros_like(t))

@@ -204,6 +204,19 @@ def test_step_count_fakes_are_the_students_own_k_step_samples():
     for a, p in zip(g_fake, two.student.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
+    # a step count that no sample drew still makes its passes (one sample, counting zero), so that every
+    # rank of a sharded student makes the same passes
+    calls = []
+    mixed, _ = _modules(adv_steps=[1, 2])
+    hook = mixed.student.register_forward_hook(lambda *_: calls.append(1))
+    only_one = mixed.fakes(x0, labels, torch.ones(12), z)
+    hook.remove()
+    assert len(calls) == 3  # one 1-step pass, two passes of the 2-step path
+    with torch.no_grad():
+        torch.testing.assert_close(only_one, mixed.sample(z, labels, num_steps=1), rtol=1e-5, atol=1e-5)
+    only_one.sum().backward()
+    assert all(p.grad is not None for p in mixed.student.parameters())
+
     with pytest.raises(ValueError, match="not both"):
         _modules(adv_steps=[1], adv_times=[1.0])
     with pytest.raises(ValueError, match="adv_steps"):
