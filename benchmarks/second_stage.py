@@ -21,7 +21,7 @@ relative flow-map error at 1/2/4/8 steps (the evaluation of ``benchmarks/quality
 ``--adv-real teacher`` against the guided teacher's ODE samples; fakes from ``--adv-times``).
 ``--save`` writes a stage's EMA student in the base's format, so stages can follow one another.
 ``--tune-steps 2 4`` then tunes those step counts' time grids on the FID of held-out noise (the
-``python -m flowmap_lit schedule --criterion fid`` search: seed ``10_000 + --seed``, 1000 samples,
+``python -m flowmap_lit schedule --criterion fid`` search: seed ``10_000 + --seed``, the budget's evaluation samples,
 ``--tune-budget`` evaluations per step count) and evaluates again with them (``fid_tuned``,
 ``flowmap_rel_error_tuned``, ``grids``); ``--stage none`` trains nothing and evaluates (and tunes)
 the saved student ``--base`` as it is.
@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
         result.update(evaluate(module, dm, budget, root, cache))
         if args.tune_steps:
             start = time.perf_counter()
-            grids = tune_grids(module, dm, root, args.tune_steps, args.tune_budget, args.seed)
+            grids = tune_grids(module, dm, root, args.tune_steps, args.tune_budget, args.seed, budget["eval_samples"])
             tuned = evaluate(module, dm, budget, root, cache)
             result.update(fid_tuned=tuned["fid"], flowmap_rel_error_tuned=tuned["flowmap_rel_error"],
                           grids={k: [round(float(t), 4) for t in g] for k, g in grids.items()},
