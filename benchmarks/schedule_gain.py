@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flowmap_lit.checkpoints import load_module  # noqa: E402
 from flowmap_lit.commands.evaluate import _data_root  # noqa: E402
 from flowmap_lit.flowmap import denormalize
-from flowmap_lit.grid_search import fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
+from flowmap_lit.grid_search import HELD_OUT_SEED, fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid  # noqa: E402
 from flowmap_lit.interpolant import edm_schedule, uniform_schedule  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
 
     searches = {}  # per seed: the criterion on its held-out noise (the teacher reference is solved once)
     for seed in args.seeds:
-        h_noise, h_labels = held_out_inputs(module, args.num, 10_000 + seed, shape)
+        h_noise, h_labels = held_out_inputs(module, args.num, HELD_OUT_SEED + seed, shape)
         if args.criterion == "flowmap_error":
             searches[seed] = flowmap_error_criterion(module, h_noise, h_labels, args.reference_steps)
         else:  # the same feature network and reference statistics, on the held-out noise

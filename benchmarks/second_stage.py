@@ -24,7 +24,8 @@ relative flow-map error at 1/2/4/8 steps (the evaluation of ``benchmarks/quality
 ``python -m flowmap_lit schedule --criterion fid`` search: seed ``10_000 + --seed``, the budget's evaluation samples,
 ``--tune-budget`` evaluations per step count) and evaluates again with them (``fid_tuned``,
 ``flowmap_rel_error_tuned``, ``grids``); ``--stage none`` trains nothing and evaluates (and tunes)
-the saved student ``--base`` as it is.
+the saved student ``--base`` as it is. ``--scan-mid 0.3 0.5`` also scores the 2-step FID on the grid
+``[1, t1, 0]`` for each ``t1`` given, on the evaluation's own noise (``mid_scan``).
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning.pytorch as pl  # noqa: E402
 from quality import BUDGETS, evaluate, neural_settings, trainer  # noqa: E402
 
-from flowmap_lit.callbacks import EMA  # noqa: E402
+from flowmap_lit.callbacks import EMA, FewStepFID  # noqa: E402
 from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
-from flowmap_lit.grid_search import fid_criterion, held_out_inputs, search_grid  # noqa: E402
+from flowmap_lit.grid_search import HELD_OUT_SEED, fid_criterion, held_out_inputs, search_grid  # noqa: E402
+from flowmap_lit.grids import check_grid  # noqa: E402
 from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats  # noqa: E402
 from flowmap_lit.modules import AdversarialFinetuneModule, DistributionMatchingModule, FlowMapDistillModule  # noqa: E402,E501
 from flowmap_lit.modules.two_player import load_student_state  # noqa: E402
@@ -68,11 +70,31 @@ def tune_grids(module, dm, root: Path, steps: list[int], budget: int, seed: int,
     extractor = build_feature_extractor("digits", str(root / "classifier.pt")).to(module.device)
     fid = FID(extractor).to(module.device)
     fid.set_reference(dataset_reference_stats(str(root), "train", extractor, device=module.device))
-    noise, labels = held_out_inputs(module, num, 10_000 + seed, tuple(dm.shape))
+    noise, labels = held_out_inputs(module, num, HELD_OUT_SEED + seed, tuple(dm.shape))
     criterion = fid_criterion(module, noise, labels, fid, to_data=dm.denormalize)
     grids = {k: search_grid(criterion, k, budget, seed).grid for k in steps}
     module.schedules = {k: (grid, 0.0) for k, grid in grids.items()}
     return grids
+
+
+def scan_mid(module, dm, root: Path, mids: list[float], num: int) -> list[list[float]]:
+    """``[[t1, FID], ...]``: the 2-step FID on the grid ``[1, t1, 0]``, on the evaluation's noise (sample ``i``'s
+    noise and label depend on the seed and ``i`` only, so each value equals the 2-step column of ``evaluate``
+    with that grid); the module's grids are left as they were."""
+    fid = FewStepFID(feature_path=str(root / "classifier.pt"), step_counts=[2], num_samples=num, print_table=False,
+                     teacher_steps=None)
+    t = trainer(0, [fid], root.parent)
+    t.strategy.connect(module)
+    t.datamodule = dm
+    fid.setup(t, module, "validate")
+    kept, rows = dict(module.schedules), []
+    try:
+        for mid in mids:
+            module.schedules = {**kept, 2: (check_grid([1.0, mid, 0.0], 2), 0.0)}
+            rows.append([mid, fid.evaluate(t, module)[0]["fid"]])
+    finally:
+        module.schedules = kept
+    return rows
 
 
 def parser() -> argparse.ArgumentParser:
@@ -123,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-steps", type=int, nargs="+", default=None,
                    help="after the evaluation, tune these step counts' grids on held-out FID and evaluate again")
     p.add_argument("--tune-budget", type=int, default=14, help="FID evaluations of the grid search per step count")
+    p.add_argument("--scan-mid", type=float, nargs="+", default=None,
+                   help="also score the 2-step FID on the grid [1, t1, 0] for each t1 (evaluation noise)")
     return p
 
 
@@ -142,31 +166,30 @@ def build(args, teacher: NetworkTeacher, guide: NetworkTeacher):
         if not args.train_base:
             module.student.load_state_dict(load_student_state(args.base))
         return module, data, dm, (budget["neural_steps"] if args.train_base else 0)
+    common.update(warmup_steps=0, optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr))
+    if args.stage == "adversarial":
+        if args.states != "data" and args.adv_real == "data":
+            raise SystemExit("--stage adversarial with --adv-real data reads the data: give --states data, or "
+                             "--adv-real teacher to run it data-free")
+        module = AdversarialFinetuneModule(
+            teacher=teacher, objective=objective, init_checkpoint=args.base,
+            discriminator=Discriminator(img_channels=1, img_resolution=8, channels=[64, 128], num_classes=10),
+            adversarial=RpGAN(r1_gamma=1.0, r2_gamma=1.0),
+            discriminator_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.disc_lr, betas=(0.0, 0.99)),
+            adv_weight=args.adv_weight, adaptive_weight=args.adaptive,
+            distill_weight=args.distill_weight, adv_times=args.adv_times, adv_steps=args.adv_steps,
+            states=args.states,
+            adv_real=args.adv_real, adv_real_steps=args.adv_real_steps, **common)
+        steps = 2 * args.batches  # both optimizers' steps count in global_step here
     else:
-        common.update(warmup_steps=0, optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr))
-        if args.stage == "adversarial":
-            if args.states != "data" and args.adv_real == "data":
-                raise SystemExit("--stage adversarial with --adv-real data reads the data: give --states data, or "
-                                 "--adv-real teacher to run it data-free")
-            module = AdversarialFinetuneModule(
-                teacher=teacher, objective=objective, init_checkpoint=args.base,
-                discriminator=Discriminator(img_channels=1, img_resolution=8, channels=[64, 128], num_classes=10),
-                adversarial=RpGAN(r1_gamma=1.0, r2_gamma=1.0),
-                discriminator_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.disc_lr, betas=(0.0, 0.99)),
-                adv_weight=args.adv_weight, adaptive_weight=args.adaptive,
-                distill_weight=args.distill_weight, adv_times=args.adv_times, adv_steps=args.adv_steps,
-                states=args.states,
-                adv_real=args.adv_real, adv_real_steps=args.adv_real_steps, **common)
-            steps = 2 * args.batches  # both optimizers' steps count in global_step here
-        else:
-            module = DistributionMatchingModule(
-                teacher=teacher, objective=objective, states=args.states, init_checkpoint=args.base,
-                fake_init=args.fake_init, fake_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.fake_lr),
-                fake_updates=args.fake_updates,
-                dm_weight=args.weight, adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
-                dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
-                                                                       P_mean=args.r_mean), **common)
-            steps = args.batches
+        module = DistributionMatchingModule(
+            teacher=teacher, objective=objective, states=args.states, init_checkpoint=args.base,
+            fake_init=args.fake_init, fake_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.fake_lr),
+            fake_updates=args.fake_updates,
+            dm_weight=args.weight, adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
+            dm_steps=args.dm_steps, corrector=DistributionMatching(distribution=args.r_distribution,
+                                                                   P_mean=args.r_mean), **common)
+        steps = args.batches
     return module, data, dm, steps
 
 
@@ -190,6 +213,8 @@ def main(argv=None) -> dict:
     averaged = ema.averaged(module) if args.stage != "none" else contextlib.nullcontext()
     with averaged:
         result.update(evaluate(module, dm, budget, root, cache))
+        if args.scan_mid:
+            result["mid_scan"] = scan_mid(module, dm, root, args.scan_mid, budget["eval_samples"])
         if args.tune_steps:
             start = time.perf_counter()
             grids = tune_grids(module, dm, root, args.tune_steps, args.tune_budget, args.seed, budget["eval_samples"])

@@ -76,15 +76,13 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--variant takes NAME=ARGS, got {item!r}")
         variants[name] = parser().parse_args(shared + shlex.split(line))
     times: dict[str, list[float]] = {name: [] for name in variants}
-    steps_per_batch = {}
     for _ in range(args.repeats):
         for name, run in variants.items():
             module, data, _, steps = build(run, teacher, guide)
             if not steps:
                 raise SystemExit(f"variant {name!r} trains nothing (--stage none)")
-            steps_per_batch[name] = getattr(module, "steps_per_batch", 1)
-            timer = BatchTimer()
-            trainer(args.batches * steps_per_batch[name], [timer], root.parent).fit(module, data)
+            timer = BatchTimer()  # a two-optimizer stage counts steps_per_batch optimizer steps per batch
+            trainer(args.batches * getattr(module, "steps_per_batch", 1), [timer], root.parent).fit(module, data)
             times[name] += timer.seconds[args.warmup:]
     unit = statistics.median(times[next(iter(variants))])
     result = {"batches": args.batches, "warmup": args.warmup, "repeats": args.repeats,

@@ -117,6 +117,9 @@ def search_grid(criterion: Criterion, num_steps: int, budget: int = 64, seed: in
 
 
 # --- criteria --------------------------------------------------------------------------------------
+HELD_OUT_SEED = 10_000  # a search with seed S draws its noise with HELD_OUT_SEED + S: no evaluation callback uses it
+
+
 def held_out_inputs(module, num: int, seed: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num, *shape), generator=gen)

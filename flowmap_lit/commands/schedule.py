@@ -15,7 +15,7 @@ from flowmap_lit.checkpoints import load_module
 from flowmap_lit.commands.common import count_type, steps_type, warn_guidance
 from flowmap_lit.commands.evaluate import _data_root
 from flowmap_lit.flowmap import denormalize
-from flowmap_lit.grid_search import fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
+from flowmap_lit.grid_search import HELD_OUT_SEED, fid_criterion, flowmap_error_criterion, held_out_inputs, search_grid
 from flowmap_lit.grids import __doc__ as SCHEDULE_DOC
 from flowmap_lit.grids import save_schedules
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = tuple((module.data_info or {}).get("shape") or ())
     if not shape:
         raise SystemExit(f"error: {args.ckpt} records no data shape")
-    noise, labels = held_out_inputs(module, args.num, 10_000 + args.seed, shape)
+    noise, labels = held_out_inputs(module, args.num, HELD_OUT_SEED + args.seed, shape)
     if args.criterion == "flowmap_error":
         criterion = flowmap_error_criterion(module, noise, labels, args.reference_steps, args.guidance)
     else:

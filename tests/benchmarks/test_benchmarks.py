@@ -246,8 +246,11 @@ def test_second_stage_trains_a_base_then_stages_on_it(tmp_path, run_script, digi
     assert adv["stage"] == "adversarial" and len(adv["fid"]) == 4 and all(v == v for v in adv["fid"])
     # the saved stage evaluated as it is scores what the stage scored; its 2-step grid tuned on held-out FID
     # (a budget of the two starting grids: the better of uniform and EDM)
-    saved = run_script("second_stage.py", *common, "--stage", "none", "--tune-steps", "2", "--tune-budget", "2")
+    saved = run_script("second_stage.py", *common, "--stage", "none", "--tune-steps", "2", "--tune-budget", "2",
+                       "--scan-mid", "0.5", "0.3")
     assert saved["fid"] == stage["fid"] and saved["flowmap_rel_error"] == stage["flowmap_rel_error"]
+    # the mid-time scan on the uniform grid's mid time is the evaluation's 2-step FID
+    assert saved["mid_scan"][0] == [0.5, saved["fid"][1]] and saved["mid_scan"][1][1] != saved["fid"][1]
     starts = [[1.0, 0.5, 0.0], [round(float(t), 4) for t in edm_schedule(2)]]
     assert saved["grids"]["2"] in starts and len(saved["fid_tuned"]) == 4
     assert saved["fid_tuned"][0] == saved["fid"][0] and saved["fid_tuned"][2:] == saved["fid"][2:]
