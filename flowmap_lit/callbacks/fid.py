@@ -162,7 +162,7 @@ class FewStepFID(pl.Callback):
                                    f"{100 * result['accuracy']:.2f}% -> {path}")
                 trainer.strategy.barrier("fid_classifier")
 
-    def _setup_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def setup_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.metrics is not None:
             return
         from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats
@@ -195,7 +195,7 @@ class FewStepFID(pl.Callback):
 
             self.metrics["clip_score"] = CLIPScore(self.clip, self.clip_batch_size).to(device)
 
-    def _to_images(self, dm):
+    def to_images(self, dm):
         if self.decoder is None:
             return dm.denormalize
         return lambda x: self.decoder(dm.denormalize(x))
@@ -211,7 +211,7 @@ class FewStepFID(pl.Callback):
             text_prompts_with_text,
         )
 
-        self._setup_metric(trainer, pl_module)
+        self.setup_metrics(trainer, pl_module)
         dm = trainer.datamodule
         share = rank_share(self.num_samples, trainer.global_rank, trainer.world_size)
         noise, labels = seeded_noise(share, self.num_samples, tuple(dm.shape), self.seed,
@@ -227,7 +227,7 @@ class FewStepFID(pl.Callback):
                                  "stores none; write the dataset with it (write_dataset(..., prompts=...), a prompt "
                                  "array for prepare text-array, or prepare text-prompts)")
             self.metrics["clip_score"].set_prompts(prompt_texts(texts, share))
-        to_images = self._to_images(dm)
+        to_images = self.to_images(dm)
         with evaluation_mode(trainer, pl_module):
             rows = [{"steps": k, **sampler_distances(self.metrics, pl_module.sample, noise, labels, self.batch_size,
                                                      to_images, cond, num_steps=k, **kwargs)}

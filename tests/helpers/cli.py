@@ -30,6 +30,8 @@ FID_CALLBACK = """
       init_args: {feature_path: %s, train_if_missing: true, num_samples: 100, teacher_steps: 4}
     - class_path: flowmap_lit.callbacks.FlowMapDiagnostics
       init_args: {times: [1.0, 0.5, 0.0], step_counts: [1, 2], num_samples: 20, reference_steps: 8}
+    - class_path: flowmap_lit.callbacks.ScheduleSearch
+      init_args: {step_counts: [2], criterion: fid, budget: 8, num_samples: 64}
 """
 
 
