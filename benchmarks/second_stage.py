@@ -141,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
                         "no data read with --states student)")
     p.add_argument("--adv-real-steps", type=int, default=16,
                    help="adversarial stage: Heun steps of the teacher's reals")
+    p.add_argument("--adv-real-pool", type=int, default=0,
+                   help="adversarial stage with --adv-real teacher: draw the reals from this many teacher samples "
+                        "made once (0: fresh reals every batch)")
     p.add_argument("--save", default=None, help="write the stage's EMA student here (the base's format)")
     p.add_argument("--tune-steps", type=int, nargs="+", default=None,
                    help="after the evaluation, tune these step counts' grids on held-out FID and evaluate again")
@@ -179,7 +182,7 @@ def build(args, teacher: NetworkTeacher, guide: NetworkTeacher):
             adv_weight=args.adv_weight, adaptive_weight=args.adaptive,
             distill_weight=args.distill_weight, adv_times=args.adv_times, adv_steps=args.adv_steps,
             states=args.states,
-            adv_real=args.adv_real, adv_real_steps=args.adv_real_steps, **common)
+            adv_real=args.adv_real, adv_real_steps=args.adv_real_steps, adv_real_pool=args.adv_real_pool, **common)
         steps = 2 * args.batches  # both optimizers' steps count in global_step here
     else:
         module = DistributionMatchingModule(

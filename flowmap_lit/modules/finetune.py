@@ -10,7 +10,8 @@ Each batch:
    noise), at the guidance scale ``adv_guidance``. The real partner is ``x0`` itself. With
    ``adv_real: teacher`` no data is read: ``x0`` is the guided teacher's ODE sample
    (``adv_real_steps`` Heun steps) from fresh noise, for the batch's labels (or drawn ones), so the
-   discriminator judges the student against the teacher's distribution; with a data-free
+   discriminator judges the student against the teacher's distribution (``adv_real_pool``: drawn
+   from a pool of teacher samples made once, a finite set like a dataset); with a data-free
    ``states`` the whole finetune reads no data (docs/design.md section 13). With ``adv_steps``
    the fakes are the student's own ``k``-step samples from pure noise instead, ``k`` drawn per
    sample from the list (the first ``k - 1`` jumps without grad), so the step counts that the
@@ -44,6 +45,9 @@ from flowmap_lit.interpolant import expand_like, interpolate
 from flowmap_lit.modules.common import save_plain_hyperparameters
 from flowmap_lit.modules.two_player import TwoNetworkModule, last_layer_weight, load_student_state
 from flowmap_lit.objectives.adversarial import RpGAN
+from flowmap_lit.seeding import derive_seed
+
+POOL_SEED_TAG = 0x5EA1  # the teacher-real pool's noise is drawn from derive_seed(noise_seed, POOL_SEED_TAG)
 
 __all__ = ["AdversarialFinetuneModule", "last_layer_weight", "load_student_state"]
 
@@ -84,6 +88,12 @@ class AdversarialFinetuneModule(TwoNetworkModule):
             read, for data-free finetuning with states: student or teacher).
         adv_real_steps: Heun steps (EDM schedule) of the teacher's reals; 2 * steps calls of the
             guided teacher per batch.
+        adv_real_pool: With adv_real teacher: above 0, the reals are drawn (uniformly, per batch) from
+            a pool of this many teacher samples made once, at the first batch, from noise seeded by
+            noise_seed, with balanced labels (sample i of class i % num_classes); made again the same
+            way on resume. The pool's cost is that of adv_real_pool / batch_size batches of fresh
+            reals; like a dataset, it is a finite set the discriminator sees many times. 0: fresh
+            reals every batch.
         init_checkpoint: A FlowMapDistillModule checkpoint (file or sharded FSDP2 directory) whose
             student weights the student starts from; None: the student as FlowMapDistillModule
             builds it. Resuming with --ckpt_path restores both networks and optimizers instead.
@@ -107,6 +117,7 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         adv_guidance: float | None = None,
         adv_real: Literal["data", "teacher"] = "data",
         adv_real_steps: int = 16,
+        adv_real_pool: int = 0,
         init_checkpoint: str | None = None,
         init_use_ema: bool = True,
         allow_pickle: bool = False,
@@ -135,6 +146,13 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         if adv_real_steps < 1:
             raise ValueError(f"adv_real_steps must be >= 1, got {adv_real_steps}")
         self.adv_real, self.adv_real_steps = adv_real, adv_real_steps
+        if adv_real_pool < 0:
+            raise ValueError(f"adv_real_pool must be >= 0 (0: fresh teacher reals every batch), got {adv_real_pool}")
+        if adv_real_pool and adv_real != "teacher":
+            raise ValueError("adv_real_pool is a pool of teacher samples: it needs adv_real: teacher (with adv_real: "
+                             "data the reals are the batch's data)")
+        self.adv_real_pool = adv_real_pool
+        self._real_pool: tuple[Tensor, Tensor | None] | None = None  # (samples, labels), made at the first batch
         self.init_student()
 
     # --- the pieces of a step ----------------------------------------------------------------------
@@ -167,6 +185,11 @@ class AdversarialFinetuneModule(TwoNetworkModule):
                              "is not supported: use adv_real: data")
         template = self.batch_template(batch)
         n = template.shape[0]
+        if self.adv_real_pool:
+            pool, pool_labels = self.real_pool(tuple(template.shape[1:]), template.dtype)
+            idx = torch.randint(len(pool), (n * world_size,), device=template.device,
+                                generator=generator)[rank * n:(rank + 1) * n]
+            return pool[idx.to(pool.device)], None if pool_labels is None else pool_labels[idx.to(pool.device)]
         labels = batch.get("label")
         if labels is None:
             labels = self.draw_labels(n, generator, rank, world_size)
@@ -174,6 +197,23 @@ class AdversarialFinetuneModule(TwoNetworkModule):
         z = z[rank * n:(rank + 1) * n].to(template.dtype)
         guidance = self.eval_guidance if self.adv_guidance is None else self.adv_guidance
         return self.teacher_sample(z, labels, self.adv_real_steps, guidance), labels
+
+    @torch.no_grad()
+    def real_pool(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor | None]:
+        """``(samples, labels)``: the ``adv_real_pool`` guided teacher samples (``adv_real_steps`` Heun steps
+        from noise seeded by ``noise_seed``; sample ``i`` of class ``i % num_classes``), made on the first
+        call. Every rank makes the whole pool from the same noise, so the pools are equal."""
+        if self._real_pool is None:
+            n = self.adv_real_pool
+            gen = torch.Generator().manual_seed(derive_seed(self.noise_seed, POOL_SEED_TAG))
+            z = torch.randn((n, *shape), generator=gen).to(self.device, dtype)
+            labels = torch.arange(n, device=self.device) % self.num_classes if self.num_classes > 0 else None
+            guidance = self.eval_guidance if self.adv_guidance is None else self.adv_guidance
+            chunk = 256
+            samples = torch.cat([self.teacher_sample(z[i:i + chunk], None if labels is None else labels[i:i + chunk],
+                                                     self.adv_real_steps, guidance) for i in range(0, n, chunk)])
+            self._real_pool = (samples, labels)
+        return self._real_pool
 
     def fakes(self, x0: Tensor, labels: Tensor | None, t: Tensor, z: Tensor,
               cond: dict[str, Tensor] | None = None) -> Tensor:

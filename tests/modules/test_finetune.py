@@ -171,6 +171,38 @@ def test_teacher_reals_make_a_finetune_that_reads_no_data():
         _modules(adv_real="samples")
 
 
+def test_a_pool_of_teacher_reals_is_made_once_and_drawn_from(monkeypatch):
+    """``adv_real_pool``: the reals are rows of one pool of teacher samples (``teacher_sample`` of noise seeded by
+    ``noise_seed``, balanced labels), made at the first call only; a rebuilt module (a resumed run) makes the same
+    pool; 2 ranks draw the two halves of the 1-rank draw; the pool needs teacher reals."""
+    from flowmap_lit.modules.finetune import POOL_SEED_TAG
+    from flowmap_lit.seeding import derive_seed
+
+    ft, _ = _modules(states="student", sample_shape=[1, 4, 4], adv_real="teacher", adv_real_steps=3,
+                     adv_real_pool=10)
+    calls = []
+    real_sample = ft.teacher_sample
+    monkeypatch.setattr(ft, "teacher_sample", lambda *a, **k: calls.append(len(a[0])) or real_sample(*a, **k))
+    batch = {"label": torch.tensor([0, 1, 2, 1])}
+    x0, labels = ft.reals(batch, torch.Generator().manual_seed(5))
+    pool, pool_labels = ft.real_pool((1, 4, 4))
+    z = torch.randn((10, 1, 4, 4), generator=torch.Generator().manual_seed(derive_seed(3, POOL_SEED_TAG)))
+    torch.testing.assert_close(pool, real_sample(z, torch.arange(10) % ft.num_classes, 3, ft.eval_guidance))
+    idx = torch.randint(10, (4,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(x0, pool[idx]) and torch.equal(labels, pool_labels[idx])
+    ft.reals(batch, torch.Generator().manual_seed(6))
+    assert calls == [10]  # made once, at the first call
+    halves = [ft.reals({"label": batch["label"][:2]}, torch.Generator().manual_seed(5), rank, 2)[0] for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), x0)
+    again, _ = _modules(states="student", sample_shape=[1, 4, 4], adv_real="teacher", adv_real_steps=3,
+                        adv_real_pool=10)
+    assert torch.equal(again.real_pool((1, 4, 4))[0], pool)
+    with pytest.raises(ValueError, match="needs adv_real: teacher"):
+        _modules(adv_real_pool=10)
+    with pytest.raises(ValueError, match="adv_real_pool must be >= 0"):
+        _modules(adv_real="teacher", adv_real_pool=-1)
+
+
 def test_step_count_fakes_are_the_students_own_k_step_samples():
     """``adv_steps``: each fake is the student's k-step sample (``sample`` from the same noise, its own k per
     sample); [1] equals ``adv_times`` [1.0]; only the last jump carries the gradient; both lists at once are
