@@ -215,13 +215,14 @@ def test_data_free_fit_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatc
 
 def test_data_free_gan_stage_reads_no_shard(digits_teacher_guide, tmp_path, monkeypatch):
     """configs/digits/finetune_adversarial_lmd.yaml with the data-free overrides of its header, on garbage
-    shards: the discriminator's reals are the teacher's samples and the states the student's, so it trains."""
+    shards: the discriminator's reals are drawn from a pool of the teacher's samples and the states are the
+    student's, so it trains."""
     data = _garbage_digits(digits_teacher_guide, tmp_path)
     monkeypatch.chdir(tmp_path)
     result = cli("fit", "--config", str(ROOT / "configs/digits/finetune_adversarial_lmd.yaml"), *QUIET,
                  "--trainer.max_steps", 4, "--model.init_args.init_checkpoint", "null",
                  "--model.init_args.states", "student", "--model.init_args.adv_real", "teacher",
-                 "--model.init_args.adv_real_steps", 2,
+                 "--model.init_args.adv_real_steps", 2, "--model.init_args.adv_real_pool", 16,
                  "--data", "flowmap_lit.data.PriorDataModule", "--data.init_args.source",
                  "flowmap_lit.data.DigitsDataModule", "--data.init_args.source.init_args.root", data,
                  "--data.init_args.batch_size", 8,
@@ -229,6 +230,8 @@ def test_data_free_gan_stage_reads_no_shard(digits_teacher_guide, tmp_path, monk
                  "--model.init_args.guide.init_args.checkpoint", digits_teacher_guide.guide)
     assert result.trainer.global_step == 4  # 2 batches: a discriminator and a student step each
     assert result.model.adv_real == "teacher" and result.model.sample_shape == (1, 8, 8)
+    pool = result.model._real_pool  # made by the fit's first batch
+    assert pool is not None and pool[0].shape == (16, 1, 8, 8) and pool[1].tolist() == [i % 10 for i in range(16)]
 
 
 def test_corrector_config_runs_from_a_distilled_checkpoint_and_resumes_exactly(quickstart, tmp_path, monkeypatch):
