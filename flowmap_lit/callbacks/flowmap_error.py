@@ -94,14 +94,9 @@ class FlowMapError(pl.Callback):
         return noise.to(pl_module.device), (labels.to(pl_module.device) if labels is not None else None)
 
     def _batched(self, fn, noise, labels, **kw) -> torch.Tensor:
-        from flowmap_lit.metrics.few_step import slice_cond
+        from flowmap_lit.metrics.few_step import sample_in_batches
 
-        outs = []
-        for i in range(0, len(noise), self.batch_size):
-            lab = labels[i:i + self.batch_size] if labels is not None else None
-            outs.append(fn(noise[i:i + self.batch_size], lab, **slice_cond(self._cond, slice(i, i + self.batch_size)),
-                           **kw))
-        return torch.cat(outs)
+        return sample_in_batches(fn, noise, labels, self.batch_size, self._cond, **kw)
 
     def reference(self, trainer, pl_module):
         if self._reference is None:

@@ -8,6 +8,7 @@ to the run's checkpoints.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -87,6 +88,7 @@ class ScheduleSearch(pl.Callback):
         self.tuned: dict[int, tuple[torch.Tensor, float]] = {}  # the last search's grids and gammas
         self.report: dict[str, dict] = {}  # the last search's criterion values per k (uniform, edm, tuned)
         self.searches = 0
+        self.seconds = 0.0
         self._last_step = -1  # global step of the last search during fit
         self._reference: tuple | None = None  # this rank's held-out noise, labels, text conditioning, teacher ODE
 
@@ -123,6 +125,7 @@ class ScheduleSearch(pl.Callback):
         """Search every k of ``step_counts`` on the module as it is now; set, write and return the grids."""
         from flowmap_lit.grid_search import search_grid
 
+        start = time.perf_counter()
         with evaluation_mode(trainer, pl_module):
             criterion = self._criterion(trainer, pl_module)
             gamma0 = float(getattr(pl_module, "sample_gamma", 0.0))
@@ -133,12 +136,13 @@ class ScheduleSearch(pl.Callback):
                 report[str(k)] = {**res.baselines, "tuned": res.value, "evaluations": res.evaluations}
         self.tuned, self.report = tuned, report
         self.searches += 1
+        self.seconds = time.perf_counter() - start  # the last search's wall time (printed with its result)
         pl_module.schedules.update(tuned)
         if trainer.state.fn == "fit":
             self._last_step = trainer.global_step
         out = self._write(trainer)
         rank_zero_info(f"ScheduleSearch at step {trainer.global_step} ({self.criterion} on {self.num_samples} held-out "
-                       "samples): " + "; ".join(
+                       f"samples, {self.seconds:.1f} s): " + "; ".join(
                            f"{k} steps {[round(float(t), 4) for t in grid]}"
                            + (f" gamma {g:.3g}" if self.gamma else "")
                            + f" ({report[str(k)]['tuned']:.4g}, uniform {report[str(k)]['uniform']:.4g})"
@@ -194,15 +198,11 @@ class ScheduleSearch(pl.Callback):
         return self._reference
 
     def _batched(self, fn, noise, labels, cond, **kw) -> torch.Tensor:
-        from flowmap_lit.metrics.few_step import slice_cond
+        from flowmap_lit.metrics.few_step import sample_in_batches
 
         if self.guidance is not None:
             kw["guidance"] = self.guidance
-        parts = []
-        for i in range(0, len(noise), self.batch_size):
-            rows = slice(i, i + self.batch_size)
-            parts.append(fn(noise[rows], labels[rows] if labels is not None else None, **slice_cond(cond, rows), **kw))
-        return torch.cat(parts)
+        return sample_in_batches(fn, noise, labels, self.batch_size, cond, **kw)
 
     def _criterion(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Criterion:
         noise, labels, cond, reference = self._inputs(trainer, pl_module)

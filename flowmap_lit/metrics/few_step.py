@@ -72,6 +72,15 @@ def image_distances(metrics: Mapping[str, object], samples: Iterable[Tensor],
     return {name: metric.compute() for name, metric in metrics.items()}
 
 
+def sample_in_batches(sampler: Callable[..., Tensor], noise: Tensor, labels: Tensor | None, batch_size: int = 500,
+                      cond: dict[str, Tensor] | None = None, **sampler_kwargs) -> Tensor:
+    """``sampler(noise, labels, **sampler_kwargs)`` (with ``cond=`` the rows of ``cond`` when given), drawn
+    ``batch_size`` at a time and concatenated."""
+    return torch.cat([sampler(noise[i:i + batch_size], labels[i:i + batch_size] if labels is not None else None,
+                              **slice_cond(cond, slice(i, i + batch_size)), **sampler_kwargs)
+                      for i in range(0, len(noise), batch_size)])
+
+
 def sampler_distances(metrics: Mapping[str, object], sampler: Callable[..., Tensor], noise: Tensor,
                       labels: Tensor | None, batch_size: int = 500,
                       to_images: Callable[[Tensor], Tensor] = lambda x: x, cond: dict[str, Tensor] | None = None,
