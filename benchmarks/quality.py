@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,9 +43,16 @@ import lightning.pytorch as pl  # noqa: E402
 
 from flowmap_lit.callbacks import EMA, FewStepFID, FlowMapError  # noqa: E402
 from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
-from flowmap_lit.modules import DistributionMatchingModule, FlowMapDistillModule, FlowMatchingModule  # noqa: E402
-from flowmap_lit.networks import MLP, build_network  # noqa: E402
-from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD, DistributionMatching  # noqa: E402
+from flowmap_lit.grid_search import HELD_OUT_SEED, fid_criterion, held_out_inputs, search_grid  # noqa: E402
+from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats  # noqa: E402
+from flowmap_lit.modules import (  # noqa: E402
+    AdversarialFinetuneModule,
+    DistributionMatchingModule,
+    FlowMapDistillModule,
+    FlowMatchingModule,
+)
+from flowmap_lit.networks import MLP, Discriminator, build_network  # noqa: E402
+from flowmap_lit.objectives import AYFEMD, AYFLMD, SCD, DistributionMatching, RpGAN  # noqa: E402
 from flowmap_lit.teachers import GMMTeacher, NetworkTeacher  # noqa: E402
 from flowmap_lit.time_pairs import TimePairSampler  # noqa: E402
 
@@ -200,15 +208,104 @@ def neural_settings(guide: NetworkTeacher, budget: dict, lr: float, diagonal_fra
                 optimizer=lambda p: torch.optim.Adam(p, lr=lr))
 
 
-NEURAL_METHODS = ("ayf_emd", "ayf_lmd", "scd", "ayf_emd_dm", "ayf_emd_dm_free")
+NEURAL_METHODS = ("ayf_emd", "ayf_lmd", "scd", "ayf_emd_dm", "ayf_emd_dm_free", "recipe", "recipe_free")
+
+# The one-step recipe (docs/results.md): AYF-LMD for the budget's steps, then a GAN stage on the student's own
+# 1- and 2-step samples (two thirds 1-step), then the 2/4/8-step grids tuned on held-out FID. Data-free: the
+# noisy points from the student's own jump, the reals from a pool of guided teacher samples the size of the
+# digits' training split, a lower student rate.
+RECIPE = dict(batches=300, lr=1e-3, adv_steps=[1, 1, 2], tune_steps=[2, 4, 8], tune_budget=14)
+RECIPE_FREE = dict(RECIPE, lr=3e-4, pool=1497)
+
+
+def save_student(module, ema: EMA, path) -> None:
+    """The module's EMA student weights, as a checkpoint ``init_checkpoint`` reads."""
+    with ema.averaged(module):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, path)
+
+
+def gan_stage(teacher: NetworkTeacher, objective, base: str, common: dict, *, disc_lr: float = 2e-4,
+              penalty_every: int = 1, **kwargs) -> AdversarialFinetuneModule:
+    """The neural arm's GAN stage on the student saved in ``base``: RpGAN (R1 = R2 = 1) with the digits
+    discriminator at Adam ``disc_lr`` (betas 0, 0.99); ``common`` and ``kwargs`` go to the module."""
+    return AdversarialFinetuneModule(
+        teacher=teacher, objective=objective, init_checkpoint=base,
+        discriminator=Discriminator(img_channels=1, img_resolution=8, channels=[64, 128], num_classes=10),
+        adversarial=RpGAN(r1_gamma=1.0, r2_gamma=1.0, penalty_every=penalty_every),
+        discriminator_optimizer=lambda ps: torch.optim.Adam(ps, lr=disc_lr, betas=(0.0, 0.99)), **kwargs, **common)
+
+
+def tune_grids(module, dm, root: Path, steps: list[int], budget: int, seed: int, num: int = 1000) -> dict:
+    """``{k: grid}`` minimizing the FID of k-step samples from held-out noise (seed ``10_000 + seed``),
+    as ``python -m flowmap_lit schedule --criterion fid`` does; the module's grids are set to them."""
+    extractor = build_feature_extractor("digits", str(root / "classifier.pt")).to(module.device)
+    fid = FID(extractor).to(module.device)
+    fid.set_reference(dataset_reference_stats(str(root), "train", extractor, device=module.device))
+    noise, labels = held_out_inputs(module, num, HELD_OUT_SEED + seed, tuple(dm.shape))
+    criterion = fid_criterion(module, noise, labels, fid, to_data=dm.denormalize)
+    grids = {k: search_grid(criterion, k, budget, seed).grid for k in steps}
+    module.schedules = {k: (grid, 0.0) for k, grid in grids.items()}
+    return grids
+
+
+def one_step_recipe(name: str, teacher: NetworkTeacher, guide: NetworkTeacher, dm, budget, data_root: Path, seed: int,
+           lr: float, cache: dict, settings: dict, free: bool, diagonal_fraction: float = 0.6,
+           grid_fraction: float = 0.25) -> dict:
+    """The one-step recipe as one timed run: the AYF-LMD base (the arm's settings, ``lr``), the GAN stage
+    (``settings``) from its EMA weights with a fresh EMA, and the grid search. ``train_seconds`` is the three
+    together (``base_seconds``, ``stage_seconds``, ``search_seconds``); the evaluations are not counted.
+    ``fid`` is with the tuned grids, ``fid_uniform`` before them."""
+    common = {**neural_settings(guide, budget, lr, diagonal_fraction, grid_fraction), "noise_seed": seed}
+    states = "student" if free else "data"
+    data = PriorDataModule(dm, batch_size=budget["batch"]) if free else dm  # labels only: no data read
+    pl.seed_everything(seed, verbose=False)
+    base = FlowMapDistillModule(teacher, AYFLMD(), states=states, **common)
+    ema = EMA(decay=0.995)
+    start = time.perf_counter()
+    trainer(budget["neural_steps"], [ema], data_root.parent).fit(base, data)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "base.ckpt"
+        save_student(base, ema, path)
+        base_seconds = time.perf_counter() - start
+        pl.seed_everything(seed, verbose=False)
+        stage_common = {**common, "warmup_steps": 0,
+                        "optimizer": lambda ps: torch.optim.Adam(ps, lr=settings["lr"])}
+        module = gan_stage(teacher, AYFLMD(), str(path), stage_common, states=states,
+                           adv_steps=settings["adv_steps"], adv_real="teacher" if free else "data",
+                           adv_real_pool=settings.get("pool", 0))
+    del base
+    ema = EMA(decay=0.995)
+    start = time.perf_counter()
+    trainer(2 * settings["batches"], [ema], data_root.parent).fit(module, data)  # both optimizers' steps count
+    stage_seconds = time.perf_counter() - start
+    with ema.averaged(module):
+        uniform = evaluate(module, dm, budget, data_root, cache)
+        start = time.perf_counter()
+        grids = tune_grids(module, dm, data_root, settings["tune_steps"], settings["tune_budget"], seed,
+                           budget["eval_samples"])
+        search_seconds = time.perf_counter() - start
+        result = evaluate(module, dm, budget, data_root, cache)
+    seconds = base_seconds + stage_seconds + search_seconds
+    result.update(method=name, seed=seed, train_seconds=round(seconds, 1), base_seconds=round(base_seconds, 1),
+                  stage_seconds=round(stage_seconds, 1), search_seconds=round(search_seconds, 1),
+                  fid_uniform=uniform["fid"], flowmap_rel_error_uniform=uniform["flowmap_rel_error"],
+                  grids={k: [round(float(t), 4) for t in g] for k, g in grids.items()}, settings=settings)
+    print(f"{name:<34} FID {' '.join(f'{v:7.2f}' for v in result['fid'])}   rel. error "
+          f"{' '.join(f'{v:.4f}' for v in result['flowmap_rel_error'])}   ({seconds:.0f} s: base {base_seconds:.0f}, "
+          f"stage {stage_seconds:.0f}, search {search_seconds:.0f})", flush=True)
+    return result
 
 
 def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTeacher, guide: NetworkTeacher,
                cache: dict, diagonal_fraction: float = 0.6, grid_fraction: float = 0.25,
-               methods: tuple[str, ...] = ("ayf_emd", "ayf_lmd", "scd"), corrector: dict | None = None) -> list[dict]:
+               methods: tuple[str, ...] = ("ayf_emd", "ayf_lmd", "scd"), corrector: dict | None = None,
+               recipe: dict | None = None) -> list[dict]:
     """The neural arm's runs. ``ayf_emd_dm``: AYF-EMD for the budget's steps, then ``corrector["batches"]``
     batches with the distribution-matching corrector mixed in (DistributionMatchingModule, dm_start);
-    ``ayf_emd_dm_free``: the same run data-free (states: student, labels only from PriorDataModule)."""
+    ``ayf_emd_dm_free``: the same run data-free (states: student, labels only from PriorDataModule);
+    ``recipe`` / ``recipe_free``: the one-step recipe (``RECIPE`` / ``RECIPE_FREE``, with the values of
+    ``recipe`` that are not None in their place)."""
     dm = DigitsDataModule(root=str(data_root), batch_size=budget["batch"], num_workers=1)
     corrector = corrector or {}
     common = neural_settings(guide, budget, lr, diagonal_fraction, grid_fraction)
@@ -237,6 +334,12 @@ def neural_arm(budget, data_root: Path, seed: int, lr: float, teacher: NetworkTe
         data = dm if states == "data" else PriorDataModule(dm, batch_size=budget["batch"])
         steps = budget["neural_steps"] + extra  # global_step counts batches (the student's steps)
         out.append(distill(name, m, data, budget, data_root, seed, steps, cache))
+    for key, name, settings, free in (("recipe", "neural: one-step recipe", RECIPE, False),
+                                      ("recipe_free", "neural: one-step recipe, data-free", RECIPE_FREE, True)):
+        if key in methods:
+            settings = {**settings, **{k: v for k, v in (recipe or {}).items() if v is not None and k in settings}}
+            out.append(one_step_recipe(name, teacher, guide, dm, budget, data_root, seed, lr, cache, settings, free,
+                              diagonal_fraction, grid_fraction))
     return out
 
 
@@ -266,7 +369,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """Per method (in first-seen order): mean and standard deviation over seeds of FID and error."""
+    """Per method (in first-seen order): mean and standard deviation over seeds of FID and error (and of the
+    recipes' FID on uniform grids), and the mean training seconds."""
     import statistics
 
     methods = list(dict.fromkeys(r["method"] for r in results))
@@ -274,10 +378,13 @@ def summarize(results: list[dict]) -> list[dict]:
     for method in methods:
         runs = [r for r in results if r["method"] == method]
         row = {"method": method, "seeds": [r["seed"] for r in runs], "teacher_fid": runs[0]["teacher_fid"]}
-        for key in ("fid", "flowmap_rel_error"):
+        for key in ("fid", "flowmap_rel_error", "fid_uniform"):
+            if key not in runs[0]:
+                continue
             columns = list(zip(*(r[key] for r in runs)))
             row[key] = [statistics.fmean(c) for c in columns]
             row[key + "_std"] = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
+        row["train_seconds"] = round(statistics.fmean(r["train_seconds"] for r in runs), 1)
         out.append(row)
     return out
 
@@ -296,7 +403,8 @@ def main(argv=None) -> dict:
     p.add_argument("--arms", nargs="+", default=["exact", "neural"], choices=["exact", "neural"])
     p.add_argument("--methods", nargs="+", default=["ayf_emd", "ayf_lmd", "scd"], choices=list(NEURAL_METHODS),
                    help="neural arm: the methods to run (ayf_emd_dm: with the corrector after the budget's steps; "
-                        "ayf_emd_dm_free: the same, data-free)")
+                        "ayf_emd_dm_free: the same, data-free; recipe: the one-step recipe, AYF-LMD then a GAN "
+                        "stage then tuned grids, timed as one run; recipe_free: the same, data-free)")
     p.add_argument("--dm-batches", type=int, default=None,
                    help="neural arm, corrector methods: batches with the corrector after the budget's steps")
     p.add_argument("--dm-weight", type=float, default=0.1, help="corrector methods: weight of the corrector")
@@ -308,6 +416,13 @@ def main(argv=None) -> dict:
     p.add_argument("--dm-fake-init", default="teacher", choices=["teacher", "student"],
                    help="corrector methods: the fake velocity starts as the teacher or as the student")
     p.add_argument("--dm-fake-updates", type=int, default=1, help="corrector methods: fake steps per batch")
+    p.add_argument("--recipe-batches", type=int, default=None,
+                   help=f"recipe methods: batches of the GAN stage (default {RECIPE['batches']})")
+    p.add_argument("--recipe-tune-budget", type=int, default=None,
+                   help=f"recipe methods: FID evaluations of the grid search per step count (default "
+                        f"{RECIPE['tune_budget']})")
+    p.add_argument("--recipe-pool", type=int, default=None,
+                   help=f"recipe_free: teacher samples in the pool of reals (default {RECIPE_FREE['pool']})")
     p.add_argument("--teacher-ckpt", default=None)
     p.add_argument("--guide-ckpt", default=None)
     p.add_argument("--save-teachers", default=None,
@@ -334,7 +449,9 @@ def main(argv=None) -> dict:
             if args.dm_batches is not None:
                 corrector["batches"] = args.dm_batches
             results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache, args.diagonal_fraction,
-                                  args.grid_fraction, tuple(args.methods), corrector)
+                                  args.grid_fraction, tuple(args.methods), corrector,
+                                  {"batches": args.recipe_batches, "tune_budget": args.recipe_tune_budget,
+                                   "pool": args.recipe_pool})
     summary_rows = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

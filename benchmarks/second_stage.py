@@ -43,38 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
-from quality import BUDGETS, evaluate, neural_settings, trainer  # noqa: E402
+from quality import BUDGETS, evaluate, gan_stage, neural_settings, save_student, trainer, tune_grids  # noqa: E402,E501
 
 from flowmap_lit.callbacks import EMA, FewStepFID  # noqa: E402
 from flowmap_lit.data import DigitsDataModule, PriorDataModule  # noqa: E402
-from flowmap_lit.grid_search import HELD_OUT_SEED, fid_criterion, held_out_inputs, search_grid  # noqa: E402
 from flowmap_lit.grids import check_grid  # noqa: E402
-from flowmap_lit.metrics import FID, build_feature_extractor, dataset_reference_stats  # noqa: E402
-from flowmap_lit.modules import AdversarialFinetuneModule, DistributionMatchingModule, FlowMapDistillModule  # noqa: E402,E501
+from flowmap_lit.modules import DistributionMatchingModule, FlowMapDistillModule  # noqa: E402,E501
 from flowmap_lit.modules.two_player import load_student_state  # noqa: E402
-from flowmap_lit.networks import Discriminator  # noqa: E402
-from flowmap_lit.objectives import AYFEMD, AYFLMD, DistributionMatching, RpGAN  # noqa: E402
+from flowmap_lit.objectives import AYFEMD, AYFLMD, DistributionMatching  # noqa: E402
 from flowmap_lit.teachers import NetworkTeacher  # noqa: E402
-
-
-def save_student(module, ema: EMA, path: str) -> None:
-    """The module's EMA student weights, as a checkpoint ``init_checkpoint`` reads."""
-    with ema.averaged(module):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": {f"student.{k}": v for k, v in module.student.state_dict().items()}}, path)
-
-
-def tune_grids(module, dm, root: Path, steps: list[int], budget: int, seed: int, num: int = 1000) -> dict:
-    """``{k: grid}`` minimizing the FID of k-step samples from held-out noise (seed ``10_000 + seed``),
-    as ``python -m flowmap_lit schedule --criterion fid`` does; the module's grids are set to them."""
-    extractor = build_feature_extractor("digits", str(root / "classifier.pt")).to(module.device)
-    fid = FID(extractor).to(module.device)
-    fid.set_reference(dataset_reference_stats(str(root), "train", extractor, device=module.device))
-    noise, labels = held_out_inputs(module, num, HELD_OUT_SEED + seed, tuple(dm.shape))
-    criterion = fid_criterion(module, noise, labels, fid, to_data=dm.denormalize)
-    grids = {k: search_grid(criterion, k, budget, seed).grid for k in steps}
-    module.schedules = {k: (grid, 0.0) for k, grid in grids.items()}
-    return grids
 
 
 def scan_mid(module, dm, root: Path, mids: list[float], num: int) -> list[list[float]]:
@@ -136,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
                    help="adversarial stage: adv_steps, fakes that are the student's k-step samples (not with "
                         "--adv-times)")
     p.add_argument("--disc-lr", type=float, default=2e-4, help="adversarial stage: the discriminator's Adam lr")
+    p.add_argument("--penalty-every", type=int, default=1,
+                   help="adversarial stage: RpGAN penalty_every (R1/R2 on every this many discriminator steps)")
     p.add_argument("--adv-real", default="data", choices=["data", "teacher"],
                    help="adversarial stage: the discriminator's reals (teacher: the guided teacher's ODE samples, "
                         "no data read with --states student)")
@@ -174,15 +153,12 @@ def build(args, teacher: NetworkTeacher, guide: NetworkTeacher):
         if args.states != "data" and args.adv_real == "data":
             raise SystemExit("--stage adversarial with --adv-real data reads the data: give --states data, or "
                              "--adv-real teacher to run it data-free")
-        module = AdversarialFinetuneModule(
-            teacher=teacher, objective=objective, init_checkpoint=args.base,
-            discriminator=Discriminator(img_channels=1, img_resolution=8, channels=[64, 128], num_classes=10),
-            adversarial=RpGAN(r1_gamma=1.0, r2_gamma=1.0),
-            discriminator_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.disc_lr, betas=(0.0, 0.99)),
-            adv_weight=args.adv_weight, adaptive_weight=args.adaptive,
-            distill_weight=args.distill_weight, adv_times=args.adv_times, adv_steps=args.adv_steps,
-            states=args.states,
-            adv_real=args.adv_real, adv_real_steps=args.adv_real_steps, adv_real_pool=args.adv_real_pool, **common)
+        module = gan_stage(teacher, objective, args.base, common, disc_lr=args.disc_lr,
+                           penalty_every=args.penalty_every, adv_weight=args.adv_weight,
+                           adaptive_weight=args.adaptive, distill_weight=args.distill_weight,
+                           adv_times=args.adv_times, adv_steps=args.adv_steps, states=args.states,
+                           adv_real=args.adv_real, adv_real_steps=args.adv_real_steps,
+                           adv_real_pool=args.adv_real_pool)
         steps = 2 * args.batches  # both optimizers' steps count in global_step here
     else:
         module = DistributionMatchingModule(

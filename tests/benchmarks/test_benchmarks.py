@@ -191,6 +191,47 @@ def test_the_quality_benchmark_seeds_a_teacher_before_building_its_network(tmp_p
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
 
 
+def test_quality_recipe_is_one_timed_run_of_base_stage_and_search(tmp_path, run_script, digits_classifier):
+    """``--methods recipe recipe_free``: the AYF-LMD base, the GAN stage and the grid search in one run, timed
+    in parts (the evaluations not counted); the FID with tuned grids next to the uniform grids' FID."""
+    import shutil
+
+    import torch
+
+    from flowmap_lit.grids import check_grid
+    from flowmap_lit.networks import build_network
+    from flowmap_lit.teachers import NetworkTeacher
+
+    shutil.copytree(digits_classifier["root"], tmp_path / "digits")
+    quality = load_benchmark("quality.py")
+    small = {"model_channels": 8}
+    torch.manual_seed(0)
+    for name in ("teacher", "guide"):
+        net = build_network("unet", "tiny", **small)
+        quality.save_teacher(NetworkTeacher(net=net, num_classes=10), small, tmp_path / f"{name}.ckpt")
+    out = run_script("quality.py", "--budget", "tiny", "--data", str(tmp_path / "digits"), "--arms", "neural",
+                     "--methods", "recipe", "recipe_free", "--recipe-batches", "2", "--recipe-tune-budget", "2",
+                     "--recipe-pool", "64", "--out", str(tmp_path / "res"),
+                     "--teacher-ckpt", str(tmp_path / "teacher.ckpt"), "--guide-ckpt", str(tmp_path / "guide.ckpt"))
+    data, free = out["results"]
+    assert data["settings"]["lr"] == quality.RECIPE["lr"] and free["settings"]["lr"] == quality.RECIPE_FREE["lr"]
+    assert "pool" not in data["settings"] and free["settings"]["pool"] == 64
+    for run in (data, free):
+        assert run["settings"]["batches"] == run["settings"]["tune_budget"] == 2
+        assert run["settings"]["adv_steps"] == [1, 1, 2]
+        parts = run["base_seconds"] + run["stage_seconds"] + run["search_seconds"]
+        assert min(run["base_seconds"], run["stage_seconds"], run["search_seconds"]) > 0
+        assert abs(run["train_seconds"] - parts) <= 0.2
+        assert sorted(run["grids"]) == ["2", "4", "8"]
+        for k, grid in run["grids"].items():
+            check_grid(grid, int(k))
+        # the 1-step grid is not searched: its FID is the uniform evaluation's
+        assert run["fid"][0] == run["fid_uniform"][0] and len(run["fid"]) == len(run["fid_uniform"]) == 4
+    summary = {row["method"]: row for row in out["summary"]}
+    assert summary[data["method"]]["train_seconds"] == data["train_seconds"]
+    assert summary[free["method"]]["fid_uniform"] == free["fid_uniform"]
+
+
 def test_gpu_step_runs_on_cpu_at_tiny_size(run_script):
     out = run_script("gpu_step.py", "--preset", "tiny", "--guide-preset", "tiny", "--batch", "2", "--jvp-batch", "2",
                      "--repeats", "1", "--warmup", "0", "--device", "cpu")
