@@ -137,7 +137,8 @@ def two_process(tmp_path_factory, digits_teacher_guide) -> dict:
     distillation step under DDP and FSDP2 (``steps``: their results); sharded checkpoint directories of a
     tiny FSDP2 teacher and its distillation (``teacher``, ``distill``) and the single-process distillation's
     file (``single``); the digits guide pretrained (``guide_root``); the digits distillation config
-    (``digits``), resumed once; each part's log (``logs``)."""
+    (``digits``), resumed once; the same config with a grid search at its validation (``schedule``: its
+    checkpoint directory); each part's log (``logs``)."""
     from tests.helpers.two_process import two_process_runs
 
     return two_process_runs(tmp_path_factory.mktemp("two_process"), digits_teacher_guide)

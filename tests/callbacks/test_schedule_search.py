@@ -98,3 +98,24 @@ def test_bad_settings_are_refused_with_the_fix():
         ScheduleSearch(criterion="fid").setup(SimpleNamespace(callbacks=[]), module, "fit")
     with pytest.raises(ValueError, match="no free time grid"):
         ScheduleSearch(criterion="flowmap_error").setup(SimpleNamespace(callbacks=[]), SimpleNamespace(), "fit")
+
+
+def test_the_two_process_search_finds_what_one_process_finds(two_process, tmp_path):
+    """The digits distillation config on 2 ranks (FSDP2) with a flow-map-error search at its validation
+    (tests/helpers/two_process.py): each rank samples its share of the held-out noise and the criterion is
+    reduced over ranks, so the search finds the grid, and reports the values, that the schedule command finds
+    in one process on the saved sharded checkpoint."""
+    from tests.helpers.two_process import SCHEDULE_SEARCH
+
+    assert "fit done: GLOBAL_RANK: 1, MEMBER: 2/2" in two_process["logs"]["schedule"]
+    written = json.loads((two_process["schedule"] / "schedules.json").read_text())
+    assert written["global_step"] == 2 and list(written["grids"]) == ["2"]
+    assert written["held_out"]["2"]["evaluations"] == SCHEDULE_SEARCH["budget"]
+    out = tmp_path / "schedules.json"
+    cli("schedule", "--ckpt", two_process["schedule"] / "last.ckpt", "--steps", "2", "--criterion", "flowmap_error",
+        "--budget", SCHEDULE_SEARCH["budget"], "--num", SCHEDULE_SEARCH["num_samples"], "--reference-steps", "4",
+        "--device", "cpu", "--out", out)
+    command = json.loads(out.read_text())
+    assert command["grids"]["2"] == pytest.approx(written["grids"]["2"], abs=1e-6)
+    for key in ("uniform", "edm", "tuned"):
+        assert command["held_out"]["2"][key] == pytest.approx(written["held_out"]["2"][key], rel=1e-5), key

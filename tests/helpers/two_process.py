@@ -12,7 +12,7 @@ tiny flow-matching teacher and its distillation under FSDP2 (teacher and guide r
 checkpoint directory), whose data is the fixed global batch of ``distributed_step.py`` so the 2-process
 distillation computes the single-process steps (the same config run in one process gives the reference
 file); the digits guide config pretraining from scratch; the digits AYF-EMD distillation config, and its
-resumption from its sharded checkpoint.
+resumption from its sharded checkpoint; the same config with a grid search (ScheduleSearch) at its validation.
 """
 
 from __future__ import annotations
@@ -106,6 +106,28 @@ data:
 """
 
 
+# The same, 2 steps with one validation at the end, whose grid search (flow-map error criterion) runs on 2 ranks.
+SCHEDULE_EVAL = """\
+trainer:
+  max_steps: 2
+  val_check_interval: 2
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  logger: false
+  callbacks:
+    - class_path: flowmap_lit.callbacks.EMA
+    - class_path: flowmap_lit.callbacks.FlowMapError
+      init_args: {num_samples: 16, reference_steps: 4, batch_size: 16, step_counts: [1, 2]}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: %s, save_last: true}
+    - class_path: flowmap_lit.callbacks.ScheduleSearch
+      init_args: {step_counts: [2], criterion: flowmap_error, budget: %d, num_samples: %d, reference_steps: 4}
+data:
+  init_args: {batch_size: 16, num_workers: 1}
+"""
+SCHEDULE_SEARCH = {"budget": 8, "num_samples": 16}  # the 2 starting grids and one generation of 6
+
+
 def digits_distill_args(teacher_guide, *extra) -> list[str]:
     """``fit`` arguments of configs/digits/distill_ayf_emd.yaml from the ``digits_teacher_guide`` checkpoints."""
     return ["--config", str(ROOT / "configs/digits/distill_ayf_emd.yaml"), *map(str, extra),
@@ -185,7 +207,9 @@ def two_process_runs(tmp: Path, teacher_guide) -> dict:
     configs = {"teacher": TEACHER % (tmp / "teacher"),
                "distill": DISTILL % (tmp / "distill", teacher_dir, teacher_dir),
                "single": DISTILL % (tmp / "single", teacher_dir, teacher_dir),
-               "small_eval": SMALL_EVAL % (tmp / "digits_ckpt")}
+               "small_eval": SMALL_EVAL % (tmp / "digits_ckpt"),
+               "schedule_eval": SCHEDULE_EVAL % (tmp / "schedule_ckpt", SCHEDULE_SEARCH["budget"],
+                                                 SCHEDULE_SEARCH["num_samples"])}
     for name, text in configs.items():
         (tmp / f"{name}.yaml").write_text(text)
     two = ["--config", str(FSDP2), "--trainer.devices", "2"]
@@ -200,6 +224,11 @@ def two_process_runs(tmp: Path, teacher_guide) -> dict:
                   str(tmp / "guide_digits"), "--trainer.default_root_dir", str(tmp / "guide")],
         "digits": digits,
         "digits_resumed": [*digits, "--trainer.max_steps", "4", "--ckpt_path", "last"],
+        "schedule": digits_distill_args(teacher_guide, "--config", FSDP2, "--config", tmp / "schedule_eval.yaml",
+                                        "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                                        # Adam steps of 0.01 on every weight: a student far enough from the
+                                        # teacher that the grids' errors differ by more than rounding
+                                        "--model.init_args.optimizer.init_args.lr", "0.01"),
     }
     steps = tmp / "steps"
     steps.mkdir()
@@ -211,4 +240,5 @@ def two_process_runs(tmp: Path, teacher_guide) -> dict:
     finally:
         torch.set_num_threads(threads)
     return {"tmp": tmp, "logs": logs, "steps": steps, "teacher": teacher_dir, "distill": tmp / "distill/last.ckpt",
-            "single": tmp / "single/last.ckpt", "digits": tmp / "digits_ckpt/last.ckpt", "guide_root": tmp / "guide"}
+            "single": tmp / "single/last.ckpt", "digits": tmp / "digits_ckpt/last.ckpt", "guide_root": tmp / "guide",
+            "schedule": tmp / "schedule_ckpt"}
