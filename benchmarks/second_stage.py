@@ -85,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the base's batches, batch size and evaluation samples (benchmarks/quality.py's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", type=int, default=300, help="batches of the stage")
+    p.add_argument("--base-batches", type=int, default=None,
+                   help="batches of the base with --train-base (default: the budget's, 400 at small)")
     p.add_argument("--lr", type=float, default=1e-4, help="the student's Adam learning rate in the stage")
     p.add_argument("--fake-lr", type=float, default=3e-4)
     p.add_argument("--fake-init", default="student", choices=["teacher", "student"])
@@ -147,7 +149,7 @@ def build(args, teacher: NetworkTeacher, guide: NetworkTeacher):
         module = FlowMapDistillModule(teacher, objective, states=args.states, **common)
         if not args.train_base:
             module.student.load_state_dict(load_student_state(args.base))
-        return module, data, dm, (budget["neural_steps"] if args.train_base else 0)
+        return module, data, dm, ((args.base_batches or budget["neural_steps"]) if args.train_base else 0)
     common.update(warmup_steps=0, optimizer=lambda ps: torch.optim.Adam(ps, lr=args.lr))
     if args.stage == "adversarial":
         if args.states != "data" and args.adv_real == "data":

@@ -2,7 +2,8 @@
 
 ``one_step(strategy, backend)``: ``strategy`` is single, ddp or fsdp; ``backend`` a JVP backend, or ``gan``: one
 batch of the adversarial finetune (a discriminator step and a student step, ``func`` JVP), which also
-returns the discriminator's weights, or ``dm``: one batch of the distribution-matching corrector (a fake-velocity
+returns the discriminator's weights, or ``gan_steps``: the same with the student's own 1- and 2-step samples
+as the fakes (``adv_steps``), or ``dm``: one batch of the distribution-matching corrector (a fake-velocity
 step and a student step), which also returns the fake velocity's weights.
 
 It builds the same tiny U-Net teacher, guide and student (seeded), trains one SGD step on a fixed global
@@ -26,8 +27,9 @@ from flowmap_lit.teachers import NetworkTeacher
 GLOBAL_BATCH = 8
 BACKENDS = ["func", "forward_ad", "finite_difference"]
 GAN = "gan"
+GAN_STEPS = "gan_steps"
 DM = "dm"
-AUX = {GAN: "discriminator", DM: "fake"}  # the second network of each two-network module
+AUX = {GAN: "discriminator", GAN_STEPS: "discriminator", DM: "fake"}  # the second network of each two-network module
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +65,12 @@ def build_module(backend: str) -> FlowMapDistillModule:
     common = dict(teacher=teacher, guide=guide, guidance="autoguidance", guidance_min=1.0, guidance_max=2.0,
                   condition_on_guidance=True, num_classes=10, warmup_steps=0, noise_seed=0,
                   optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    if backend == GAN:  # groups of 4 in the minibatch-std layer: the same groups on 1 and 2 ranks
+    if backend in (GAN, GAN_STEPS):  # groups of 4 in the minibatch-std layer: the same groups on 1 and 2 ranks
         disc = Discriminator(img_channels=1, img_resolution=8, channels=[16, 16], num_classes=10, mbstd_group=4)
+        # fakes from x_t at t = 1 or 0.5, or the student's own 1- and 2-step samples from noise
+        fakes = {"adv_times": [1.0, 0.5]} if backend == GAN else {"adv_steps": [1, 2]}
         return AdversarialFinetuneModule(
-            discriminator=disc, objective=AYFEMD(jvp_backend="func"), adv_weight=0.5, adv_times=[1.0, 0.5],
+            discriminator=disc, objective=AYFEMD(jvp_backend="func"), adv_weight=0.5, **fakes,
             discriminator_optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **common)
     if backend == DM:
         return DistributionMatchingModule(
@@ -96,7 +100,8 @@ def one_step(strategy_name: str, backend: str) -> dict | None:
     aux_before = {k: v.detach().clone() for k, v in aux.state_dict().items()} if aux is not None else None
     strategy, devices = strategy_for(strategy_name, backend)
     ema = EMA(decay=0.9, warmup=False)
-    steps = 2 if backend == GAN else 1  # the finetune counts both optimizers' steps, the corrector the student's
+    # the finetune counts both optimizers' steps, the corrector the student's
+    steps = 2 if backend in (GAN, GAN_STEPS) else 1
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, use_distributed_sampler=False, callbacks=[ema])
