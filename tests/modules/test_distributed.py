@@ -1,6 +1,7 @@
 """Distributed training is the single-process computation: one AYF-EMD step (and one batch of the adversarial
-finetune, its fakes from x_t or the student's own 1- and 2-step samples, and of the distribution-matching corrector) under DDP and FSDP2 (2 CPU processes, gloo) gives the
-parameter update and EMA of one process on the global batch."""
+finetune, its fakes from x_t or the student's own 1- and 2-step samples, and of the distribution-matching
+corrector) under DDP and FSDP2 (2 CPU processes, gloo) gives the parameter update and EMA of one process on the
+global batch."""
 
 import pytest
 import torch
