@@ -5,6 +5,8 @@
     python benchmarks/quality.py --arms neural --seeds 0 1 2   # mean and spread over distillation seeds
     python benchmarks/quality.py --arms neural --methods ayf_emd --seeds 0 1 2 --grid-fraction 0 \
         --teacher-ckpt T --guide-ckpt G    # one ablation row on teachers saved by --save-teachers
+    python benchmarks/quality.py --arms neural --methods ayf_emd recipe --seeds 0 1 2 \
+        --teacher-ckpt T --guide-ckpt G    # the one-step recipe against AYF-EMD, quality and time
 
 On the digits, every method of an arm gets the same budget (steps, batch, seed, learning rate,
 student); ``--budget small`` gives the exact arm 600 steps and the (slower) neural arm 400:
@@ -16,7 +18,10 @@ student); ``--budget small`` gives the exact arm 600 steps and the (slower) neur
   ``--teacher-ckpt``/``--guide-ckpt`` are given), student = a copy of the teacher: AYF-EMD,
   AYF-LMD, sCD; ``(t, s)`` pairs 60% at ``s = t``, 25% on the 1/2/4/8-step sampling grids, the
   rest logit-normal(-0.8, 1) (``--diagonal-fraction``, ``--grid-fraction``; chosen on 3 seeds,
-  README "What matters for quality"; one seed of the arm takes about 13 min on 2 cores).
+  README "What matters for quality"; one seed of the arm takes about 13 min on 2 cores). On request
+  (``--methods``): the corrector runs and the one-step recipe (``recipe``: an AYF-LMD base, a GAN stage on
+  the student's own 1- and 2-step samples, FID-tuned 2/4/8-step grids, timed as one run; ``recipe_free``:
+  the same with no data read).
 
 Each run reports FID (digits classifier features) and the relative flow-map error against the
 teacher's 64-step Heun ODE at 1, 2, 4 and 8 steps, next to the teacher's own FID. With several
@@ -211,10 +216,11 @@ def neural_settings(guide: NetworkTeacher, budget: dict, lr: float, diagonal_fra
 NEURAL_METHODS = ("ayf_emd", "ayf_lmd", "scd", "ayf_emd_dm", "ayf_emd_dm_free", "recipe", "recipe_free")
 
 # The one-step recipe (docs/results.md): AYF-LMD for half the budget's steps, then a GAN stage on the student's
-# own 1- and 2-step samples (two thirds 1-step), then the 2/4/8-step grids tuned on held-out FID. Data-free (as
-# measured): the base for the whole budget with its noisy points from the student's own jump, the reals from a
-# pool of guided teacher samples the size of the digits' training split, a lower student rate.
-RECIPE = dict(base_fraction=0.5, batches=300, lr=1e-3, adv_steps=[1, 1, 2], tune_steps=[2, 4, 8], tune_budget=14)
+# own 1- and 2-step samples (two thirds 1-step), then the 2/4/8-step grids tuned on the FID of held-out noises.
+# Data-free (as measured): the base for the whole budget with its noisy points from the student's own jump, the
+# reals from a pool of guided teacher samples the size of the digits' training split, a lower student rate.
+RECIPE = dict(base_fraction=0.5, batches=300, lr=1e-3, adv_steps=[1, 1, 2], penalty_every=1, tune_steps=[2, 4, 8],
+              tune_budget=14, tune_fraction=1.0)
 RECIPE_FREE = dict(RECIPE, base_fraction=1.0, lr=3e-4, pool=1497)
 
 
@@ -249,14 +255,15 @@ def tune_grids(module, dm, root: Path, steps: list[int], budget: int, seed: int,
     return grids
 
 
-def one_step_recipe(name: str, teacher: NetworkTeacher, guide: NetworkTeacher, dm, budget, data_root: Path, seed: int,
-           lr: float, cache: dict, settings: dict, free: bool, diagonal_fraction: float = 0.6,
-           grid_fraction: float = 0.25) -> dict:
+def one_step_recipe(name: str, teacher: NetworkTeacher, guide: NetworkTeacher, dm, budget, data_root: Path,
+                    seed: int, lr: float, cache: dict, settings: dict, free: bool, diagonal_fraction: float = 0.6,
+                    grid_fraction: float = 0.25) -> dict:
     """The one-step recipe as one timed run: the AYF-LMD base (the arm's settings, ``lr``, for
-    ``settings["base_fraction"]`` of the budget's steps), the GAN stage (``settings``) from its EMA weights with a
-    fresh EMA, and the grid search. ``train_seconds`` is the three
-    together (``base_seconds``, ``stage_seconds``, ``search_seconds``); the evaluations are not counted.
-    ``fid`` is with the tuned grids, ``fid_uniform`` before them."""
+    ``settings["base_fraction"]`` of the budget's steps), the GAN stage (``settings``) from its EMA weights with
+    a fresh EMA, and the grid search (``tune_budget`` FID evaluations per step count on held-out noises,
+    ``tune_fraction`` times the budget's evaluation samples). ``train_seconds`` is the three together
+    (``base_seconds``, ``stage_seconds``, ``search_seconds``); the evaluations are not counted. ``fid`` is with
+    the tuned grids, ``fid_uniform`` before them."""
     common = {**neural_settings(guide, budget, lr, diagonal_fraction, grid_fraction), "noise_seed": seed}
     states = "student" if free else "data"
     data = PriorDataModule(dm, batch_size=budget["batch"]) if free else dm  # labels only: no data read
@@ -273,7 +280,8 @@ def one_step_recipe(name: str, teacher: NetworkTeacher, guide: NetworkTeacher, d
         stage_common = {**common, "warmup_steps": 0,
                         "optimizer": lambda ps: torch.optim.Adam(ps, lr=settings["lr"])}
         module = gan_stage(teacher, AYFLMD(), str(path), stage_common, states=states,
-                           adv_steps=settings["adv_steps"], adv_real="teacher" if free else "data",
+                           penalty_every=settings["penalty_every"], adv_steps=settings["adv_steps"],
+                           adv_real="teacher" if free else "data",
                            adv_real_pool=settings.get("pool", 0))
     del base
     ema = EMA(decay=0.995)
@@ -284,7 +292,7 @@ def one_step_recipe(name: str, teacher: NetworkTeacher, guide: NetworkTeacher, d
         uniform = evaluate(module, dm, budget, data_root, cache)
         start = time.perf_counter()
         grids = tune_grids(module, dm, data_root, settings["tune_steps"], settings["tune_budget"], seed,
-                           budget["eval_samples"])
+                           round(budget["eval_samples"] * settings["tune_fraction"]))
         search_seconds = time.perf_counter() - start
         result = evaluate(module, dm, budget, data_root, cache)
     seconds = base_seconds + stage_seconds + search_seconds
@@ -419,6 +427,12 @@ def main(argv=None) -> dict:
     p.add_argument("--dm-fake-updates", type=int, default=1, help="corrector methods: fake steps per batch")
     p.add_argument("--recipe-batches", type=int, default=None,
                    help=f"recipe methods: batches of the GAN stage (default {RECIPE['batches']})")
+    p.add_argument("--recipe-base-fraction", type=float, default=None,
+                   help=f"recipe methods: the base's share of the budget's steps (default {RECIPE['base_fraction']})")
+    p.add_argument("--recipe-penalty-every", type=int, default=None,
+                   help="recipe methods: R1/R2 penalties on every this many discriminator steps (default 1)")
+    p.add_argument("--recipe-tune-fraction", type=float, default=None,
+                   help="recipe methods: the search's held-out noises, a share of the evaluation's samples (default 1)")
     p.add_argument("--recipe-tune-budget", type=int, default=None,
                    help=f"recipe methods: FID evaluations of the grid search per step count (default "
                         f"{RECIPE['tune_budget']})")
@@ -452,7 +466,9 @@ def main(argv=None) -> dict:
             results += neural_arm(budget, data_root, seed, args.lr, *teachers, cache, args.diagonal_fraction,
                                   args.grid_fraction, tuple(args.methods), corrector,
                                   {"batches": args.recipe_batches, "tune_budget": args.recipe_tune_budget,
-                                   "pool": args.recipe_pool})
+                                   "pool": args.recipe_pool, "base_fraction": args.recipe_base_fraction,
+                                   "penalty_every": args.recipe_penalty_every,
+                                   "tune_fraction": args.recipe_tune_fraction})
     summary_rows = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

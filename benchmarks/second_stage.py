@@ -129,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-steps", type=int, nargs="+", default=None,
                    help="after the evaluation, tune these step counts' grids on held-out FID and evaluate again")
     p.add_argument("--tune-budget", type=int, default=14, help="FID evaluations of the grid search per step count")
+    p.add_argument("--tune-samples", type=int, default=None,
+                   help="held-out noises of the grid search (default: the budget's evaluation samples)")
     p.add_argument("--scan-mid", type=float, nargs="+", default=None,
                    help="also score the 2-step FID on the grid [1, t1, 0] for each t1 (evaluation noise)")
     return p
@@ -198,7 +200,8 @@ def main(argv=None) -> dict:
             result["mid_scan"] = scan_mid(module, dm, root, args.scan_mid, budget["eval_samples"])
         if args.tune_steps:
             start = time.perf_counter()
-            grids = tune_grids(module, dm, root, args.tune_steps, args.tune_budget, args.seed, budget["eval_samples"])
+            grids = tune_grids(module, dm, root, args.tune_steps, args.tune_budget, args.seed,
+                               args.tune_samples or budget["eval_samples"])
             tuned = evaluate(module, dm, budget, root, cache)
             result.update(fid_tuned=tuned["fid"], flowmap_rel_error_tuned=tuned["flowmap_rel_error"],
                           grids={k: [round(float(t), 4) for t in g] for k, g in grids.items()},

@@ -191,14 +191,13 @@ def test_the_quality_benchmark_seeds_a_teacher_before_building_its_network(tmp_p
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
 
 
-def test_quality_recipe_is_one_timed_run_of_base_stage_and_search(tmp_path, run_script, digits_classifier):
-    """``--methods recipe recipe_free``: the AYF-LMD base, the GAN stage and the grid search in one run, timed
-    in parts (the evaluations not counted); the FID with tuned grids next to the uniform grids' FID."""
+def small_neural_arm(tmp_path, digits_classifier):
+    """The neural arm's inputs at test size in ``tmp_path``: ``digits/`` (the data and its FID classifier) and
+    ``teacher.ckpt`` / ``guide.ckpt`` (small U-Nets, as ``--save-teachers`` writes them); returns quality.py."""
     import shutil
 
     import torch
 
-    from flowmap_lit.grids import check_grid
     from flowmap_lit.networks import build_network
     from flowmap_lit.teachers import NetworkTeacher
 
@@ -209,6 +208,15 @@ def test_quality_recipe_is_one_timed_run_of_base_stage_and_search(tmp_path, run_
     for name in ("teacher", "guide"):
         net = build_network("unet", "tiny", **small)
         quality.save_teacher(NetworkTeacher(net=net, num_classes=10), small, tmp_path / f"{name}.ckpt")
+    return quality
+
+
+def test_quality_recipe_is_one_timed_run_of_base_stage_and_search(tmp_path, run_script, digits_classifier):
+    """``--methods recipe recipe_free``: the AYF-LMD base, the GAN stage and the grid search in one run, timed
+    in parts (the evaluations not counted); the FID with tuned grids next to the uniform grids' FID."""
+    from flowmap_lit.grids import check_grid
+
+    quality = small_neural_arm(tmp_path, digits_classifier)
     out = run_script("quality.py", "--budget", "tiny", "--data", str(tmp_path / "digits"), "--arms", "neural",
                      "--methods", "recipe", "recipe_free", "--recipe-batches", "2", "--recipe-tune-budget", "2",
                      "--recipe-pool", "64", "--out", str(tmp_path / "res"),
@@ -255,21 +263,11 @@ def test_second_stage_trains_a_base_then_stages_on_it(tmp_path, run_script, digi
     """The neural arm's corrector screen on small U-Nets: the AYF-EMD base is saved, a stage starts from it
     (init_checkpoint) and both the EMA and the raw weights are scored at 1/2/4/8 steps; a saved stage
     is the start of an adversarial stage."""
-    import shutil
-
     import torch
 
     from flowmap_lit.interpolant import edm_schedule
-    from flowmap_lit.networks import build_network
-    from flowmap_lit.teachers import NetworkTeacher
 
-    shutil.copytree(digits_classifier["root"], tmp_path / "digits")  # the data and its FID classifier
-    quality = load_benchmark("quality.py")
-    small = {"model_channels": 8}
-    torch.manual_seed(0)
-    for name in ("teacher", "guide"):
-        net = build_network("unet", "tiny", **small)
-        quality.save_teacher(NetworkTeacher(net=net, num_classes=10), small, tmp_path / f"{name}.ckpt")
+    small_neural_arm(tmp_path, digits_classifier)
     common = ["--teacher-ckpt", str(tmp_path / "teacher.ckpt"), "--guide-ckpt", str(tmp_path / "guide.ckpt"),
               "--base", str(tmp_path / "base.ckpt"), "--budget", "tiny", "--data", str(tmp_path / "digits")]
     base = run_script("second_stage.py", *common, "--train-base")
