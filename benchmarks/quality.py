@@ -215,11 +215,11 @@ def neural_settings(guide: NetworkTeacher, budget: dict, lr: float, diagonal_fra
 
 NEURAL_METHODS = ("ayf_emd", "ayf_lmd", "scd", "ayf_emd_dm", "ayf_emd_dm_free", "recipe", "recipe_free")
 
-# The one-step recipe (docs/results.md): AYF-LMD for half the budget's steps, then a GAN stage on the student's
-# own 1- and 2-step samples (two thirds 1-step), then the 2/4/8-step grids tuned on the FID of held-out noises.
+# The one-step recipe (docs/results.md): AYF-LMD for a quarter of the budget's steps, then a GAN stage on the
+# student's own 1- and 2-step samples (two thirds 1-step), then the 2/4/8-step grids tuned on held-out FID.
 # Data-free (as measured): the base for the whole budget with its noisy points from the student's own jump, the
 # reals from a pool of guided teacher samples the size of the digits' training split, a lower student rate.
-RECIPE = dict(base_fraction=0.5, batches=300, lr=1e-3, adv_steps=[1, 1, 2], penalty_every=1, tune_steps=[2, 4, 8],
+RECIPE = dict(base_fraction=0.25, batches=300, lr=1e-3, adv_steps=[1, 1, 2], penalty_every=1, tune_steps=[2, 4, 8],
               tune_budget=14, tune_fraction=1.0)
 RECIPE_FREE = dict(RECIPE, base_fraction=1.0, lr=3e-4, pool=1497)
 
