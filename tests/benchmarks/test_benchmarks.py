@@ -140,9 +140,14 @@ def test_quality_tiny_budget(tmp_path, run_script):
 def test_quality_summary_is_the_mean_and_spread_over_seeds():
     quality = load_benchmark("quality.py")
     runs = [{"method": m, "seed": seed, "teacher_fid": 5.0, "fid": [10 + seed, 5, 4, 4 - seed],
-             "flowmap_rel_error": [0.1, 0.05, 0.04, 0.03 + 0.01 * seed]} for seed in (0, 1, 2) for m in ("b", "a")]
+             "flowmap_rel_error": [0.1, 0.05, 0.04, 0.03 + 0.01 * seed], "train_seconds": 10.0 * (seed + 1)}
+            for seed in (0, 1, 2) for m in ("b", "a")]
+    runs[0]["fid_uniform"] = runs[2]["fid_uniform"] = runs[4]["fid_uniform"] = [12, 6, 4, 4]  # a recipe's
     rows = quality.summarize(runs)
     assert [r["method"] for r in rows] == ["b", "a"] and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["train_seconds"] == rows[1]["train_seconds"] == 20.0
+    assert rows[0]["fid_uniform"] == [12, 6, 4, 4] and rows[0]["fid_uniform_std"] == [0, 0, 0, 0]
+    assert "fid_uniform" not in rows[1]
     assert rows[0]["fid"] == [11, 5, 4, 3] and rows[0]["fid_std"] == [1, 0, 0, 1]
     assert abs(rows[1]["flowmap_rel_error"][3] - 0.04) < 1e-12
     assert abs(rows[1]["flowmap_rel_error_std"][3] - 0.01) < 1e-12
