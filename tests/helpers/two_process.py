@@ -87,45 +87,35 @@ model:
     optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.1, momentum: 0.9}}
 """
 
-# The digits distillation config, made small: 3 steps, a small flow-map error evaluation at the end.
-SMALL_EVAL = """\
+
+def small_eval(dirpath, steps: int = 3, callbacks: str = "") -> str:
+    """The digits distillation config made small: ``steps`` steps, a small flow-map error evaluation at the end,
+    checkpoints in ``dirpath``, and ``callbacks`` (YAML list items) after the checkpoint callback."""
+    return f"""\
 trainer:
-  max_steps: 3
-  val_check_interval: 3
+  max_steps: {steps}
+  val_check_interval: {steps}
   limit_val_batches: 1
   num_sanity_val_steps: 0
   logger: false
   callbacks:
     - class_path: flowmap_lit.callbacks.EMA
     - class_path: flowmap_lit.callbacks.FlowMapError
-      init_args: {num_samples: 16, reference_steps: 4, batch_size: 16, step_counts: [1, 2]}
+      init_args: {{num_samples: 16, reference_steps: 4, batch_size: 16, step_counts: [1, 2]}}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: %s, save_last: true}
-data:
-  init_args: {batch_size: 16, num_workers: 1}
+      init_args: {{dirpath: {dirpath}, save_last: true}}
+{callbacks}data:
+  init_args: {{batch_size: 16, num_workers: 1}}
 """
 
 
-# The same, 2 steps with one validation at the end, whose grid search (flow-map error criterion) runs on 2 ranks.
-SCHEDULE_EVAL = """\
-trainer:
-  max_steps: 2
-  val_check_interval: 2
-  limit_val_batches: 1
-  num_sanity_val_steps: 0
-  logger: false
-  callbacks:
-    - class_path: flowmap_lit.callbacks.EMA
-    - class_path: flowmap_lit.callbacks.FlowMapError
-      init_args: {num_samples: 16, reference_steps: 4, batch_size: 16, step_counts: [1, 2]}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: %s, save_last: true}
-    - class_path: flowmap_lit.callbacks.ScheduleSearch
-      init_args: {step_counts: [2], criterion: flowmap_error, budget: %d, num_samples: %d, reference_steps: 4}
-data:
-  init_args: {batch_size: 16, num_workers: 1}
-"""
+# The grid search of the 2-process ScheduleSearch test (flow-map error criterion, one validation after 2 steps).
 SCHEDULE_SEARCH = {"budget": 8, "num_samples": 16}  # the 2 starting grids and one generation of 6
+SCHEDULE_CALLBACK = f"""\
+    - class_path: flowmap_lit.callbacks.ScheduleSearch
+      init_args: {{step_counts: [2], criterion: flowmap_error, budget: {SCHEDULE_SEARCH["budget"]},
+                  num_samples: {SCHEDULE_SEARCH["num_samples"]}, reference_steps: 4}}
+"""
 
 
 def digits_distill_args(teacher_guide, *extra) -> list[str]:
@@ -207,9 +197,8 @@ def two_process_runs(tmp: Path, teacher_guide) -> dict:
     configs = {"teacher": TEACHER % (tmp / "teacher"),
                "distill": DISTILL % (tmp / "distill", teacher_dir, teacher_dir),
                "single": DISTILL % (tmp / "single", teacher_dir, teacher_dir),
-               "small_eval": SMALL_EVAL % (tmp / "digits_ckpt"),
-               "schedule_eval": SCHEDULE_EVAL % (tmp / "schedule_ckpt", SCHEDULE_SEARCH["budget"],
-                                                 SCHEDULE_SEARCH["num_samples"])}
+               "small_eval": small_eval(tmp / "digits_ckpt"),
+               "schedule_eval": small_eval(tmp / "schedule_ckpt", 2, SCHEDULE_CALLBACK)}
     for name, text in configs.items():
         (tmp / f"{name}.yaml").write_text(text)
     two = ["--config", str(FSDP2), "--trainer.devices", "2"]

@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers import ROOT
 from tests.helpers.cli import cli, cli_in_child, run_module
-from tests.helpers.two_process import SMALL_EVAL, digits_distill_args
+from tests.helpers.two_process import digits_distill_args, small_eval
 
 RESUME_CONFIG = """\
 trainer:
@@ -83,7 +83,7 @@ def test_digits_distillation_fits_with_ddp(digits_teacher_guide, tmp_path):
     """DDP's two-process step is checked against one process in test_distributed.py; the full fit under DDP
     repeats the FSDP2 one and runs on demand (pytest -m slow)."""
     small = tmp_path / "small.yaml"
-    small.write_text(SMALL_EVAL % (tmp_path / "ckpt"))
+    small.write_text(small_eval(tmp_path / "ckpt"))
     args = digits_distill_args(digits_teacher_guide, "--config", ROOT / "configs/strategies/ddp.yaml", "--config",
                                small, "--trainer.devices", "2", "--trainer.accelerator", "cpu")
     proc = run_module(["fit", *args], tmp_path)
